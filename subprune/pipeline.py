@@ -1,0 +1,346 @@
+"""The pruning pipeline shared by every method: statistics -> selection -> refit -> surgery.
+
+``prune(model, calibration, config)`` returns a physically smaller copy of the
+model; the input model is never modified. The method decides where statistics
+come from and how channels are chosen (:mod:`subprune.methods`); everything
+else is shared. Source: El Halabi et al., NeurIPS 2022, Sec. 4.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from subprune.methods import METHODS, SiteProblem, get_method
+from subprune.sites import PruningSite, SkippedLayer, find_sites, select_sites
+from subprune.solver import group_columns, refit, ridge_value, weights_objective
+from subprune.statistics import (
+    DEFAULT_CHUNK_BYTES,
+    GramStatistics,
+    capture_inputs,
+    consumer_input_rows,
+    run_to_capture,
+)
+from subprune.surgery import consumer_weight_matrix, get_module, prune_site_
+
+log = logging.getLogger(__name__)
+
+MIN_CALIBRATION_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of one pruning run, validated once.
+
+    Attributes
+    ----------
+    method : str
+        A key of :data:`subprune.methods.METHODS`: "layer", "seq" or "asym".
+    keep : float or mapping site name -> float
+        Keep ratio in (0, 1]: the fraction of each site's channels kept
+        (at least one). A mapping gives per-site ratios; sites it does not name
+        are not pruned.
+    reweight : bool
+        Refit the consumer weights by least squares on the kept channels.
+    layers : tuple of str, optional
+        Only prune the sites whose producers are named here.
+    epsilon : float
+        Stochastic greedy parameter in [0, 1); 0 is plain greedy.
+    ridge : float
+        Relative ridge >= 0 for the solver and the refit (times mean(diag G)).
+    batch_size : int
+        Calibration samples per forward pass.
+    seed : int
+        Seed of the stochastic greedy's generator.
+    chunk_bytes : int
+        Memory bound of one chunk of unfolded patches.
+    progress : bool
+        Show progress bars.
+    """
+
+    method: str = "asym"
+    keep: float | Mapping[str, float] = 0.5
+    reweight: bool = True
+    layers: tuple[str, ...] | None = None
+    epsilon: float = 0.0
+    ridge: float = 0.0
+    batch_size: int = 128
+    seed: int = 0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        ratios = self.keep.values() if isinstance(self.keep, Mapping) else [self.keep]
+        for ratio in ratios:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"keep ratio {ratio!r} is out of range: it must be in (0, 1]")
+        if not 0 <= self.epsilon < 1:
+            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1)")
+        if self.ridge < 0 or not math.isfinite(self.ridge):
+            raise ValueError(f"ridge={self.ridge} must be a finite number >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass
+class SiteReport:
+    """What was done at one site.
+
+    Attributes
+    ----------
+    name, producer, consumer : str
+    channels : int
+        Producer channels before pruning.
+    kept : int
+    group_size : int
+    objective : float
+        f(S) of the weights written to the consumer: the share of the consumer's
+        pre-activation energy (on the calibration set) that the pruned model keeps.
+    objective_curve : list of float
+        Greedy's f(S_1..S_k) with refit weights (empty for methods without it).
+    keep : list of int
+        Sorted kept channel indices.
+    rows : int
+        Rows of B (samples or patches) that the statistics summed.
+    ridge : float
+        Absolute ridge added to G.
+    seconds : float
+        Wall-clock of statistics, selection, refit and surgery of this site.
+    """
+
+    name: str
+    producer: str
+    consumer: str
+    channels: int
+    kept: int
+    group_size: int
+    objective: float
+    objective_curve: list[float] = field(default_factory=list)
+    keep: list[int] = field(default_factory=list)
+    rows: int = 0
+    ridge: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and the per-site report."""
+
+    model: nn.Module
+    sites: list[SiteReport]
+    skipped: list[SkippedLayer]
+    config: PruneConfig
+    seconds: float
+
+
+def _check_calibration(calibration: Tensor) -> None:
+    if not isinstance(calibration, Tensor):
+        raise TypeError(f"calibration must be a Tensor of inputs, got {type(calibration).__name__}")
+    if calibration.ndim < 2 or calibration.shape[0] < MIN_CALIBRATION_SAMPLES:
+        raise ValueError(
+            f"too few calibration samples: got shape {tuple(calibration.shape)}, need a batch "
+            f"of at least {MIN_CALIBRATION_SAMPLES} samples along dim 0 (a few hundred is typical)"
+        )
+    if calibration.is_floating_point() and not torch.isfinite(calibration).all():
+        raise ValueError("calibration inputs hold NaN or infinite values")
+
+
+def _kept_count(ratio: float, channels: int) -> int:
+    return max(1, min(channels, round(ratio * channels)))
+
+
+def _plan(sites: list[PruningSite], keep: float | Mapping[str, float]) -> dict[str, int]:
+    """Channels to keep per site name."""
+    if not isinstance(keep, Mapping):
+        return {s.name: _kept_count(keep, s.channels) for s in sites}
+    names = {s.name for s in sites}
+    unknown = sorted(set(keep) - names)
+    if unknown:
+        raise ValueError(f"keep names unknown sites {unknown}; the sites are {sorted(names)}")
+    return {s.name: _kept_count(keep[s.name], s.channels) for s in sites if s.name in keep}
+
+
+def collect_statistics(
+    model: nn.Module,
+    sites: list[PruningSite],
+    calibration: Tensor,
+    *,
+    dense: nn.Module | None = None,
+    batch_size: int = 128,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = False,
+    description: str = "calibration",
+) -> dict[str, GramStatistics]:
+    """Stream the consumer inputs of ``sites`` into Gram statistics.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model being pruned (gives B).
+    sites : list of PruningSite
+    calibration : Tensor of shape (N, ...)
+        Unlabeled inputs.
+    dense : nn.Module, optional
+        The original model (gives A): when given, the statistics are asymmetric,
+        from paired forward passes on the same batch.
+    batch_size, chunk_bytes, progress, description
+        Forward batch size, memory bound on unfolded patches, progress bar.
+
+    Returns
+    -------
+    dict site name -> GramStatistics
+
+    Raises
+    ------
+    NonFiniteActivationError
+        If a consumer input holds NaN or infinite values.
+
+    Notes
+    -----
+    With a single site the forward passes stop right after its consumer's input
+    is read. Hooks are removed when done; the models are not changed.
+    """
+    device = next(model.parameters()).device
+    consumers = {s.consumer: get_module(model, s.consumer) for s in sites}
+    stop = sites[0].consumer if len(sites) == 1 else None
+    stats = {
+        s.name: GramStatistics(
+            get_module(model, s.consumer).weight[0].numel(), dense is not None, device, s.consumer
+        )
+        for s in sites
+    }
+    dense_consumers = {} if dense is None else {s.consumer: get_module(dense, s.consumer) for s in sites}
+    batches = range(0, calibration.shape[0], batch_size)
+    for start in tqdm(batches, desc=description, disable=not progress, leave=False):
+        batch = calibration[start : start + batch_size].to(device)
+        inputs: dict[str, Tensor] = {}
+        targets: dict[str, Tensor] = {}
+        with capture_inputs(consumers, inputs.__setitem__, stop):
+            run_to_capture(model, batch)
+        if dense is not None:
+            with capture_inputs(dense_consumers, targets.__setitem__, stop):
+                run_to_capture(dense, batch)
+        for site in sites:
+            module = consumers[site.consumer]
+            rows_b = consumer_input_rows(module, inputs[site.consumer], chunk_bytes)
+            if dense is None:
+                for b in rows_b:
+                    stats[site.name].update(b)
+            else:
+                rows_a = consumer_input_rows(module, targets[site.consumer], chunk_bytes)
+                for b, a in zip(rows_b, rows_a, strict=True):
+                    stats[site.name].update(b, a)
+    return stats
+
+
+def _prune_one_site(
+    work: nn.Module,
+    site: PruningSite,
+    stats: GramStatistics,
+    k: int,
+    config: PruneConfig,
+    generator: torch.Generator,
+) -> SiteReport:
+    """Select, refit and cut one site of ``work`` in place."""
+    method = get_method(config.method)
+    weight = consumer_weight_matrix(get_module(work, site.consumer)).to(stats.gram_)  # (d, m)
+    energy = stats.target_energy(weight)
+    cross = stats.cross_
+    problem = SiteProblem(stats.gram_, cross, weight, energy, site.group_size, site.channels)
+    selection = method.select(problem, k, config.epsilon, config.ridge, generator)
+    keep = selection.keep
+    if config.reweight:
+        new_weight = refit(stats.gram_, weight, keep, site.group_size, cross=cross, ridge=config.ridge)
+    else:
+        new_weight = weight[group_columns(keep.to(weight.device), site.group_size)]
+    objective = weights_objective(stats.gram_, weight, energy, keep, new_weight, site.group_size, cross=cross)
+    prune_site_(work, site, keep, new_weight if config.reweight else None)
+    curve = [] if selection.objective is None else selection.objective.tolist()
+    return SiteReport(
+        site.name, site.producer, site.consumer, site.channels, int(keep.numel()), site.group_size,
+        objective, curve, keep.tolist(), stats.n_rows_,
+        ridge_value(stats.gram_, config.ridge),
+    )
+
+
+def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = None) -> PruneResult:
+    """Prune ``model`` with a few hundred unlabeled samples; return a smaller copy.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A trained model, traceable by torch.fx. Not modified: pruning works on a
+        deep copy on the model's own device.
+    calibration : Tensor of shape (N, ...)
+        Unlabeled inputs, preprocessed as the model expects. N >= 2; the paper
+        uses 512.
+    config : PruneConfig, optional
+        Method, keep ratios, reweighting, layers; defaults to AsymInChange at 0.5.
+
+    Returns
+    -------
+    PruneResult
+        ``.model`` is the physically pruned copy; ``.sites`` the per-site report.
+
+    Raises
+    ------
+    ValueError
+        Too few or non-finite calibration samples; bad keep ratios.
+    subprune.sites.TraceError
+        The model cannot be traced, or the calibration inputs have the wrong shape.
+    subprune.sites.UnprunableLayerError
+        A layer named in ``config.layers`` cannot be pruned (the reason is given).
+    subprune.statistics.NonFiniteActivationError
+        NaN or infinite activations reach a consumer.
+    """
+    config = config or PruneConfig()
+    _check_calibration(calibration)
+    start_time = time.perf_counter()
+    method = get_method(config.method)
+    device = next(model.parameters()).device
+    work = copy.deepcopy(model).eval()
+    dense = copy.deepcopy(model).eval() if method.asymmetric or not method.sequential else None
+
+    all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device))
+    sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
+    plan = _plan(sites, config.keep)
+    sites = [s for s in sites if s.name in plan]
+    generator = torch.Generator().manual_seed(config.seed)
+
+    common = dict(batch_size=config.batch_size, chunk_bytes=config.chunk_bytes, progress=config.progress)
+    layer_stats = {}
+    if not method.sequential:
+        layer_stats = collect_statistics(dense, sites, calibration, description="calibration", **common)
+
+    reports = []
+    for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
+        site_start = time.perf_counter()
+        k = plan[site.name]
+        if k == site.channels and not method.asymmetric:
+            reports.append(SiteReport(site.name, site.producer, site.consumer, site.channels, k,
+                                      site.group_size, 1.0, keep=list(range(k))))
+            continue
+        if method.sequential:
+            stats = collect_statistics(
+                work, [site], calibration, dense=dense if method.asymmetric else None,
+                description=site.name, **common,
+            )[site.name]
+        else:
+            stats = layer_stats[site.name]
+        report = _prune_one_site(work, site, stats, k, config, generator)
+        report.seconds = time.perf_counter() - site_start
+        reports.append(report)
+        log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)
+    return PruneResult(work, reports, skipped, config, time.perf_counter() - start_time)

@@ -1,0 +1,211 @@
+"""Streaming second-moment statistics of consumer inputs.
+
+A consumer's input matrix B (M x d) has one row per sample (Linear) or per
+unfolded patch (Conv2d, with the consumer's own kernel, stride, padding and
+dilation). The solver needs only G = B^T B, and for the asymmetric target
+(AsymInChange) C = B^T A and A^T A, where A is the input of the same consumer in
+the original model on the same samples. These are sums over rows, so they are
+accumulated batch by batch and the activations are thrown away: memory is O(d^2)
+whatever the number of samples (DESIGN.md Sec. 3). Like scikit-learn's
+``IncrementalPCA.partial_fit``: ``update`` adds to running sums, results live in
+attributes ending in ``_``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Unfolded patches of one chunk are kept below this many bytes (float64).
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class NonFiniteActivationError(ValueError):
+    """A consumer input holds NaN or infinite values."""
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once the inputs it needs are read."""
+
+
+def consumer_input_rows(
+    module: nn.Module, x: Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[Tensor]:
+    """Rows of the consumer input matrix B, in chunks of bounded size.
+
+    Parameters
+    ----------
+    module : nn.Linear or nn.Conv2d
+        The consumer.
+    x : Tensor
+        Its input: (..., d) for Linear, (N, C, H, W) for Conv2d.
+    chunk_bytes : int
+        Upper bound on the float64 bytes of one yielded chunk (at least one
+        sample per chunk).
+
+    Yields
+    ------
+    Tensor of shape (rows, d), float64
+        For Conv2d, d = C * kh * kw in channel-major order (the order of
+        ``weight.reshape(out, -1)``) and rows are all patches of a chunk of samples.
+
+    Raises
+    ------
+    TypeError
+        If the module is neither Linear nor Conv2d.
+    """
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])  # (M, d)
+        step = max(1, chunk_bytes // (8 * rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            yield rows[start : start + step].to(torch.float64)
+    elif isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        h_out = (x.shape[2] + 2 * module.padding[0] - module.dilation[0] * (kh - 1) - 1)
+        w_out = (x.shape[3] + 2 * module.padding[1] - module.dilation[1] * (kw - 1) - 1)
+        patches = (h_out // module.stride[0] + 1) * (w_out // module.stride[1] + 1)
+        per_sample = 8 * patches * x.shape[1] * kh * kw
+        step = max(1, chunk_bytes // per_sample)
+        for start in range(0, x.shape[0], step):
+            cols = F.unfold(
+                x[start : start + step].to(torch.float64),
+                module.kernel_size,
+                dilation=module.dilation,
+                padding=module.padding,
+                stride=module.stride,
+            )  # (n, C kh kw, L)
+            yield cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (n L, C kh kw)
+    else:
+        raise TypeError(f"consumer must be nn.Linear or nn.Conv2d, got {type(module).__name__}")
+
+
+class GramStatistics:
+    """Running sums G = B^T B and, for an asymmetric target, C = B^T A and A^T A.
+
+    Parameters
+    ----------
+    dim : int
+        d, the consumer's number of input features (columns of B).
+    asymmetric : bool
+        Also accumulate C = B^T A and A^T A (AsymInChange).
+    device : torch.device or str
+        Where the float64 accumulators live.
+    name : str
+        Consumer name, used in error messages.
+
+    Attributes
+    ----------
+    gram_ : Tensor of shape (d, d), float64
+    cross_ : Tensor of shape (d, d), float64, or None
+    target_gram_ : Tensor of shape (d, d), float64, or None
+    n_rows_ : int
+        Rows M seen so far (samples or patches).
+    """
+
+    def __init__(self, dim: int, asymmetric: bool = False, device="cpu", name: str = "consumer"):
+        self.dim, self.asymmetric, self.name = dim, asymmetric, name
+        zeros = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.gram_ = zeros
+        self.cross_ = zeros.clone() if asymmetric else None
+        self.target_gram_ = zeros.clone() if asymmetric else None
+        self.n_rows_ = 0
+
+    def update(self, b: Tensor, a: Tensor | None = None) -> None:
+        """Add a chunk of rows.
+
+        Parameters
+        ----------
+        b : Tensor of shape (rows, d)
+            Rows of B (the model being pruned).
+        a : Tensor of shape (rows, d), optional
+            The same rows of A (the original model); required iff asymmetric.
+
+        Raises
+        ------
+        ValueError
+            On a wrong width or a missing/unexpected ``a``.
+        NonFiniteActivationError
+            If a chunk holds NaN or infinite values.
+        """
+        if b.ndim != 2 or b.shape[1] != self.dim:
+            raise ValueError(f"{self.name}: expected rows of width {self.dim}, got {tuple(b.shape)}")
+        if (a is not None) != self.asymmetric or (a is not None and a.shape != b.shape):
+            raise ValueError(f"{self.name}: the target rows must be given iff asymmetric, same shape")
+        for label, t in (("input", b), ("dense-model input", a)):
+            if t is not None and not torch.isfinite(t).all():
+                raise NonFiniteActivationError(
+                    f"the {label} of {self.name} holds NaN or infinite values; check the "
+                    "calibration data (normalisation, dtype) and the model's weights"
+                )
+        b = b.to(self.gram_)
+        self.gram_.addmm_(b.T, b)
+        if a is not None:
+            a = a.to(self.gram_)
+            self.cross_.addmm_(b.T, a)
+            self.target_gram_.addmm_(a.T, a)
+        self.n_rows_ += b.shape[0]
+
+    def add_(self, other: GramStatistics) -> GramStatistics:
+        """Add another accumulator's sums in place (e.g. from another shard)."""
+        self.gram_ += other.gram_
+        if self.asymmetric:
+            self.cross_ += other.cross_
+            self.target_gram_ += other.target_gram_
+        self.n_rows_ += other.n_rows_
+        return self
+
+    def tensors(self) -> list[Tensor]:
+        """The accumulators, for an all-reduce."""
+        return [t for t in (self.gram_, self.cross_, self.target_gram_) if t is not None]
+
+    def target_energy(self, weight: Tensor) -> float:
+        """||A W||_F^2 for a weight W of shape (d, m) (A = B when symmetric)."""
+        target = self.gram_ if self.target_gram_ is None else self.target_gram_
+        w = weight.to(target)
+        return float((w * (target @ w)).sum())
+
+
+@contextlib.contextmanager
+def capture_inputs(
+    modules: dict[str, nn.Module], callback: Callable[[str, Tensor], None], stop_after: str | None = None
+) -> Iterator[None]:
+    """Forward pre-hooks that hand each module's first input to ``callback``.
+
+    Parameters
+    ----------
+    modules : dict name -> module
+    callback : callable(name, input_tensor)
+    stop_after : str, optional
+        Raise :class:`StopForward` after this module's input is captured, so a
+        forward pass stops as soon as the statistics it is run for are read.
+
+    Hooks are removed in ``finally``; nothing is stored on the modules.
+    """
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            callback(name, args[0].detach())
+            if name == stop_after:
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_to_capture(model: nn.Module, batch: Tensor) -> None:
+    """Run ``model(batch)`` under no_grad, treating :class:`StopForward` as the normal end."""
+    with torch.no_grad():
+        try:
+            model(batch)
+        except StopForward:
+            pass
