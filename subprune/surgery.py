@@ -44,24 +44,45 @@ def _check_keep(keep: Tensor, n: int, what: str) -> Tensor:
     return keep
 
 
+def module_config(module: nn.Module) -> dict:
+    """Constructor arguments of a Linear, Conv2d or BatchNorm module (JSON-serialisable)."""
+    if isinstance(module, nn.Linear):
+        return dict(in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None)
+    if isinstance(module, nn.Conv2d):
+        return dict(
+            in_channels=module.in_channels, out_channels=module.out_channels,
+            kernel_size=list(module.kernel_size), stride=list(module.stride), padding=_padding(module),
+            dilation=list(module.dilation), groups=module.groups, bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+        )
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return dict(
+            num_features=module.num_features, eps=module.eps, momentum=module.momentum,
+            affine=module.affine, track_running_stats=module.track_running_stats,
+        )
+    raise TypeError(f"surgery does not handle {type(module).__name__}")
+
+
+def _padding(module: nn.Conv2d) -> str | list[int]:
+    return module.padding if isinstance(module.padding, str) else list(module.padding)
+
+
+RESIZABLE = {cls.__name__: cls for cls in (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)}
+
+
+def build_module(type_name: str, config: dict, like: nn.Module | None = None) -> nn.Module:
+    """A fresh module of type ``type_name`` from :func:`module_config` output (dtype/device of ``like``)."""
+    if type_name not in RESIZABLE:
+        raise TypeError(f"cannot rebuild a {type_name}; supported: {', '.join(RESIZABLE)}")
+    tensors = [] if like is None else [*like.parameters(), *like.buffers()]
+    floats = [t for t in tensors if t.is_floating_point()]
+    factory = dict(device=floats[0].device, dtype=floats[0].dtype) if floats else {}
+    return RESIZABLE[type_name](**config, **factory)
+
+
 def _new_like(module: nn.Module, **changes) -> nn.Module:
     """A module of the same type, dtype and device with some constructor arguments changed."""
-    p = next(module.parameters())
-    if isinstance(module, nn.Linear):
-        kwargs = dict(in_features=module.in_features, out_features=module.out_features,
-                      bias=module.bias is not None)
-    elif isinstance(module, nn.Conv2d):
-        kwargs = dict(in_channels=module.in_channels, out_channels=module.out_channels,
-                      kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-                      dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
-                      padding_mode=module.padding_mode)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        kwargs = dict(num_features=module.num_features, eps=module.eps, momentum=module.momentum,
-                      affine=module.affine, track_running_stats=module.track_running_stats)
-    else:
-        raise TypeError(f"surgery does not handle {type(module).__name__}")
-    kwargs.update(changes)
-    new = type(module)(**kwargs, device=p.device, dtype=p.dtype)
+    new = build_module(type(module).__name__, {**module_config(module), **changes}, like=module)
     new.train(module.training)
     return new
 

@@ -1,0 +1,156 @@
+"""Save and reload pruned models: safetensors weights plus the new module shapes.
+
+A pruned model is the original architecture with some Linear, Conv2d and
+BatchNorm modules rebuilt smaller. ``save_pruned`` writes
+
+* ``model.safetensors``: the state dict;
+* ``architecture.json``: the constructor arguments of every resizable module
+  and the name of the base model in the registry (if it has one);
+* any extra JSON files (the CLI's ``report.json``);
+
+into a temporary folder beside the target and renames it into place, so a
+failure leaves either the old folder or the new one, never a half-written one.
+``load_pruned`` rebuilds the base architecture, resizes the modules and loads
+the weights strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from subprune.surgery import RESIZABLE, build_module, get_module, module_config, set_module
+
+FORMAT = "subprune-pruned-v1"
+WEIGHTS_FILE = "model.safetensors"
+ARCHITECTURE_FILE = "architecture.json"
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def architecture(model: nn.Module, base_model: str | None = None) -> dict:
+    """The JSON description of ``model``'s resizable modules."""
+    modules = {
+        name: {"type": type(m).__name__, "config": module_config(m)}
+        for name, m in model.named_modules()
+        if type(m).__name__ in RESIZABLE
+    }
+    return {"format": FORMAT, "base_model": base_model, "model_class": type(model).__name__, "modules": modules}
+
+
+def save_pruned(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model: str | None = None,
+    extra_json: dict[str, dict] | None = None,
+) -> Path:
+    """Save a (pruned) model atomically to ``directory``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    directory : path
+        Created (with parents) or replaced as a whole.
+    base_model : str, optional
+        Registry name of the original architecture (see :mod:`subprune.models`),
+        so that :func:`load_pruned` can rebuild it without being handed a model.
+    extra_json : dict file name -> object, optional
+        More JSON files to write in the same atomic step (e.g. ``report.json``).
+
+    Returns
+    -------
+    Path of the directory.
+
+    Raises
+    ------
+    FileExistsError
+        If ``directory`` exists and is not a directory.
+    """
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        write_json_atomic(tmp / ARCHITECTURE_FILE, architecture(model, base_model))
+        for name, obj in (extra_json or {}).items():
+            write_json_atomic(tmp / name, obj)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "previous")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Reload a model saved by :func:`save_pruned`.
+
+    Parameters
+    ----------
+    directory : path
+    model : nn.Module, optional
+        An instance of the original (dense) architecture; it is copied, not
+        modified. If omitted, the base model named in ``architecture.json`` is
+        built from the registry in :mod:`subprune.models`.
+
+    Returns
+    -------
+    nn.Module in eval mode, with the saved shapes and weights.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory lacks the saved files.
+    ValueError
+        If the files are not a subprune save, or no architecture is known.
+    """
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} is missing: not a model saved by subprune")
+    spec = json.loads((directory / ARCHITECTURE_FILE).read_text())
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{directory / ARCHITECTURE_FILE} has format {spec.get('format')!r}, expected {FORMAT}")
+    if model is None:
+        if not spec.get("base_model"):
+            raise ValueError("the save names no registered base model: pass an instance of the original model")
+        from subprune.models import get_spec
+
+        model = get_spec(spec["base_model"]).build()
+    else:
+        model = copy.deepcopy(model)
+    for name, entry in spec["modules"].items():
+        current = get_module(model, name)
+        if type(current).__name__ != entry["type"]:
+            raise ValueError(f"module '{name}' is a {type(current).__name__}, the save has a {entry['type']}")
+        if module_config(current) != entry["config"]:
+            set_module(model, name, build_module(entry["type"], entry["config"], like=current))
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    return model.eval()
