@@ -88,12 +88,12 @@ def _block_diagonal(matrix: Tensor, n: int, g: int) -> Tensor:
     return blocks.permute(2, 0, 1)
 
 
-def _pinv_psd(blocks: Tensor, tol: Tensor) -> Tensor:
-    """Pseudo-inverses of symmetric PSD blocks (..., g, g), eigenvalues <= tol (...,) dropped."""
+def _pinv_factor(blocks: Tensor, tol: Tensor) -> Tensor:
+    """Factors L with L L^T = pinv of symmetric PSD blocks (..., g, g); eigenvalues <= tol (...,) dropped."""
     evals, evecs = torch.linalg.eigh(blocks)  # (..., g), (..., g, g)
     keep = evals > tol.unsqueeze(-1)
-    inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-    return (evecs * inv.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    inv_sqrt = torch.where(keep, torch.where(keep, evals, torch.ones_like(evals)).rsqrt(), 0.0)
+    return evecs * inv_sqrt.unsqueeze(-2)
 
 
 def greedy_select(
@@ -190,19 +190,19 @@ def greedy_select(
             candidates = candidates[perm.to(device)]
         r_blocks = _block_diagonal(residual, n, g)[candidates]  # (c, g, g)
         h_blocks = h_res.reshape(n, g, m)[candidates]  # (c, g, m)
-        pinv = _pinv_psd(r_blocks, tol[candidates])  # (c, g, g)
-        cand_gain = ((pinv @ h_blocks) * h_blocks).sum(dim=(1, 2)).clamp_min(0.0)  # (c,)
+        factor = _pinv_factor(r_blocks, tol[candidates])  # (c, g, g), L L^T = R_cc^+
+        cand_gain = (factor.transpose(1, 2) @ h_blocks).square().sum(dim=(1, 2))  # (c,)
         best = int(torch.argmax(cand_gain))
         chosen = int(candidates[best])
         order[step], gains[step] = chosen, cand_gain[best]
         available[chosen] = False
 
+        # R -= R[:, c] R_cc^+ R[c, :] and Hr -= R[:, c] R_cc^+ Hr[c, :], as rank-g updates u u^T, u v.
         cols = slice(chosen * g, (chosen + 1) * g)
-        r_col = residual[:, cols]  # (d, g)
-        p = pinv[best]  # (g, g)
-        h_res = h_res - r_col @ (p @ h_res[cols])
-        residual = residual - r_col @ p @ r_col.T
-        residual = 0.5 * (residual + residual.T)  # keep it symmetric against round-off
+        u = residual[:, cols] @ factor[best]  # (d, g)
+        v = factor[best].T @ h_res[cols]  # (g, m)
+        residual.addmm_(u, u.T, alpha=-1.0)
+        h_res.addmm_(u, v, alpha=-1.0)
 
     energy = float(target_energy)
     objective = torch.cumsum(gains, 0) / energy if energy > 0 else torch.zeros_like(gains)
@@ -248,14 +248,14 @@ def refit(
         raise ValueError(f"keep must hold group indices in 0..{n - 1}, got {keep.tolist()}")
     cols = group_columns(keep.to(gram.device), group_size)  # (k g,)
     g64 = gram.to(torch.float64)
-    h = (g64 if cross is None else cross.to(torch.float64)) @ weight.to(g64)  # (d, m)
+    h = (g64 if cross is None else cross.to(torch.float64))[cols] @ weight.to(g64)  # (k g, m)
     g_ss = g64[cols][:, cols]
     lam = ridge_value(gram, ridge)
     if lam:
         g_ss = g_ss + lam * torch.eye(cols.numel(), dtype=g64.dtype, device=g64.device)
     scale = float(g_ss.diagonal().max()) if cols.numel() else 0.0
     pinv = torch.linalg.pinv(g_ss, hermitian=True, atol=RTOL * max(scale, 1e-300))
-    return pinv @ h[cols]
+    return pinv @ h
 
 
 def weights_objective(
@@ -291,7 +291,7 @@ def weights_objective(
     cols = group_columns(keep.to(gram.device), group_size)
     g64 = gram.to(torch.float64)
     w_new = new_weight.to(g64)
-    h = ((g64 if cross is None else cross.to(torch.float64)) @ weight.to(g64))[cols]  # (k g, m)
+    h = (g64 if cross is None else cross.to(torch.float64))[cols] @ weight.to(g64)  # (k g, m)
     kept = 2.0 * (w_new * h).sum() - (w_new * (g64[cols][:, cols] @ w_new)).sum()
     return float(kept / target_energy) if target_energy > 0 else 0.0
 
