@@ -149,6 +149,10 @@ def _follow(
         user = users[0]
         if user.op == "output":
             return "its outputs are the model's outputs (last layer)"
+        if user.op == "call_function" and user.target in (operator.add, torch.add, operator.iadd):
+            return f"its channels feed an addition '{user.name}' (residual connection)"
+        if user.op == "call_function" and user.target is torch.cat:
+            return f"its channels are concatenated by '{user.name}'"
         if not _only_tensor_input(user, node):
             return f"its channels are combined with another tensor by '{user.name}' ({user.target})"
         if user.op == "call_module":
@@ -185,8 +189,6 @@ def _follow(
             flattened, group_size = True, math.prod(_shape(node)[2:])
         elif user.op == "call_method" and user.target in CHANNELWISE_METHODS:
             pass
-        elif user.op == "call_function" and user.target in (operator.add, torch.add, operator.iadd):
-            return f"its channels feed an addition '{user.name}' (residual connection)"
         else:
             return f"unsupported operation '{user.name}' ({getattr(user.target, '__name__', user.target)})"
         node = user

@@ -253,9 +253,14 @@ def refit(
     lam = ridge_value(gram, ridge)
     if lam:
         g_ss = g_ss + lam * torch.eye(cols.numel(), dtype=g64.dtype, device=g64.device)
-    scale = float(g_ss.diagonal().max()) if cols.numel() else 0.0
-    pinv = torch.linalg.pinv(g_ss, hermitian=True, atol=RTOL * max(scale, 1e-300))
-    return pinv @ h
+    diag = g_ss.diagonal()
+    live = diag > RTOL * float(diag.max())  # dead columns (zero input) get weight exactly 0
+    solution = torch.zeros_like(h)
+    if live.any():
+        g_live = g_ss[live][:, live]
+        atol = RTOL * float(g_live.diagonal().max())
+        solution[live] = torch.linalg.pinv(g_live, hermitian=True, atol=atol) @ h[live]
+    return solution
 
 
 def weights_objective(
