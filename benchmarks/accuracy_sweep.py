@@ -1,0 +1,133 @@
+"""Accuracy of the InChange methods on real MNIST models, without fine-tuning.
+
+For every model x method x reweighting x keep ratio x seed: draw ``--calib``
+training images (no labels) with the seed, prune every site at the keep ratio,
+measure top-1 accuracy on the 10k MNIST test set and the whole-network
+compression ratio. Rows are appended to a JSON-lines file (one per run, all
+settings and metrics); finished runs are skipped when the command is run again.
+At the end a markdown table of mean and std over seeds is printed (and written
+next to the results with ``--table``).
+
+    .venv/bin/python benchmarks/accuracy_sweep.py --out results/core_sweep.jsonl --table results/core_sweep.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from subprune.data import calibration_indices, load_dataset
+from subprune.evaluate import accuracy, count_parameters
+from subprune.methods import METHODS
+from subprune.models import get_spec, load_model
+from subprune.pipeline import PruneConfig, prune
+
+METHOD_NAMES = {key: m.name for key, m in METHODS.items()}
+
+
+def run_key(row: dict) -> tuple:
+    return (row["model"], row["method"], row["reweight"], row["keep"], row["seed"], row["calib"])
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {run_key(r) for r in rows}
+    plan = [
+        (model, method, reweight, keep, seed)
+        for model in args.models
+        for method in args.methods
+        for reweight in (True, False)
+        for keep in args.keeps
+        for seed in range(args.seeds)
+        if (model, method, reweight, keep, seed, args.calib) not in done
+    ]
+    cache: dict[str, tuple] = {}
+    for model_name, method, reweight, keep, seed in tqdm(plan, desc="sweep"):
+        if model_name not in cache:
+            spec = get_spec(model_name)
+            train_x, _ = load_dataset(spec.dataset, "train")
+            test_x, test_y = load_dataset(spec.dataset, "test")
+            dense = load_model(model_name)
+            cache[model_name] = (spec, train_x, test_x, test_y, dense, accuracy(dense, test_x, test_y, spec.preprocess))
+        spec, train_x, test_x, test_y, dense, dense_acc = cache[model_name]
+        calibration = spec.preprocess(train_x[calibration_indices(train_x.shape[0], args.calib, seed)])
+        config = PruneConfig(method=method, keep=keep, reweight=reweight, seed=seed, progress=False)
+        start = time.perf_counter()
+        result = prune(dense, calibration, config)
+        seconds = time.perf_counter() - start
+        row = {
+            "model": model_name, "method": method, "reweight": reweight, "keep": keep, "seed": seed,
+            "calib": args.calib, "dense_accuracy": dense_acc,
+            "pruned_accuracy": accuracy(result.model, test_x, test_y, spec.preprocess),
+            "dense_params": count_parameters(dense), "pruned_params": count_parameters(result.model),
+            "prune_seconds": seconds, "objectives": [s.objective for s in result.sites],
+        }
+        row["compression_ratio"] = row["dense_params"] / row["pruned_params"]
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], calib: int) -> str:
+    """Markdown: one line per model x method x reweight, columns = keep ratios (mean +- std %)."""
+    rows = [r for r in rows if r["calib"] == calib]
+    keeps = sorted({r["keep"] for r in rows}, reverse=True)
+    lines = [
+        "| model | method | reweight | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+        "|---|---|---|" + "---|" * len(keeps),
+    ]
+    groups = sorted({(r["model"], r["method"], r["reweight"]) for r in rows},
+                    key=lambda g: (g[0], list(METHOD_NAMES).index(g[1]), not g[2]))
+    for model, method, reweight in groups:
+        cells = []
+        for k in keeps:
+            sel = [r for r in rows if run_key(r)[:4] == (model, method, reweight, k)]
+            if not sel:
+                cells.append("-")
+                continue
+            acc = [100 * r["pruned_accuracy"] for r in sel]
+            std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            cells.append(f"{statistics.mean(acc):.2f} ± {std:.2f} (x{sel[0]['compression_ratio']:.1f}, n={len(sel)})")
+        label = f"| {model} | {METHOD_NAMES[method]} | {'yes' if reweight else 'no'} | "
+        lines.append(label + " | ".join(cells) + " |")
+    dense = {r["model"]: r["dense_accuracy"] for r in rows}
+    timing = {}
+    for r in rows:
+        timing.setdefault(r["model"], []).append(r["prune_seconds"])
+    lines.append("")
+    for model in sorted(dense):
+        lines.append(f"- {model}: dense accuracy {100 * dense[model]:.2f}%, pruning wall-clock median "
+                     f"{statistics.median(timing[model]):.2f} s (max {max(timing[model]):.2f} s) per run")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["lenet", "advertorch-lenet5", "ccexam-mnistnet"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--keeps", nargs="+", type=float, default=[0.75, 0.5, 0.25, 0.1])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="results/core_sweep.jsonl")
+    parser.add_argument("--table", default=None, help="also write the markdown table here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = sweep(args)
+    text = table(rows, args.calib)
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
