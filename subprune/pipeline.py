@@ -256,11 +256,19 @@ def _prune_one_site(
     """Select, refit and cut one site of ``work`` in place."""
     method = get_method(config.method)
     weight = consumer_weight_matrix(get_module(work, site.consumer)).to(stats.gram_)  # (d, m)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"the weight of '{site.consumer}' holds NaN or infinite values; fix the model first")
     energy = stats.target_energy(weight)
     cross = stats.cross_
     problem = SiteProblem(stats.gram_, cross, weight, energy, site.group_size, site.channels)
     selection = method.select(problem, k, config.epsilon, config.ridge, generator)
     keep = selection.keep
+    if stats.n_rows_ < keep.numel() * site.group_size:
+        log.warning(
+            "site %s: %d calibration rows for %d refit columns: the refit interpolates the calibration "
+            "set and f(S) overstates what is kept; use more samples or a ridge",
+            site.name, stats.n_rows_, keep.numel() * site.group_size,
+        )
     if config.reweight:
         new_weight = refit(stats.gram_, weight, keep, site.group_size, cross=cross, ridge=config.ridge)
     else:

@@ -1,0 +1,122 @@
+"""Bad input is refused with a clear message, and nothing the user owns is changed."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_conv_net
+from torch import nn
+
+from subprune import serialization
+from subprune.pipeline import PruneConfig, prune
+from subprune.serialization import load_pruned, save_pruned
+from subprune.sites import TraceError, UnprunableLayerError
+from subprune.statistics import NonFiniteActivationError
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, state):
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, state[k], rtol=0, atol=0, equal_nan=True), k
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, float("nan"), {"fc1": 2.0}])
+def test_keep_ratio_out_of_range(keep):
+    with pytest.raises(ValueError, match="keep ratio .* out of range"):
+        PruneConfig(keep=keep)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"method": "magic"}, "unknown"), ({"epsilon": 1.0}, "epsilon"), ({"ridge": -1.0}, "ridge"),
+     ({"batch_size": 0}, "batch_size")],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_too_few_samples_and_non_finite_inputs(conv_net, images):
+    state = _state(conv_net)
+    with pytest.raises(ValueError, match="too few calibration samples"):
+        prune(conv_net, images[:1])
+    bad = images.clone()
+    bad[3, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        prune(conv_net, bad)
+    with pytest.raises(TypeError, match="Tensor"):
+        prune(conv_net, images.numpy())
+    _assert_unchanged(conv_net, state)
+
+
+def test_nan_activations_name_the_layer(images):
+    model = make_conv_net()
+    with torch.no_grad():
+        model.fc1.bias[0] = float("nan")
+    state = _state(model)
+    with pytest.raises(NonFiniteActivationError, match="fc2"):
+        prune(model, images, PruneConfig(method="seq", keep=0.5, progress=False))
+    _assert_unchanged(model, state)
+    with torch.no_grad():
+        model.fc1.bias[0] = 0.0
+        model.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="weight of 'fc1' holds NaN"):
+        prune(model, images, PruneConfig(method="seq", keep=0.5, progress=False))
+
+
+def test_wrong_shapes_and_untraceable_models(conv_net, images):
+    state = _state(conv_net)
+    with pytest.raises(TraceError, match="does not run on inputs of shape"):
+        prune(conv_net, torch.randn(8, 3, 14, 14))
+    _assert_unchanged(conv_net, state)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                x = -x
+            return self.b(self.a(x))
+
+    with pytest.raises(TraceError, match="could not trace"):
+        prune(Branchy(), torch.randn(8, 4))
+
+
+def test_unprunable_or_unknown_layer_requested(conv_net, images):
+    with pytest.raises(UnprunableLayerError, match="'head' cannot be pruned: its outputs are the model's outputs"):
+        prune(conv_net, images, PruneConfig(layers=("head",), progress=False))
+    with pytest.raises(UnprunableLayerError, match="not a Linear/Conv2d .* prunable layers: conv1, conv2"):
+        prune(conv_net, images, PruneConfig(layers=("nope",), progress=False))
+    with pytest.raises(ValueError, match="unknown sites"):
+        prune(conv_net, images, PruneConfig(keep={"bn1": 0.5}, progress=False))
+
+
+def test_save_reload_identical_and_atomic(tmp_path, conv_net, images, monkeypatch):
+    result = prune(conv_net, images, PruneConfig(method="asym", keep=0.5, progress=False))
+    out = save_pruned(result.model, tmp_path / "pruned", extra_json={"report.json": {"a": 1}})
+    reloaded = load_pruned(out, model=make_conv_net(seed=5))  # any instance of the dense architecture
+    assert str(reloaded) == str(result.model)
+    for (k1, v1), (k2, v2) in zip(reloaded.state_dict().items(), result.model.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+    torch.testing.assert_close(reloaded(images), result.model(images), atol=0, rtol=0)
+    assert json.loads((out / "report.json").read_text()) == {"a": 1}
+
+    # a failure mid-way leaves the previous save intact and no temporary folder behind
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(serialization, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(conv_net, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+    torch.testing.assert_close(load_pruned(out, model=make_conv_net())(images), result.model(images))
+    with pytest.raises(FileNotFoundError, match="not a model saved by subprune"):
+        load_pruned(tmp_path)
+    with pytest.raises(ValueError, match="no registered base model"):
+        load_pruned(out)

@@ -1,0 +1,81 @@
+"""The command line on the real LeNet and MNIST: report.json, reload, refusals."""
+
+import json
+
+import pytest
+
+from subprune.cli import main
+from subprune.data import load_mnist
+from subprune.evaluate import accuracy, count_parameters
+from subprune.serialization import load_pruned
+
+REPORT_KEYS = {
+    "dense_accuracy", "pruned_accuracy", "dense_params", "pruned_params", "compression_ratio",
+    "prune_seconds", "sites",
+}
+
+
+def test_prune_lenet_writes_report_and_reloadable_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["prune", "--model", "lenet", "--method", "asym", "--keep", "0.5", "--calib", "128",
+                 "--seed", "0", "--out", str(out), "--quiet", "--json"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "report.json").read_text())
+    assert printed == report
+    assert REPORT_KEYS <= set(report)
+    assert 0.97 <= report["dense_accuracy"] <= 1 and 0.5 <= report["pruned_accuracy"] <= 1
+    assert report["compression_ratio"] == pytest.approx(report["dense_params"] / report["pruned_params"])
+    assert report["compression_ratio"] > 2
+    assert [(s["name"], s["channels"], s["kept"]) for s in report["sites"]] == [
+        ("conv1", 6, 3), ("conv2", 16, 8), ("fc1", 120, 60), ("fc2", 84, 42)
+    ]
+    assert all(0 < s["objective"] <= 1 + 1e-9 for s in report["sites"])
+    model = load_pruned(out)  # rebuilt from the registry name saved with it
+    assert count_parameters(model) == report["pruned_params"]
+    images, labels = load_mnist("test")
+    assert accuracy(model, images, labels) == report["pruned_accuracy"]
+    assert main(["evaluate", str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["prune", "--keep", "0"], "out of range"),
+        (["prune", "--keep", "1.5"], "out of range"),
+        (["prune", "--model", "resnet9000"], "invalid choice"),
+        (["prune", "--keep-site", "fc1"], "NAME=RATIO"),
+    ],
+)
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["prune", "--calib", "1", "--quiet"], "--calib 1 must be between 2"),
+        (["prune", "--layers", "fc3", "--calib", "16", "--quiet"], "'fc3' cannot be pruned"),
+        (["prune", "--keep-site", "bn9=0.5", "--calib", "16", "--quiet"], "unknown sites"),
+    ],
+)
+def test_library_errors_are_clear(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_foreign_out_directory_is_not_touched(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["prune", "--calib", "16", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "not written by subprune" in " ".join(capsys.readouterr().out.split())
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_inspect_lists_sites_and_skipped(capsys):
+    assert main(["inspect", "--model", "ccexam-mnistnet"]) == 0
+    text = capsys.readouterr().out
+    assert "features.0" in text and "classifier.0" in text
+    assert "not prunable: classifier.2: its outputs are the model's outputs" in " ".join(text.split())
