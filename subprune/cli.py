@@ -1,6 +1,8 @@
 """The ``subprune`` command line: a thin layer over the library (argparse).
 
     subprune prune --model lenet --dataset mnist --method asym --keep 0.25 --calib 512 --seed 0 --out DIR
+    subprune prune --model lenet --method weightnorm --compression 8 --no-reweight
+    subprune prune --model lenet --method layer --compression 8 --budget curve
     subprune inspect --model lenet
     subprune evaluate DIR
     subprune list
@@ -40,6 +42,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _compression(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"compression ratio {text!r} is not a number") from exc
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"compression ratio {value} must be >= 1 (dense / pruned parameters)")
+    return value
+
+
 def _site_ratio(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -58,11 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="lenet", choices=sorted(MODELS), help="registered pretrained model")
     p.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="calibration (train split) and test data; default: the model's own")
-    p.add_argument("--method", default="asym", choices=sorted(METHODS),
-                   help="layer=LayerInChange, seq=SeqInChange, asym=AsymInChange (default)")
-    p.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1]")
-    p.add_argument("--keep-site", type=_site_ratio, action="append", metavar="NAME=RATIO",
-                   help="per-site keep ratio (repeatable); sites not named are not pruned")
+    p.add_argument("--method", default="asym", choices=list(METHODS),
+                   help="layer=LayerInChange, seq=SeqInChange, asym=AsymInChange (default), or a baseline "
+                        "(see `subprune list`); actgrad methods use the training labels")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1]")
+    target.add_argument("--keep-site", type=_site_ratio, action="append", metavar="NAME=RATIO",
+                        help="per-site keep ratio (repeatable); sites not named are not pruned")
+    target.add_argument("--compression", type=_compression, default=None,
+                        help="target compression ratio of whole-network parameters (e.g. 2, 4, 8, 16, 32, 64)")
+    p.add_argument("--budget", default="uniform", choices=["uniform", "curve"],
+                   help="channels per site: uniform keep ratio, or from the objective curves f(S_k)")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
     p.add_argument("--calib", type=int, default=512, help="number of calibration samples (default 512)")
@@ -104,21 +122,24 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         torch.set_num_threads(args.threads)
     spec = get_spec(args.model)
     dataset = args.dataset or spec.dataset
-    train_x, _ = load_dataset(dataset, "train")
+    train_x, train_y = load_dataset(dataset, "train")
     test_x, test_y = load_dataset(dataset, "test")
     if not MIN_CALIBRATION_SAMPLES <= args.calib <= train_x.shape[0]:
         raise ValueError(f"--calib {args.calib} must be between {MIN_CALIBRATION_SAMPLES} and the "
                          f"{train_x.shape[0]} training samples of {dataset}")
-    calibration = spec.preprocess(train_x[calibration_indices(train_x.shape[0], args.calib, args.seed)])
+    indices = calibration_indices(train_x.shape[0], args.calib, args.seed)
+    calibration = spec.preprocess(train_x[indices])
     keep = dict(args.keep_site) if args.keep_site else args.keep
     config = PruneConfig(
-        method=args.method, keep=keep, reweight=not args.no_reweight,
+        method=args.method, keep=keep, compression=args.compression, budget=args.budget,
+        reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
         progress=not args.quiet,
     )
     model = load_model(args.model)
-    result = prune(model, calibration, config)
+    labels = train_y[indices] if METHODS[args.method].needs_labels else None
+    result = prune(model, calibration, config, labels=labels)
     measures = compare_models(model, result.model, test_x, test_y, spec.preprocess)
     settings = {"model": args.model, "dataset": dataset, "calibration_samples": args.calib, "seed": args.seed}
     report = build_report(result, measures, settings)
