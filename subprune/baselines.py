@@ -16,6 +16,8 @@ Scores are computed once, on the dense model, before any site is pruned.
 * Sensitivity: max over calibration samples of the channel's share of the
   consumer's pre-activation energy (an energy form of the empirical sensitivity
   of Liebenwein et al., ICLR 2020, "Provable filter pruning").
+* GreedyFS: greedy forward selection by mini-batch loss (Ye et al., ICML 2020,
+  "Good subnetworks provably exist"); uses labels and the per-site budget.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from subprune.sites import PruningSite
+from subprune.statistics import capture_inputs, run_to_capture
 from subprune.surgery import consumer_weight_matrix, get_module
 
+# Candidate masks of greedy forward selection are evaluated in chunks of at most this many input elements.
+GREEDY_FS_CHUNK_ELEMENTS = 2**24
 # Per-sample contributions Z_c(x) are computed for chunks of samples of at most this many elements.
 CHUNK_ELEMENTS = 2**23
 
@@ -59,6 +64,9 @@ class ScoreContext:
     batch_size : int
     generator : torch.Generator
         Source of randomness (seeded by the run's seed).
+    kept : mapping site name -> int, optional
+        The per-site budget, when it is known before scoring (the "Layer"
+        methods); methods that build their selection step by step stop there.
     """
 
     model: nn.Module
@@ -68,6 +76,7 @@ class ScoreContext:
     loss_fn: LossFn
     batch_size: int
     generator: torch.Generator
+    kept: dict[str, int] | None = None
 
 
 ScoreFn = Callable[[ScoreContext], dict[str, Tensor]]
@@ -207,3 +216,86 @@ def sensitivity_scores(context: ScoreContext) -> dict[str, Tensor]:
             share = energy / energy.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
             best[s.name] = torch.maximum(best[s.name], share.max(dim=0).values.cpu())
     return best
+
+
+@contextlib.contextmanager
+def _replace_input(module: nn.Module, replacement: Tensor) -> Iterator[None]:
+    """A forward pre-hook that feeds ``replacement`` to ``module`` instead of its input."""
+    handle = module.register_forward_pre_hook(lambda mod, args: (replacement,))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def greedy_fs_scores(context: ScoreContext) -> dict[str, Tensor]:
+    """Greedy forward selection by mini-batch loss, one site at a time on the dense model.
+
+    Starting from no channel, each step adds the channel whose addition gives the
+    lowest loss on one calibration mini-batch (batches taken in turn) when the
+    site's other channels are zeroed at the consumer's input; all candidates of a
+    step are evaluated in one batched forward pass from the consumer on. Ye et
+    al., ICML 2020, Alg. 1-2 (layer-wise forward selection), with the other
+    layers dense ("Layer" variant). Runs ``kept[site]`` steps per site.
+
+    Returns
+    -------
+    dict site name -> Tensor of shape (n,), float64
+        n - j for the channel chosen at step j (0-based), 0 for channels never
+        chosen: the top-k channels are the greedy set.
+
+    Raises
+    ------
+    ValueError
+        Without labels, or if the model combines the consumer's output with a
+        tensor computed before it (a residual join): the batched candidate
+        evaluation cannot run there.
+    """
+    if context.labels is None:
+        raise ValueError("GreedyFS needs the labels of the calibration samples")
+    model, device = context.model, next(context.model.parameters()).device
+    n_samples = context.calibration.shape[0]
+    batches = [(context.calibration[i : i + context.batch_size].to(device),
+                context.labels[i : i + context.batch_size].to(device))
+               for i in range(0, n_samples, context.batch_size)]
+    scores = {}
+    for site in context.sites:
+        n = site.channels
+        k = n if context.kept is None else context.kept.get(site.name, n)
+        consumer = get_module(model, site.consumer)
+        cached: list[Tensor] = []  # consumer input of each mini-batch
+        for x, _ in batches:
+            store: dict[str, Tensor] = {}
+            with capture_inputs({site.consumer: consumer}, store.__setitem__, site.consumer):
+                run_to_capture(model, x)
+            cached.append(store[site.consumer])
+        chosen = torch.zeros(n, dtype=torch.bool, device=device)
+        score = torch.zeros(n, dtype=torch.float64)
+        for step in range(k):
+            (x, y), a = batches[step % len(batches)], cached[step % len(batches)]
+            rows = a.shape[0]
+            grouped = a.reshape(rows, n, -1)  # (B, n, per-channel values)
+            candidates = (~chosen).nonzero().squeeze(1)  # (c,)
+            chunk = max(1, GREEDY_FS_CHUNK_ELEMENTS // a.numel())
+            losses = []
+            for start in range(0, candidates.numel(), chunk):
+                cand = candidates[start : start + chunk]  # (c,)
+                masks = chosen.expand(cand.numel(), n).clone()
+                masks[torch.arange(cand.numel(), device=device), cand] = True  # (c, n)
+                masked = grouped.unsqueeze(0) * masks[:, None, :, None].to(a.dtype)  # (c, B, n, values)
+                replacement = masked.reshape(cand.numel() * rows, *a.shape[1:])  # (c B, ...)
+                try:
+                    with torch.no_grad(), _replace_input(consumer, replacement):
+                        out = model(x)  # (c B, classes)
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"GreedyFS cannot evaluate candidates of site {site.name} in one batch: the output of "
+                        f"'{site.consumer}' meets a tensor computed before it ({exc})"
+                    ) from exc
+                out = out.reshape(cand.numel(), rows, *out.shape[1:])
+                losses.extend(float(context.loss_fn(out[i], y)) for i in range(cand.numel()))
+            best = int(candidates[int(torch.tensor(losses).argmin())])
+            chosen[best] = True
+            score[best] = n - step
+        scores[site.name] = score
+    return scores

@@ -24,6 +24,7 @@ from torch import Tensor
 from subprune.baselines import (
     ScoreFn,
     act_grad_scores,
+    greedy_fs_scores,
     random_scores,
     sensitivity_scores,
     weight_norm_scores,
@@ -176,6 +177,9 @@ METHODS: dict[str, Method] = {
                             score=act_grad_scores, needs_labels=True),
     "layer-sampling": Method("LayerSampling", sampled_selection, sequential=False, asymmetric=False,
                              description="channels sampled by sensitivity per site", score=sensitivity_scores),
+    "layer-greedyfs": Method("LayerGreedyFS", ranked_selection, sequential=False, asymmetric=False,
+                             description="greedy forward selection by mini-batch loss (uses labels) per site",
+                             score=greedy_fs_scores, needs_labels=True),
 }
 
 

@@ -415,11 +415,14 @@ def prune(
     if not method.sequential or config.budget == "curve":
         layer_stats = collect_statistics(dense, sites, calibration, description="calibration", **common)
     scores = {}
+    if not method.global_ranking:  # the budget comes first; the scores may use it (GreedyFS stops at k)
+        plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
     if method.score is not None:
         context = ScoreContext(dense, sites, calibration, labels, loss_fn or default_loss, config.batch_size,
-                               generator)
+                               generator, None if method.global_ranking else plan)
         scores = method.score(context)
-    plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
+    if method.global_ranking:
+        plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
 
     reports = []
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):

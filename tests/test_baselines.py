@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_conv_net, make_mlp
 
-from subprune.baselines import ScoreContext, act_grad_scores, default_loss, sensitivity_scores
+from subprune.baselines import ScoreContext, act_grad_scores, default_loss, greedy_fs_scores, sensitivity_scores
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
 from subprune.evaluate import count_parameters
 from subprune.methods import SiteProblem, sampled_selection
@@ -155,3 +155,26 @@ def test_bad_targets_and_budgets_are_refused():
         PruneConfig(compression=0.5)
     with pytest.raises(ValueError, match="cannot be reached"):
         prune(make_mlp(), _inputs(), PruneConfig(method="layer", compression=1000, progress=False))
+
+
+def test_greedy_fs_first_steps_match_a_hand_computation():
+    model, x = make_mlp(), _inputs()
+    labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(4))
+    sites, context = _context(model, x, labels)
+    context = ScoreContext(model, sites, x, labels, default_loss, 16, torch.Generator(), {"0": 2, "2": 1})
+    scores = greedy_fs_scores(context)
+    a = model[1](model[0](x)).detach()  # (64, 16): consumer input of site "0"
+
+    @torch.no_grad()
+    def loss(mask, batch):
+        rows = slice(16 * batch, 16 * batch + 16)
+        out = model[4](model[3](model[2](a[rows] * mask)))
+        return float(torch.nn.functional.cross_entropy(out, labels[rows], reduction="sum"))
+
+    first = min(range(16), key=lambda c: loss(torch.eye(16)[c], 0))
+    second = min((c for c in range(16) if c != first), key=lambda c: loss(torch.eye(16)[[first, c]].sum(0), 1))
+    assert scores["0"].nonzero().squeeze(1).tolist() == sorted([first, second])
+    assert scores["0"][first] == 16 and scores["0"][second] == 15
+    assert int((scores["2"] > 0).sum()) == 1
+    with pytest.raises(ValueError, match="needs labelled"):
+        prune(model, x, PruneConfig(method="layer-greedyfs", progress=False))
