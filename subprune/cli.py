@@ -3,6 +3,7 @@
     subprune prune --model lenet --dataset mnist --method asym --keep 0.25 --calib 512 --seed 0 --out DIR
     subprune prune --model lenet --method weightnorm --compression 8 --no-reweight
     subprune prune --model lenet --method layer --compression 8 --budget curve
+    subprune prune --model lenet --method asym --compression 16 --budget accuracy --held-out 1000
     subprune inspect --model lenet
     subprune evaluate DIR
     subprune list
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -20,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from subprune.accuracy_budget import equal_accuracy_keep
 from subprune.data import DATASETS, calibration_indices, load_dataset
 from subprune.evaluate import accuracy, count_parameters
 from subprune.methods import METHODS
@@ -79,8 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="per-site keep ratio (repeatable); sites not named are not pruned")
     target.add_argument("--compression", type=_compression, default=None,
                         help="target compression ratio of whole-network parameters (e.g. 2, 4, 8, 16, 32, 64)")
-    p.add_argument("--budget", default="uniform", choices=["uniform", "curve"],
-                   help="channels per site: uniform keep ratio, or from the objective curves f(S_k)")
+    p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
+                   help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
+                        "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
+    p.add_argument("--held-out", type=int, default=1000,
+                   help="training images (disjoint from the calibration set) for --budget accuracy")
+    p.add_argument("--cache", default=None, help="cache directory of --budget accuracy (default ~/.cache/subprune)")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
     p.add_argument("--calib", type=int, default=512, help="number of calibration samples (default 512)")
@@ -127,11 +134,17 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     if not MIN_CALIBRATION_SAMPLES <= args.calib <= train_x.shape[0]:
         raise ValueError(f"--calib {args.calib} must be between {MIN_CALIBRATION_SAMPLES} and the "
                          f"{train_x.shape[0]} training samples of {dataset}")
-    indices = calibration_indices(train_x.shape[0], args.calib, args.seed)
+    extra = args.held_out if args.budget == "accuracy" else 0
+    if args.budget == "accuracy" and not 1 <= args.held_out <= train_x.shape[0] - args.calib:
+        raise ValueError(f"--held-out {args.held_out} must be between 1 and the {train_x.shape[0] - args.calib} "
+                         "training samples left after the calibration set")
+    drawn = calibration_indices(train_x.shape[0], args.calib + extra, args.seed)
+    indices, held_out = drawn[: args.calib], drawn[args.calib :]  # the same calibration set with or without
     calibration = spec.preprocess(train_x[indices])
     keep = dict(args.keep_site) if args.keep_site else args.keep
     config = PruneConfig(
-        method=args.method, keep=keep, compression=args.compression, budget=args.budget,
+        method=args.method, keep=keep, compression=args.compression,
+        budget="uniform" if args.budget == "accuracy" else args.budget,
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
@@ -139,9 +152,15 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     )
     model = load_model(args.model)
     labels = train_y[indices] if METHODS[args.method].needs_labels else None
+    settings = {"model": args.model, "dataset": dataset, "calibration_samples": args.calib, "seed": args.seed}
+    if args.budget == "accuracy":
+        keep = equal_accuracy_keep(model, calibration, (spec.preprocess(train_x[held_out]), train_y[held_out]),
+                                   config, labels=labels, cache_dir=args.cache)
+        settings.update(budget_rule="accuracy", requested_keep=config.keep, requested_compression=config.compression,
+                        held_out_samples=args.held_out)
+        config = dataclasses.replace(config, keep=keep, compression=None)
     result = prune(model, calibration, config, labels=labels)
     measures = compare_models(model, result.model, test_x, test_y, spec.preprocess)
-    settings = {"model": args.model, "dataset": dataset, "calibration_samples": args.calib, "seed": args.seed}
     report = build_report(result, measures, settings)
     if args.out:
         save_pruned(result.model, args.out, base_model=args.model, extra_json={REPORT_FILE: report})

@@ -60,6 +60,9 @@ def test_argument_errors(argv, message, capsys):
         (["prune", "--calib", "1", "--quiet"], "--calib 1 must be between 2"),
         (["prune", "--layers", "fc3", "--calib", "16", "--quiet"], "'fc3' cannot be pruned"),
         (["prune", "--keep-site", "bn9=0.5", "--calib", "16", "--quiet"], "unknown sites"),
+        (["prune", "--method", "actgrad", "--budget", "accuracy", "--held-out", "0", "--quiet"], "--held-out 0"),
+        (["prune", "--method", "actgrad", "--budget", "curve", "--calib", "16", "--quiet"], "sets its own budget"),
+        (["prune", "--compression", "5000", "--calib", "16", "--quiet"], "cannot be reached"),
     ],
 )
 def test_library_errors_are_clear(argv, message, capsys):
