@@ -41,8 +41,8 @@ def plot(rows: list[dict], model: str, out: Path) -> None:
     rows = [r for r in rows if r["model"] == model]
     if not rows:
         raise ValueError(f"no rows for model {model!r}")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "olive", "navy"]
     order = [m for m in METHODS if any(r["method"] == m for r in rows)]
     for ax, reweight in zip(axes, (True, False), strict=True):
         data = curves(rows, reweight)
@@ -51,8 +51,9 @@ def plot(rows: list[dict], model: str, out: Path) -> None:
                 continue
             x, mean, low, high = zip(*data[method], strict=True)
             style = "--" if METHODS[method].global_ranking else "-"
-            ax.plot(x, mean, style, marker="o", ms=3, color=colours(i), label=METHODS[method].name)
-            ax.fill_between(x, low, high, color=colours(i), alpha=0.15)
+            colour = palette[i % len(palette)]
+            ax.plot(x, mean, style, marker="o", ms=3, color=colour, label=METHODS[method].name)
+            ax.fill_between(x, low, high, color=colour, alpha=0.12)
         ax.axhline(100 * rows[0]["dense_accuracy"], color="grey", lw=0.8, ls=":", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression ratio (whole-network parameters, dense / pruned)")
@@ -60,8 +61,9 @@ def plot(rows: list[dict], model: str, out: Path) -> None:
         ax.grid(alpha=0.3)
     seeds = len({r["seed"] for r in rows})
     axes[0].set_ylabel(f"top-1 test accuracy (%), mean and min-max over {seeds} seeds")
-    axes[1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
 
