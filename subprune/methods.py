@@ -109,10 +109,11 @@ def sampled_selection(
 ) -> Selection:
     """Sample k distinct channels with probability proportional to ``problem.scores``.
 
-    Successive sampling without replacement, which is the same as sampling with
-    replacement until k distinct channels are drawn (Liebenwein et al., ICLR 2020,
-    Alg. 2, keeps the sampled channels). Channels of zero score get a tiny
-    probability so that k distinct channels always exist.
+    Successive sampling without replacement, which has the same distribution as
+    sampling with replacement until k distinct channels are drawn (the sampling of
+    Liebenwein et al., ICLR 2020, with the count of distinct channels fixed to the
+    site's budget). Channels of zero score get a tiny probability so that k
+    distinct channels always exist.
     """
     scores = _scores(problem).double().clamp_min(0.0)  # (n,)
     top = float(scores.max())
