@@ -46,12 +46,12 @@ def plot(rows: list[dict], model: str, out: Path) -> None:
     order = [m for m in METHODS if any(r["method"] == m for r in rows)]
     for ax, reweight in zip(axes, (True, False), strict=True):
         data = curves(rows, reweight)
-        for i, method in enumerate(order):
+        for method in order:
             if method not in data:
                 continue
             x, mean, low, high = zip(*data[method], strict=True)
             style = "--" if METHODS[method].global_ranking else "-"
-            colour = palette[i % len(palette)]
+            colour = palette[list(METHODS).index(method) % len(palette)]  # one colour per method in every plot
             ax.plot(x, mean, style, marker="o", ms=3, color=colour, label=METHODS[method].name)
             ax.fill_between(x, low, high, color=colour, alpha=0.12)
         ax.axhline(100 * rows[0]["dense_accuracy"], color="grey", lw=0.8, ls=":", label="dense")
