@@ -1,14 +1,18 @@
-"""Accuracy of the InChange methods on real MNIST models, without fine-tuning.
+"""Accuracy of the InChange methods and the baselines on real MNIST models, without fine-tuning.
 
-For every model x method x reweighting x keep ratio x seed: draw ``--calib``
-training images (no labels) with the seed, prune every site at the keep ratio,
-measure top-1 accuracy on the 10k MNIST test set and the whole-network
-compression ratio. Rows are appended to a JSON-lines file (one per run, all
-settings and metrics); finished runs are skipped when the command is run again.
-At the end a markdown table of mean and std over seeds is printed (and written
-next to the results with ``--table``).
+For every model x method x reweighting x target x seed: draw ``--calib``
+training images with the seed (their labels are used only by the methods that
+need them: ActGrad), prune every site to the target (a keep ratio per site, or
+with ``--targets compression`` a compression ratio of whole-network parameters),
+measure top-1 accuracy on the 10k MNIST test set and the achieved compression
+ratio. Rows are appended to a JSON-lines file (one per run, all settings and
+metrics); finished runs are skipped when the command is run again. At the end a
+markdown table of mean and std over seeds is printed (and written next to the
+results with ``--table``); ``benchmarks/plot_sweep.py`` draws the results.
 
     .venv/bin/python benchmarks/accuracy_sweep.py --out results/core_sweep.jsonl --table results/core_sweep.md
+    .venv/bin/python benchmarks/accuracy_sweep.py --models lenet --targets compression --seeds 3 \
+        --out results/baselines_lenet.jsonl --table results/baselines_lenet.md
 """
 
 from __future__ import annotations
@@ -31,8 +35,14 @@ from subprune.pipeline import PruneConfig, prune
 METHOD_NAMES = {key: m.name for key, m in METHODS.items()}
 
 
+def target_of(row: dict) -> tuple[str, float]:
+    """("keep", ratio) or ("compression", ratio); rows written before targets existed are keep ratios."""
+    return (row.get("target", "keep"), row["compression_target"] if row.get("target") == "compression" else row["keep"])
+
+
 def run_key(row: dict) -> tuple:
-    return (row["model"], row["method"], row["reweight"], row["keep"], row["seed"], row["calib"])
+    return (row["model"], row["method"], row["reweight"], target_of(row), row.get("budget", "uniform"),
+            row["seed"], row["calib"])
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -40,35 +50,44 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     done = {run_key(r) for r in rows}
+    values = args.keeps if args.targets == "keep" else args.compressions
     plan = [
-        (model, method, reweight, keep, seed)
+        (model, method, reweight, value, seed)
         for model in args.models
         for method in args.methods
         for reweight in (True, False)
-        for keep in args.keeps
+        for value in values
         for seed in range(args.seeds)
-        if (model, method, reweight, keep, seed, args.calib) not in done
+        if (model, method, reweight, (args.targets, value), args.budget, seed, args.calib) not in done
+        and not (args.budget != "uniform" and METHODS[method].global_ranking)  # they rank globally instead
     ]
     cache: dict[str, tuple] = {}
-    for model_name, method, reweight, keep, seed in tqdm(plan, desc="sweep"):
+    for model_name, method, reweight, value, seed in tqdm(plan, desc="sweep"):
         if model_name not in cache:
             spec = get_spec(model_name)
-            train_x, _ = load_dataset(spec.dataset, "train")
+            train_x, train_y = load_dataset(spec.dataset, "train")
             test_x, test_y = load_dataset(spec.dataset, "test")
             dense = load_model(model_name)
-            cache[model_name] = (spec, train_x, test_x, test_y, dense, accuracy(dense, test_x, test_y, spec.preprocess))
-        spec, train_x, test_x, test_y, dense, dense_acc = cache[model_name]
-        calibration = spec.preprocess(train_x[calibration_indices(train_x.shape[0], args.calib, seed)])
-        config = PruneConfig(method=method, keep=keep, reweight=reweight, seed=seed, progress=False)
+            dense_acc = accuracy(dense, test_x, test_y, spec.preprocess)
+            cache[model_name] = (spec, train_x, train_y, test_x, test_y, dense, dense_acc)
+        spec, train_x, train_y, test_x, test_y, dense, dense_acc = cache[model_name]
+        indices = calibration_indices(train_x.shape[0], args.calib, seed)
+        calibration = spec.preprocess(train_x[indices])
+        labels = train_y[indices] if METHODS[method].needs_labels else None
+        keep, compression = (value, None) if args.targets == "keep" else (1.0, value)
+        config = PruneConfig(method=method, keep=keep, compression=compression, budget=args.budget,
+                             reweight=reweight, seed=seed, progress=False)
         start = time.perf_counter()
-        result = prune(dense, calibration, config)
+        result = prune(dense, calibration, config, labels=labels)
         seconds = time.perf_counter() - start
         row = {
-            "model": model_name, "method": method, "reweight": reweight, "keep": keep, "seed": seed,
+            "model": model_name, "method": method, "reweight": reweight, "target": args.targets,
+            "keep": keep, "compression_target": compression, "budget": args.budget, "seed": seed,
             "calib": args.calib, "dense_accuracy": dense_acc,
             "pruned_accuracy": accuracy(result.model, test_x, test_y, spec.preprocess),
             "dense_params": count_parameters(dense), "pruned_params": count_parameters(result.model),
             "prune_seconds": seconds, "objectives": [s.objective for s in result.sites],
+            "kept": [s.kept for s in result.sites],
         }
         row["compression_ratio"] = row["dense_params"] / row["pruned_params"]
         with out.open("a") as f:
@@ -77,26 +96,28 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], calib: int) -> str:
-    """Markdown: one line per model x method x reweight, columns = keep ratios (mean +- std %)."""
-    rows = [r for r in rows if r["calib"] == calib]
-    keeps = sorted({r["keep"] for r in rows}, reverse=True)
+def table(rows: list[dict], calib: int, budget: str = "uniform") -> str:
+    """Markdown: one line per model x method x reweight, columns = targets (mean +- std % over seeds)."""
+    rows = [r for r in rows if r["calib"] == calib and r.get("budget", "uniform") == budget]
+    targets = sorted({target_of(r) for r in rows}, key=lambda t: (t[0], -t[1] if t[0] == "keep" else t[1]))
+    heads = [f"keep {v}" if kind == "keep" else f"x{v:g}" for kind, v in targets]
     lines = [
-        "| model | method | reweight | " + " | ".join(f"keep {k}" for k in keeps) + " |",
-        "|---|---|---|" + "---|" * len(keeps),
+        "| model | method | reweight | " + " | ".join(heads) + " |",
+        "|---|---|---|" + "---|" * len(targets),
     ]
     groups = sorted({(r["model"], r["method"], r["reweight"]) for r in rows},
                     key=lambda g: (g[0], list(METHOD_NAMES).index(g[1]), not g[2]))
     for model, method, reweight in groups:
         cells = []
-        for k in keeps:
-            sel = [r for r in rows if run_key(r)[:4] == (model, method, reweight, k)]
+        for t in targets:
+            sel = [r for r in rows if run_key(r)[:4] == (model, method, reweight, t)]
             if not sel:
                 cells.append("-")
                 continue
             acc = [100 * r["pruned_accuracy"] for r in sel]
             std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            cells.append(f"{statistics.mean(acc):.2f} ± {std:.2f} (x{sel[0]['compression_ratio']:.1f}, n={len(sel)})")
+            ratio = statistics.mean(r["compression_ratio"] for r in sel)
+            cells.append(f"{statistics.mean(acc):.2f} ± {std:.2f} (x{ratio:.1f}, n={len(sel)})")
         label = f"| {model} | {METHOD_NAMES[method]} | {'yes' if reweight else 'no'} | "
         lines.append(label + " | ".join(cells) + " |")
     dense = {r["model"]: r["dense_accuracy"] for r in rows}
@@ -114,7 +135,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lenet", "advertorch-lenet5", "ccexam-mnistnet"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--targets", choices=["keep", "compression"], default="keep",
+                        help="sweep keep ratios per site (--keeps) or whole-network compression ratios")
     parser.add_argument("--keeps", nargs="+", type=float, default=[0.75, 0.5, 0.25, 0.1])
+    parser.add_argument("--compressions", nargs="+", type=float, default=[2, 4, 8, 16, 32, 64])
+    parser.add_argument("--budget", choices=["uniform", "curve"], default="uniform",
+                        help="per-site budget of the Layer methods (global baselines rank channels themselves)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
@@ -123,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = sweep(args)
-    text = table(rows, args.calib)
+    text = table(rows, args.calib, args.budget)
     print(text)
     if args.table:
         Path(args.table).write_text(text + "\n")

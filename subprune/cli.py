@@ -1,6 +1,9 @@
 """The ``subprune`` command line: a thin layer over the library (argparse).
 
     subprune prune --model lenet --dataset mnist --method asym --keep 0.25 --calib 512 --seed 0 --out DIR
+    subprune prune --model lenet --method weightnorm --compression 8 --no-reweight
+    subprune prune --model lenet --method layer --compression 8 --budget curve
+    subprune prune --model lenet --method asym --compression 16 --budget accuracy --held-out 1000
     subprune inspect --model lenet
     subprune evaluate DIR
     subprune list
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -18,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from subprune.accuracy_budget import equal_accuracy_keep
 from subprune.data import DATASETS, calibration_indices, load_dataset
 from subprune.evaluate import accuracy, count_parameters
 from subprune.methods import METHODS
@@ -40,6 +45,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _compression(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"compression ratio {text!r} is not a number") from exc
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"compression ratio {value} must be >= 1 (dense / pruned parameters)")
+    return value
+
+
 def _site_ratio(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -58,11 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="lenet", choices=sorted(MODELS), help="registered pretrained model")
     p.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="calibration (train split) and test data; default: the model's own")
-    p.add_argument("--method", default="asym", choices=sorted(METHODS),
-                   help="layer=LayerInChange, seq=SeqInChange, asym=AsymInChange (default)")
-    p.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1]")
-    p.add_argument("--keep-site", type=_site_ratio, action="append", metavar="NAME=RATIO",
-                   help="per-site keep ratio (repeatable); sites not named are not pruned")
+    p.add_argument("--method", default="asym", choices=list(METHODS),
+                   help="layer=LayerInChange, seq=SeqInChange, asym=AsymInChange (default), or a baseline "
+                        "(see `subprune list`); actgrad methods use the training labels")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1]")
+    target.add_argument("--keep-site", type=_site_ratio, action="append", metavar="NAME=RATIO",
+                        help="per-site keep ratio (repeatable); sites not named are not pruned")
+    target.add_argument("--compression", type=_compression, default=None,
+                        help="target compression ratio of whole-network parameters (e.g. 2, 4, 8, 16, 32, 64)")
+    p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
+                   help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
+                        "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
+    p.add_argument("--held-out", type=int, default=1000,
+                   help="training images (disjoint from the calibration set) for --budget accuracy")
+    p.add_argument("--cache", default=None, help="cache directory of --budget accuracy (default ~/.cache/subprune)")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
     p.add_argument("--calib", type=int, default=512, help="number of calibration samples (default 512)")
@@ -104,23 +129,38 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         torch.set_num_threads(args.threads)
     spec = get_spec(args.model)
     dataset = args.dataset or spec.dataset
-    train_x, _ = load_dataset(dataset, "train")
+    train_x, train_y = load_dataset(dataset, "train")
     test_x, test_y = load_dataset(dataset, "test")
     if not MIN_CALIBRATION_SAMPLES <= args.calib <= train_x.shape[0]:
         raise ValueError(f"--calib {args.calib} must be between {MIN_CALIBRATION_SAMPLES} and the "
                          f"{train_x.shape[0]} training samples of {dataset}")
-    calibration = spec.preprocess(train_x[calibration_indices(train_x.shape[0], args.calib, args.seed)])
+    extra = args.held_out if args.budget == "accuracy" else 0
+    if args.budget == "accuracy" and not 1 <= args.held_out <= train_x.shape[0] - args.calib:
+        raise ValueError(f"--held-out {args.held_out} must be between 1 and the {train_x.shape[0] - args.calib} "
+                         "training samples left after the calibration set")
+    drawn = calibration_indices(train_x.shape[0], args.calib + extra, args.seed)
+    indices, held_out = drawn[: args.calib], drawn[args.calib :]  # the same calibration set with or without
+    calibration = spec.preprocess(train_x[indices])
     keep = dict(args.keep_site) if args.keep_site else args.keep
     config = PruneConfig(
-        method=args.method, keep=keep, reweight=not args.no_reweight,
+        method=args.method, keep=keep, compression=args.compression,
+        budget="uniform" if args.budget == "accuracy" else args.budget,
+        reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
         progress=not args.quiet,
     )
     model = load_model(args.model)
-    result = prune(model, calibration, config)
-    measures = compare_models(model, result.model, test_x, test_y, spec.preprocess)
+    labels = train_y[indices] if METHODS[args.method].needs_labels else None
     settings = {"model": args.model, "dataset": dataset, "calibration_samples": args.calib, "seed": args.seed}
+    if args.budget == "accuracy":
+        keep = equal_accuracy_keep(model, calibration, (spec.preprocess(train_x[held_out]), train_y[held_out]),
+                                   config, labels=labels, cache_dir=args.cache)
+        settings.update(budget_rule="accuracy", requested_keep=config.keep, requested_compression=config.compression,
+                        held_out_samples=args.held_out)
+        config = dataclasses.replace(config, keep=keep, compression=None)
+    result = prune(model, calibration, config, labels=labels)
+    measures = compare_models(model, result.model, test_x, test_y, spec.preprocess)
     report = build_report(result, measures, settings)
     if args.out:
         save_pruned(result.model, args.out, base_model=args.model, extra_json={REPORT_FILE: report})

@@ -5,6 +5,12 @@ model with earlier sites already pruned; ``asymmetric``: the target is the
 dense model's consumer input) and how channels are chosen (``select``). The
 pipeline in :mod:`subprune.pipeline` is shared by all of them. Source: El Halabi
 et al., NeurIPS 2022, Sec. 4 (LayerInChange, SeqInChange, AsymInChange).
+
+The baselines (Sec. 5 of the paper; scores in :mod:`subprune.baselines`) score
+every channel once on the dense model (``score``) and keep the top-scoring ones
+(or sample them, LayerSampling). "Layer" baselines keep the per-site budget;
+the others (``global_ranking``) rank channels of all sites together, and the
+pipeline turns that ranking into the per-site budget before selection.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from subprune.baselines import (
+    ScoreFn,
+    act_grad_scores,
+    greedy_fs_scores,
+    random_scores,
+    sensitivity_scores,
+    weight_norm_scores,
+)
 from subprune.solver import GreedyResult, greedy_select
 
 
@@ -30,6 +44,8 @@ class SiteProblem:
     target_energy : float
     group_size : int
     channels : int
+    scores : Tensor of shape (channels,), float64, or None
+        Channel scores of the method's ``score`` function (baselines only).
     """
 
     gram: Tensor
@@ -38,6 +54,7 @@ class SiteProblem:
     target_energy: float
     group_size: int
     channels: int
+    scores: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -72,15 +89,68 @@ def greedy_selection(
     return Selection(result.keep(k), result.order, result.objective)
 
 
+def _scores(problem: SiteProblem) -> Tensor:
+    if problem.scores is None or problem.scores.shape != (problem.channels,):
+        raise ValueError(f"this selection needs one score per channel ({problem.channels}), "
+                         f"got {None if problem.scores is None else tuple(problem.scores.shape)}")
+    return problem.scores
+
+
+def ranked_selection(
+    problem: SiteProblem, k: int, epsilon: float, ridge: float, generator: torch.Generator
+) -> Selection:
+    """Keep the k channels with the highest ``problem.scores`` (ties: the lower index first)."""
+    order = torch.sort(_scores(problem), descending=True, stable=True).indices[:k]  # (k,)
+    return Selection(torch.sort(order).values, order, None)
+
+
+def sampled_selection(
+    problem: SiteProblem, k: int, epsilon: float, ridge: float, generator: torch.Generator
+) -> Selection:
+    """Sample k distinct channels with probability proportional to ``problem.scores``.
+
+    Successive sampling without replacement, which has the same distribution as
+    sampling with replacement until k distinct channels are drawn (the sampling of
+    Liebenwein et al., ICLR 2020, with the count of distinct channels fixed to the
+    site's budget). Channels of zero score get a tiny probability so that k
+    distinct channels always exist.
+    """
+    scores = _scores(problem).double().clamp_min(0.0)  # (n,)
+    top = float(scores.max())
+    probs = scores + (1e-12 * top if top > 0 else 1.0)  # (n,)
+    order = torch.multinomial(probs, k, replacement=False, generator=generator)  # (k,)
+    return Selection(torch.sort(order).values, order, None)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered pruning method."""
+    """A registered pruning method.
+
+    Attributes
+    ----------
+    name : str
+    select : SelectFn
+    sequential, asymmetric : bool
+        Where the statistics of the refit come from (see the module docstring).
+    description : str
+    score : ScoreFn or None
+        Channel scores computed once on the dense model, handed to ``select`` as
+        ``SiteProblem.scores``.
+    global_ranking : bool
+        Rank channels across all sites (scores divided by their site's maximum)
+        instead of using the per-site budget.
+    needs_labels : bool
+        The method needs the calibration labels and a loss.
+    """
 
     name: str
     select: SelectFn
     sequential: bool
     asymmetric: bool
     description: str
+    score: ScoreFn | None = None
+    global_ranking: bool = False
+    needs_labels: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -90,6 +160,27 @@ METHODS: dict[str, Method] = {
                   description="sites in forward order, statistics of the partly pruned model"),
     "asym": Method("AsymInChange", greedy_selection, sequential=True, asymmetric=True,
                    description="as seq, with the dense model's consumer input as target"),
+    "random": Method("Random", ranked_selection, sequential=False, asymmetric=False,
+                     description="uniformly random channels, ranked globally", score=random_scores,
+                     global_ranking=True),
+    "layer-random": Method("LayerRandom", ranked_selection, sequential=False, asymmetric=False,
+                           description="uniformly random channels per site", score=random_scores),
+    "weightnorm": Method("WeightNorm", ranked_selection, sequential=False, asymmetric=False,
+                         description="L1 norm of outgoing weights, ranked globally", score=weight_norm_scores,
+                         global_ranking=True),
+    "layer-weightnorm": Method("LayerWeightNorm", ranked_selection, sequential=False, asymmetric=False,
+                               description="L1 norm of outgoing weights per site", score=weight_norm_scores),
+    "actgrad": Method("ActGrad", ranked_selection, sequential=False, asymmetric=False,
+                      description="|activation x gradient| (uses labels), ranked globally",
+                      score=act_grad_scores, global_ranking=True, needs_labels=True),
+    "layer-actgrad": Method("LayerActGrad", ranked_selection, sequential=False, asymmetric=False,
+                            description="|activation x gradient| (uses labels) per site",
+                            score=act_grad_scores, needs_labels=True),
+    "layer-sampling": Method("LayerSampling", sampled_selection, sequential=False, asymmetric=False,
+                             description="channels sampled by sensitivity per site", score=sensitivity_scores),
+    "layer-greedyfs": Method("LayerGreedyFS", ranked_selection, sequential=False, asymmetric=False,
+                             description="greedy forward selection by mini-batch loss (uses labels) per site",
+                             score=greedy_fs_scores, needs_labels=True),
 }
 
 

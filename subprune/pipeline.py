@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from subprune.methods import METHODS, SiteProblem, get_method
+from subprune.baselines import LossFn, ScoreContext, default_loss
+from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
+from subprune.methods import METHODS, Method, SiteProblem, get_method
 from subprune.sites import PruningSite, SkippedLayer, find_sites, select_sites
-from subprune.solver import group_columns, refit, ridge_value, weights_objective
+from subprune.solver import greedy_select, group_columns, refit, ridge_value, weights_objective
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
     GramStatistics,
@@ -34,6 +36,7 @@ from subprune.surgery import consumer_weight_matrix, get_module, prune_site_
 log = logging.getLogger(__name__)
 
 MIN_CALIBRATION_SAMPLES = 2
+BUDGETS = ("uniform", "curve")
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,21 @@ class PruneConfig:
     Attributes
     ----------
     method : str
-        A key of :data:`subprune.methods.METHODS`: "layer", "seq" or "asym".
+        A key of :data:`subprune.methods.METHODS`: "layer", "seq", "asym" or a
+        baseline ("random", "weightnorm", "layer-actgrad", ...).
     keep : float or mapping site name -> float
         Keep ratio in (0, 1]: the fraction of each site's channels kept
         (at least one). A mapping gives per-site ratios; sites it does not name
-        are not pruned.
+        are not pruned. Ignored when ``compression`` is given.
+    compression : float, optional
+        Target compression ratio of whole-network parameters (dense / pruned,
+        >= 1) instead of a keep ratio: the uniform keep ratio, the global
+        ranking or the curve budget is chosen to meet it.
+    budget : str
+        "uniform": every site keeps the same ratio; "curve": channels go where
+        the sites' objective curves f(S_k) (greedy on the dense model's
+        statistics) gain most (:func:`subprune.budgets.curve_plan`). Methods
+        with a global ranking set their own budget and take only "uniform".
     reweight : bool
         Refit the consumer weights by least squares on the kept channels.
     layers : tuple of str, optional
@@ -68,6 +81,8 @@ class PruneConfig:
 
     method: str = "asym"
     keep: float | Mapping[str, float] = 0.5
+    compression: float | None = None
+    budget: str = "uniform"
     reweight: bool = True
     layers: tuple[str, ...] | None = None
     epsilon: float = 0.0
@@ -84,6 +99,18 @@ class PruneConfig:
         for ratio in ratios:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
                 raise ValueError(f"keep ratio {ratio!r} is out of range: it must be in (0, 1]")
+        if self.compression is not None:
+            if isinstance(self.compression, bool) or not isinstance(self.compression, (int, float)) or not (
+                1 <= self.compression < math.inf
+            ):
+                raise ValueError(f"compression={self.compression!r} must be a finite ratio >= 1 (dense / pruned)")
+            if isinstance(self.keep, Mapping):
+                raise ValueError("give either per-site keep ratios or a compression ratio, not both")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget={self.budget!r} is unknown; choose one of {', '.join(BUDGETS)}")
+        if self.budget != "uniform" and METHODS[self.method].global_ranking:
+            raise ValueError(f"method {self.method!r} ranks channels globally and sets its own budget; "
+                             "use budget='uniform' or its Layer variant")
         if not 0 <= self.epsilon < 1:
             raise ValueError(f"epsilon={self.epsilon} must be in [0, 1)")
         if self.ridge < 0 or not math.isfinite(self.ridge):
@@ -157,8 +184,7 @@ def _check_calibration(calibration: Tensor) -> None:
         raise ValueError("calibration inputs hold NaN or infinite values")
 
 
-def _kept_count(ratio: float, channels: int) -> int:
-    return max(1, min(channels, round(ratio * channels)))
+_kept_count = kept_channels
 
 
 def _plan(sites: list[PruningSite], keep: float | Mapping[str, float]) -> dict[str, int]:
@@ -245,6 +271,47 @@ def collect_statistics(
     return stats
 
 
+def _check_labels(method: Method, labels: Tensor | None, calibration: Tensor) -> None:
+    if not method.needs_labels:
+        return
+    if labels is None:
+        names = ", ".join(k for k, m in METHODS.items() if not m.needs_labels)
+        raise ValueError(f"method {method.name} needs labelled calibration data (it uses the loss's gradient): "
+                         f"pass labels=<Tensor of shape (N,)> to prune(), or use a method that needs no labels: "
+                         f"{names}")
+    if not isinstance(labels, Tensor) or labels.shape[:1] != calibration.shape[:1]:
+        raise ValueError(f"labels must be a Tensor with one label per calibration sample "
+                         f"({calibration.shape[0]}), got {getattr(labels, 'shape', type(labels).__name__)}")
+
+
+def _objective_curves(sites: list[PruningSite], dense: nn.Module, stats: dict[str, GramStatistics],
+                      ridge: float) -> dict[str, Tensor]:
+    """Greedy's whole nested curve f(S_1..S_n) of every site, from the dense model's statistics."""
+    curves = {}
+    for site in sites:
+        weight = consumer_weight_matrix(get_module(dense, site.consumer)).to(stats[site.name].gram_)  # (d, m)
+        energy = stats[site.name].target_energy(weight)
+        curves[site.name] = greedy_select(stats[site.name].gram_, weight, energy, site.group_size, site.channels,
+                                          ridge=ridge).objective
+    return curves
+
+
+def _budget(method: Method, config: PruneConfig, dense: nn.Module | None, sites: list[PruningSite],
+            plan: dict[str, int], stats: dict[str, GramStatistics], scores: dict[str, Tensor]) -> dict[str, int]:
+    """Channels kept per site: from the keep ratio, a compression target, a global ranking or the curves."""
+    target: dict = {"total": sum(plan.values())}
+    if config.compression is not None:
+        target = {"counter": ParameterCounter(dense, sites), "compression": config.compression}
+    if method.global_ranking:
+        return global_plan(sites, scores, **target)
+    if config.budget == "curve":
+        return curve_plan(sites, _objective_curves(sites, dense, stats, config.ridge), **target)
+    if config.compression is not None:
+        ratio = keep_ratio_for_compression(target["counter"], sites, config.compression)
+        return {s.name: kept_channels(ratio, s.channels) for s in sites}
+    return plan
+
+
 def _prune_one_site(
     work: nn.Module,
     site: PruningSite,
@@ -252,6 +319,7 @@ def _prune_one_site(
     k: int,
     config: PruneConfig,
     generator: torch.Generator,
+    scores: Tensor | None = None,
 ) -> SiteReport:
     """Select, refit and cut one site of ``work`` in place."""
     method = get_method(config.method)
@@ -260,7 +328,7 @@ def _prune_one_site(
         raise ValueError(f"the weight of '{site.consumer}' holds NaN or infinite values; fix the model first")
     energy = stats.target_energy(weight)
     cross = stats.cross_
-    problem = SiteProblem(stats.gram_, cross, weight, energy, site.group_size, site.channels)
+    problem = SiteProblem(stats.gram_, cross, weight, energy, site.group_size, site.channels, scores)
     selection = method.select(problem, k, config.epsilon, config.ridge, generator)
     keep = selection.keep
     if stats.n_rows_ < keep.numel() * site.group_size:
@@ -283,7 +351,14 @@ def _prune_one_site(
     )
 
 
-def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = None) -> PruneResult:
+def prune(
+    model: nn.Module,
+    calibration: Tensor,
+    config: PruneConfig | None = None,
+    *,
+    labels: Tensor | None = None,
+    loss_fn: LossFn | None = None,
+) -> PruneResult:
     """Prune ``model`` with a few hundred unlabeled samples; return a smaller copy.
 
     Parameters
@@ -296,6 +371,11 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
         uses 512.
     config : PruneConfig, optional
         Method, keep ratios, reweighting, layers; defaults to AsymInChange at 0.5.
+    labels : Tensor of shape (N,), optional
+        Labels of the calibration samples, used only by methods that need them
+        (``Method.needs_labels``: ActGrad, LayerActGrad).
+    loss_fn : callable(outputs, labels) -> scalar Tensor, optional
+        The loss for those methods; default cross-entropy summed over the batch.
 
     Returns
     -------
@@ -305,7 +385,8 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
     Raises
     ------
     ValueError
-        Too few or non-finite calibration samples; bad keep ratios.
+        Too few or non-finite calibration samples; bad keep ratios; a method
+        that needs labels got none; an unreachable compression ratio.
     subprune.sites.TraceError
         The model cannot be traced, or the calibration inputs have the wrong shape.
     subprune.sites.UnprunableLayerError
@@ -317,9 +398,11 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
     _check_calibration(calibration)
     start_time = time.perf_counter()
     method = get_method(config.method)
+    _check_labels(method, labels, calibration)
     device = next(model.parameters()).device
     work = copy.deepcopy(model).eval()
-    dense = copy.deepcopy(model).eval() if method.asymmetric or not method.sequential else None
+    needs_dense = method.asymmetric or not method.sequential or config.budget != "uniform" or config.compression
+    dense = copy.deepcopy(model).eval() if needs_dense else None
 
     all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device))
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
@@ -329,8 +412,17 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
 
     common = dict(batch_size=config.batch_size, chunk_bytes=config.chunk_bytes, progress=config.progress)
     layer_stats = {}
-    if not method.sequential:
+    if not method.sequential or config.budget == "curve":
         layer_stats = collect_statistics(dense, sites, calibration, description="calibration", **common)
+    scores = {}
+    if not method.global_ranking:  # the budget comes first; the scores may use it (GreedyFS stops at k)
+        plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
+    if method.score is not None:
+        context = ScoreContext(dense, sites, calibration, labels, loss_fn or default_loss, config.batch_size,
+                               generator, None if method.global_ranking else plan)
+        scores = method.score(context)
+    if method.global_ranking:
+        plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
 
     reports = []
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
@@ -347,7 +439,7 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
             )[site.name]
         else:
             stats = layer_stats[site.name]
-        report = _prune_one_site(work, site, stats, k, config, generator)
+        report = _prune_one_site(work, site, stats, k, config, generator, scores.get(site.name))
         report.seconds = time.perf_counter() - site_start
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)

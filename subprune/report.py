@@ -79,6 +79,8 @@ def build_report(result: PruneResult, measures: dict, settings: dict) -> dict:
         **settings,
         "method": cfg.method,
         "keep": keep,
+        "compression_target": cfg.compression,
+        "budget": cfg.budget,
         "reweight": cfg.reweight,
         "epsilon": cfg.epsilon,
         "ridge": cfg.ridge,
@@ -112,7 +114,9 @@ def build_report(result: PruneResult, measures: dict, settings: dict) -> dict:
 def print_report(report: dict, console: Console | None = None) -> None:
     """Print the dense-vs-pruned table, the per-site table and the skipped layers."""
     console = console or Console()
-    summary = Table(title=f"{report.get('model', 'model')}: {report['method']} pruning, keep {report['keep']}")
+    target = (f"compression target x{report['compression_target']:g}" if report.get("compression_target")
+              else f"keep {report['keep']}")
+    summary = Table(title=f"{report.get('model', 'model')}: {report['method']} pruning, {target}")
     summary.add_column("")
     summary.add_column("dense", justify="right")
     summary.add_column("pruned", justify="right")

@@ -60,6 +60,9 @@ def test_argument_errors(argv, message, capsys):
         (["prune", "--calib", "1", "--quiet"], "--calib 1 must be between 2"),
         (["prune", "--layers", "fc3", "--calib", "16", "--quiet"], "'fc3' cannot be pruned"),
         (["prune", "--keep-site", "bn9=0.5", "--calib", "16", "--quiet"], "unknown sites"),
+        (["prune", "--method", "actgrad", "--budget", "accuracy", "--held-out", "0", "--quiet"], "--held-out 0"),
+        (["prune", "--method", "actgrad", "--budget", "curve", "--calib", "16", "--quiet"], "sets its own budget"),
+        (["prune", "--compression", "5000", "--calib", "16", "--quiet"], "cannot be reached"),
     ],
 )
 def test_library_errors_are_clear(argv, message, capsys):
@@ -79,3 +82,18 @@ def test_inspect_lists_sites_and_skipped(capsys):
     text = capsys.readouterr().out
     assert "features.0" in text and "classifier.0" in text
     assert "not prunable: classifier.2: its outputs are the model's outputs" in " ".join(text.split())
+
+
+def test_prune_baseline_at_a_compression_ratio(tmp_path, capsys):
+    code = main(["prune", "--model", "lenet", "--method", "layer-actgrad", "--compression", "8", "--calib", "512",
+                 "--quiet", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["compression_target"] == 8 and report["budget"] == "uniform" and report["reweight"]
+    assert report["compression_ratio"] >= 8
+    assert report["pruned_accuracy"] > 0.9  # 128 samples would nearly interpolate conv2 -> fc1 (125 columns)
+    code = main(["prune", "--model", "lenet", "--method", "weightnorm", "--compression", "4", "--budget", "curve"])
+    assert code == 2 and "sets its own budget" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: --keep and --compression are exclusive
+        main(["prune", "--keep", "0.5", "--compression", "4"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -1,0 +1,301 @@
+"""Channel scores of the baselines the paper compares against (El Halabi et al., NeurIPS 2022, Sec. 5).
+
+Each score function maps a :class:`ScoreContext` (the dense model, its pruning
+sites, the calibration data) to one score per producer channel and site, higher
+meaning more important. The selection functions in :mod:`subprune.methods`
+keep the top-scoring channels (or sample them); the pipeline decides how many
+per site (per-site budget for the "Layer" methods, a global ranking otherwise).
+Scores are computed once, on the dense model, before any site is pruned.
+
+* Random: uniform random scores (a uniformly random subset).
+* WeightNorm: L1 norm of the channel's outgoing weights, i.e. of the consumer's
+  weight columns of the channel's group (He et al. 2014, "Reshaping deep neural
+  network for fast decoding by node-pruning").
+* ActGrad: |activation x gradient| of the loss, averaged over the calibration
+  data (first-order Taylor criterion, Molchanov et al., ICLR 2017). Uses labels.
+* Sensitivity: max over calibration samples of the channel's share of the
+  consumer's pre-activation energy (an energy form of the empirical sensitivity
+  of Liebenwein et al., ICLR 2020, "Provable filter pruning").
+* GreedyFS: greedy forward selection by mini-batch loss (Ye et al., ICML 2020,
+  "Good subnetworks provably exist"); uses labels and the per-site budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from subprune.sites import PruningSite
+from subprune.statistics import capture_inputs, run_to_capture
+from subprune.surgery import consumer_weight_matrix, get_module
+
+# Candidate masks of greedy forward selection are evaluated in chunks of at most this many input elements.
+GREEDY_FS_CHUNK_ELEMENTS = 2**24
+# Per-sample contributions Z_c(x) are computed for chunks of samples of at most this many elements.
+CHUNK_ELEMENTS = 2**23
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def default_loss(outputs: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy summed over the batch (per-sample gradients keep their scale)."""
+    return F.cross_entropy(outputs, labels, reduction="sum")
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a score function may use; nothing here is modified.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The dense model, in eval mode.
+    sites : list of PruningSite
+        The sites to score.
+    calibration : Tensor of shape (N, ...)
+    labels : Tensor of shape (N,) or None
+        Class labels of the calibration samples (only for methods that need them).
+    loss_fn : callable(outputs, labels) -> scalar Tensor
+    batch_size : int
+    generator : torch.Generator
+        Source of randomness (seeded by the run's seed).
+    kept : mapping site name -> int, optional
+        The per-site budget, when it is known before scoring (the "Layer"
+        methods); methods that build their selection step by step stop there.
+    """
+
+    model: nn.Module
+    sites: list[PruningSite]
+    calibration: Tensor
+    labels: Tensor | None
+    loss_fn: LossFn
+    batch_size: int
+    generator: torch.Generator
+    kept: dict[str, int] | None = None
+
+
+ScoreFn = Callable[[ScoreContext], dict[str, Tensor]]
+
+
+def random_scores(context: ScoreContext) -> dict[str, Tensor]:
+    """Uniform random scores in [0, 1), shape (n,) float64 per site, from the context's generator."""
+    return {s.name: torch.rand(s.channels, generator=context.generator, dtype=torch.float64) for s in context.sites}
+
+
+def weight_norm_scores(context: ScoreContext) -> dict[str, Tensor]:
+    """L1 norm of each channel's outgoing weights: sum of |W| over its group's consumer columns.
+
+    Returns
+    -------
+    dict site name -> Tensor of shape (n,), float64
+        For a Conv2d consumer, the channel's kh*kw columns of all output
+        filters; after a flatten, its H*W columns of the Linear consumer.
+    """
+    scores = {}
+    for s in context.sites:
+        weight = consumer_weight_matrix(get_module(context.model, s.consumer))  # (n g, m)
+        scores[s.name] = weight.reshape(s.channels, s.group_size, -1).abs().sum(dim=(1, 2)).double().cpu()  # (n,)
+    return scores
+
+
+def _channel_view(consumer: nn.Module, x: Tensor, site: PruningSite) -> Tensor:
+    """A consumer input as (rows, n, per-channel values): (N, n, H W) for Conv2d, (M, n, g) for Linear."""
+    if isinstance(consumer, nn.Conv2d):
+        return x.flatten(2)  # (N, n, H W)
+    return x.reshape(-1, site.channels, site.group_size)  # (M, n, g)
+
+
+@contextlib.contextmanager
+def _keep_inputs(modules: dict[str, nn.Module], store: dict[str, Tensor]) -> Iterator[None]:
+    """Forward pre-hooks that store each module's first input, still attached to the autograd graph."""
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            store[name] = args[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
+    """Mean over calibration samples of |mean over positions of (activation x d loss / d activation)|.
+
+    The activation of a channel is its input to the consumer (after the
+    channel-wise operations: BatchNorm, ReLU, pooling). Per sample the products
+    are averaged over the channel's spatial positions (or group columns), then
+    the absolute value is averaged over samples: Molchanov et al., ICLR 2017,
+    Eq. 8 (first-order Taylor expansion of the loss change when the channel is
+    removed).
+
+    Returns
+    -------
+    dict site name -> Tensor of shape (n,), float64
+
+    Raises
+    ------
+    ValueError
+        If the context holds no labels.
+    """
+    if context.labels is None:
+        raise ValueError("ActGrad scores need the labels of the calibration samples")
+    model, device = context.model, next(context.model.parameters()).device
+    consumers = {s.consumer: get_module(model, s.consumer) for s in context.sites}
+    totals = {s.name: torch.zeros(s.channels, dtype=torch.float64) for s in context.sites}
+    n = context.calibration.shape[0]
+    for start in range(0, n, context.batch_size):
+        x = context.calibration[start : start + context.batch_size].to(device)
+        y = context.labels[start : start + context.batch_size].to(device)
+        if x.is_floating_point():
+            x = x.detach().requires_grad_(True)  # activations need gradients even with frozen weights
+        inputs: dict[str, Tensor] = {}
+        with torch.enable_grad(), _keep_inputs(consumers, inputs):
+            loss = context.loss_fn(model(x), y)
+            names = list(inputs)
+            grads = torch.autograd.grad(loss, [inputs[c] for c in names], allow_unused=True)
+        grad_of = dict(zip(names, grads, strict=True))
+        for s in context.sites:
+            grad = grad_of[s.consumer]
+            if grad is None:
+                continue
+            product = _channel_view(consumers[s.consumer], (inputs[s.consumer] * grad).detach().double(), s)
+            totals[s.name] += product.mean(dim=2).abs().sum(dim=0).cpu()  # (n,)
+    return {name: total / n for name, total in totals.items()}
+
+
+def sensitivity_scores(context: ScoreContext) -> dict[str, Tensor]:
+    """Max over calibration samples of each channel's share of the consumer's pre-activation energy.
+
+    For sample x, channel c contributes Z_c(x) = B_c(x) W_c to the consumer's
+    pre-activation (B_c: the channel's consumer-input columns, one row per
+    patch; W_c: its weight rows); its share is ||Z_c(x)||^2 / sum_c' ||Z_c'(x)||^2.
+    The sensitivity is the largest share over the calibration samples, as the
+    empirical sensitivity of Liebenwein et al., ICLR 2020 (Sec. 3), which takes
+    the max over samples of a channel's relative contribution to each output.
+
+    Returns
+    -------
+    dict site name -> Tensor of shape (n,), float64, values in [0, 1]
+    """
+    model, device = context.model, next(context.model.parameters()).device
+    consumers = {s.consumer: get_module(model, s.consumer) for s in context.sites}
+    best = {s.name: torch.zeros(s.channels, dtype=torch.float64) for s in context.sites}
+    weights = {
+        s.name: consumer_weight_matrix(consumers[s.consumer]).double().reshape(s.channels, s.group_size, -1)
+        for s in context.sites
+    }  # (n, g, m)
+    for start in range(0, context.calibration.shape[0], context.batch_size):
+        x = context.calibration[start : start + context.batch_size].to(device)
+        inputs: dict[str, Tensor] = {}
+        with torch.no_grad(), _keep_inputs(consumers, inputs):
+            model(x)
+        for s in context.sites:
+            module, a = consumers[s.consumer], inputs[s.consumer].double()
+            if isinstance(module, nn.Conv2d):
+                cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                stride=module.stride)  # (N, n g, L)
+                rows = cols.reshape(a.shape[0], s.channels, s.group_size, -1)  # (N, n, g, L)
+            else:
+                rows = a.reshape(a.shape[0], -1, s.channels, s.group_size).permute(0, 2, 3, 1)  # (N, n, g, T)
+            w = weights[s.name].to(rows.device)
+            step = max(1, CHUNK_ELEMENTS // (rows[0].numel() // s.group_size * w.shape[2]))
+            energy = torch.cat([
+                torch.einsum("sngl,ngm->snlm", rows[i : i + step], w).square().sum(dim=(2, 3))
+                for i in range(0, rows.shape[0], step)
+            ])  # (N, n)
+            share = energy / energy.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            best[s.name] = torch.maximum(best[s.name], share.max(dim=0).values.cpu())
+    return best
+
+
+@contextlib.contextmanager
+def _replace_input(module: nn.Module, replacement: Tensor) -> Iterator[None]:
+    """A forward pre-hook that feeds ``replacement`` to ``module`` instead of its input."""
+    handle = module.register_forward_pre_hook(lambda mod, args: (replacement,))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def greedy_fs_scores(context: ScoreContext) -> dict[str, Tensor]:
+    """Greedy forward selection by mini-batch loss, one site at a time on the dense model.
+
+    Starting from no channel, each step adds the channel whose addition gives the
+    lowest loss on one calibration mini-batch (batches taken in turn) when the
+    site's other channels are zeroed at the consumer's input; all candidates of a
+    step are evaluated in one batched forward pass from the consumer on. Ye et
+    al., ICML 2020, Alg. 1-2 (layer-wise forward selection), with the other
+    layers dense ("Layer" variant). Runs ``kept[site]`` steps per site.
+
+    Returns
+    -------
+    dict site name -> Tensor of shape (n,), float64
+        n - j for the channel chosen at step j (0-based), 0 for channels never
+        chosen: the top-k channels are the greedy set.
+
+    Raises
+    ------
+    ValueError
+        Without labels, or if the model combines the consumer's output with a
+        tensor computed before it (a residual join): the batched candidate
+        evaluation cannot run there.
+    """
+    if context.labels is None:
+        raise ValueError("GreedyFS needs the labels of the calibration samples")
+    model, device = context.model, next(context.model.parameters()).device
+    n_samples = context.calibration.shape[0]
+    batches = [(context.calibration[i : i + context.batch_size].to(device),
+                context.labels[i : i + context.batch_size].to(device))
+               for i in range(0, n_samples, context.batch_size)]
+    scores = {}
+    for site in context.sites:
+        n = site.channels
+        k = n if context.kept is None else context.kept.get(site.name, n)
+        consumer = get_module(model, site.consumer)
+        cached: list[Tensor] = []  # consumer input of each mini-batch
+        for x, _ in batches:
+            store: dict[str, Tensor] = {}
+            with capture_inputs({site.consumer: consumer}, store.__setitem__, site.consumer):
+                run_to_capture(model, x)
+            cached.append(store[site.consumer])
+        chosen = torch.zeros(n, dtype=torch.bool, device=device)
+        score = torch.zeros(n, dtype=torch.float64)
+        for step in range(k):
+            (x, y), a = batches[step % len(batches)], cached[step % len(batches)]
+            rows = a.shape[0]
+            grouped = a.reshape(rows, n, -1)  # (B, n, per-channel values)
+            candidates = (~chosen).nonzero().squeeze(1)  # (c,)
+            chunk = max(1, GREEDY_FS_CHUNK_ELEMENTS // a.numel())
+            losses = []
+            for start in range(0, candidates.numel(), chunk):
+                cand = candidates[start : start + chunk]  # (c,)
+                masks = chosen.expand(cand.numel(), n).clone()
+                masks[torch.arange(cand.numel(), device=device), cand] = True  # (c, n)
+                masked = grouped.unsqueeze(0) * masks[:, None, :, None].to(a.dtype)  # (c, B, n, values)
+                replacement = masked.reshape(cand.numel() * rows, *a.shape[1:])  # (c B, ...)
+                try:
+                    with torch.no_grad(), _replace_input(consumer, replacement):
+                        out = model(x)  # (c B, classes)
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"GreedyFS cannot evaluate candidates of site {site.name} in one batch: the output of "
+                        f"'{site.consumer}' meets a tensor computed before it ({exc})"
+                    ) from exc
+                out = out.reshape(cand.numel(), rows, *out.shape[1:])
+                losses.extend(float(context.loss_fn(out[i], y)) for i in range(cand.numel()))
+            best = int(candidates[int(torch.tensor(losses).argmin())])
+            chosen[best] = True
+            score[best] = n - step
+        scores[site.name] = score
+    return scores
