@@ -47,9 +47,16 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
     return resolved
 
 
-def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The module's own parameters and buffers (not its children's)."""
-    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+def _own_tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """(owning dict, name, tensor) of the module's own parameters and buffers (not its children's)."""
+    return [(store, name, tensor) for store in (module._parameters, module._buffers)
+            for name, tensor in store.items() if tensor is not None]
+
+
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device copy of a parameter (as a Parameter) or a buffer."""
+    data = tensor.detach().to(device, non_blocking=True)
+    return nn.Parameter(data, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
 
 
 @contextlib.contextmanager
@@ -64,8 +71,9 @@ def offload_modules(models: list[nn.Module], device: torch.device) -> Iterator[N
     Parameters
     ----------
     models : list of nn.Module
-        Models whose weights live on the CPU; the tensors are swapped through
-        ``param.data`` and restored, so the modules are the same objects after.
+        Models whose weights live on the CPU. While a module runs, its entries in
+        ``_parameters`` / ``_buffers`` point to device copies; the host tensors
+        (the same objects) are put back after it, and all of them on exit.
     device : torch.device
         The compute device.
 
@@ -76,7 +84,7 @@ def offload_modules(models: list[nn.Module], device: torch.device) -> Iterator[N
     tensors stay on the device until the next call of that module or the end of
     the context, where everything is restored.
     """
-    moved: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # module id -> (tensor, host data)
+    moved: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}  # module id -> (store, name, host tensor)
     handles = []
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
@@ -84,11 +92,10 @@ def offload_modules(models: list[nn.Module], device: torch.device) -> Iterator[N
             return
         swaps = []
         for sub in module.modules():
-            for tensor in _own_tensors(sub):
+            for store, name, tensor in _own_tensors(sub):
                 if tensor.device != device:
-                    host = tensor.data
-                    tensor.data = host.to(device, non_blocking=True)
-                    swaps.append((tensor, host))
+                    swaps.append((store, name, tensor))
+                    store[name] = _moved(tensor, device)
         moved[id(module)] = swaps
 
     def post_hook(module: nn.Module, args: tuple, output) -> None:
@@ -112,9 +119,10 @@ def offload_modules(models: list[nn.Module], device: torch.device) -> Iterator[N
         moved.clear()
 
 
-def _restore(swaps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for tensor, host in swaps:
-        tensor.data = host
+def _restore(swaps: list[tuple[dict, str, torch.Tensor]]) -> None:
+    """Put the host tensors back in their modules."""
+    for store, name, host in swaps:
+        store[name] = host
 
 
 @dataclass(frozen=True)
