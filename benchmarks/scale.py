@@ -1,0 +1,211 @@
+"""How pruning time and memory grow with model size, calibration size and the solver's d (CPU).
+
+Three series:
+
+1. whole-model pruning (AsymInChange, keep 0.5) of MLPs and CNNs of growing
+   width, fixed calibration size;
+2. the same for one MLP and a growing number of calibration samples;
+3. the greedy solver alone on a d x d Gram matrix, d up to 16,384: seconds per
+   greedy step (O(d^2) each) and the extrapolated time of a full run to k = d/2.
+
+Series 1 and 2 run each configuration in a fresh subprocess (one torch thread)
+so that its peak resident memory (ru_maxrss) is its own; the prune time is the
+median of ``--repeats`` runs. The tables give ratios to the smallest
+configuration and the growth exponent (log-log least-squares slope) of time and
+of the memory increment that pruning adds on top of the loaded model and data.
+
+    python benchmarks/scale.py --quick          # under 3 minutes on 2 CPU cores
+    python benchmarks/scale.py                  # larger sizes, solver to d = 16,384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+KIB = 1024
+SERIES = ["mlp", "cnn", "calibration", "solver"]
+
+
+def make_mlp(width: int, depth: int = 4, inputs: int = 256, outputs: int = 10) -> nn.Module:
+    """An MLP inputs -> width x depth (ReLU) -> outputs, seeded."""
+    torch.manual_seed(0)
+    layers, fan_in = [], inputs
+    for _ in range(depth):
+        layers += [nn.Linear(fan_in, width), nn.ReLU()]
+        fan_in = width
+    return nn.Sequential(*layers, nn.Linear(fan_in, outputs)).eval()
+
+
+def make_cnn(width: int) -> nn.Module:
+    """A VGG-like CNN on 3 x 16 x 16 inputs: conv w, conv w, pool, conv 2w, conv 2w, pool, fc 10."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(2 * width * 16, 10),
+    ).eval()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def worker(spec: dict) -> dict:
+    """One configuration, in this (fresh) process: prune ``repeats`` times, measure time and memory."""
+    from subprune.pipeline import PruneConfig, prune
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    if spec["kind"] == "mlp":
+        model = make_mlp(spec["width"])
+        calibration = torch.randn(spec["samples"], 256, generator=gen)
+    else:
+        model = make_cnn(spec["width"])
+        calibration = torch.randn(spec["samples"], 3, 16, 16, generator=gen)
+    config = PruneConfig(method=spec["method"], keep=0.5, progress=False, precision=spec["precision"],
+                         device=spec["device"], offload=spec["offload"])
+    before = _rss_bytes()
+    seconds, peaks = [], []
+    for _ in range(spec["repeats"]):
+        result = prune(model, calibration, config)
+        seconds.append(result.seconds)
+        peaks.append(result.memory.peak_bytes)
+    return {
+        **spec,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": statistics.median(seconds),
+        "rss_before_bytes": before,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB,
+        "prune_peak_bytes": max(peaks),
+        "memory_kind": result.memory.what,
+    }
+
+
+def run_in_subprocess(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y on log x: the growth exponent."""
+    lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1e-12)) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
+
+
+def print_series(title: str, rows: list[dict], size_key: str) -> dict:
+    """A table with ratios to the first row and log-log growth exponents; returns the exponents."""
+    print(f"\n## {title}\n")
+    print(f"| {size_key} | params | samples | prune s | time ratio | peak RSS MiB | +prune MiB | mem ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = rows[0]
+    extra = [max(r["prune_peak_bytes"] - r["rss_before_bytes"], 1) for r in rows]
+    for row, add in zip(rows, extra, strict=True):
+        print(f"| {row[size_key]} | {row['params']:,} | {row['samples']} | {row['seconds']:.3f} | "
+              f"{row['seconds'] / base['seconds']:.2f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+              f"{add / 2**20:.1f} | {add / extra[0]:.2f} |")
+    sizes = [r[size_key] for r in rows]
+    growth = {"time_vs_" + size_key: slope(sizes, [r["seconds"] for r in rows]),
+              "prune_memory_vs_" + size_key: slope(sizes, extra)}
+    if size_key != "samples":
+        growth["time_vs_params"] = slope([r["params"] for r in rows], [r["seconds"] for r in rows])
+    print("\ngrowth exponents (log-log slope): " + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
+    return growth
+
+
+def kms_gram(d: int, rho: float = 0.95) -> torch.Tensor:
+    """The Kac-Murdock-Szego matrix rho^|i-j| (d, d), float64: positive definite, built in O(d^2)."""
+    idx = torch.arange(d, dtype=torch.float64)
+    return torch.pow(rho, (idx[:, None] - idx[None, :]).abs_())
+
+
+def solver_series(dims: list[int], steps: int, outputs: int) -> list[dict]:
+    """Time ``steps`` greedy steps for each d (g = 1); extrapolate a full run to k = d / 2."""
+    from subprune.solver import greedy_select
+
+    torch.set_num_threads(1)
+    rows = []
+    print(f"\n## Greedy solver alone (g = 1, m = {outputs}, {steps} steps timed, 1 thread)\n")
+    print("| d | Gram MiB | s / step | step ratio | full run k = d/2 (extrapolated s) |")
+    print("|---|---|---|---|---|")
+    for d in dims:
+        gram = kms_gram(d)
+        weight = torch.randn(d, outputs, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        energy = float((weight * (gram @ weight)).sum())
+        greedy_select(gram, weight, energy, 1, 2)  # warm-up
+        start = time.perf_counter()
+        greedy_select(gram, weight, energy, 1, steps)
+        per_step = (time.perf_counter() - start) / steps
+        rows.append({"d": d, "seconds_per_step": per_step, "full_run_seconds": per_step * d / 2})
+        print(f"| {d} | {d * d * 8 / 2**20:.0f} | {per_step:.4f} | {per_step / rows[0]['seconds_per_step']:.1f} | "
+              f"{per_step * d / 2:.0f} |", flush=True)
+        del gram
+    exp = slope([r["d"] for r in rows], [r["seconds_per_step"] for r in rows])
+    print(f"\ngrowth exponent of seconds per step vs d: {exp:.2f} (theory 2: one rank-g update of the d x d residual)")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
+    parser.add_argument("--method", default="asym")
+    parser.add_argument("--precision", default="float64")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default=None, help="compute device (default: cpu)")
+    parser.add_argument("--offload", action="store_true", help="layer-by-layer offloading to --device")
+    parser.add_argument("--only", nargs="+", choices=SERIES, default=SERIES, help="run only these series")
+    parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 3)
+    common = {"method": args.method, "precision": args.precision, "repeats": repeats, "device": args.device,
+              "offload": args.offload}
+    mlp_widths = [128, 256, 512, 1024]
+    cnn_widths = [8, 16, 32] if quick else [8, 16, 32, 64]
+    samples = [128, 256, 512, 1024, 2048] if quick else [128, 256, 512, 1024, 2048, 4096]
+    dims = [1024, 2048, 4096] if quick else [1024, 2048, 4096, 8192, 16384]
+    start = time.perf_counter()
+    print(f"# subprune scale benchmark ({'quick' if quick else 'full'}): method {args.method}, keep 0.5, "
+          f"precision {args.precision}, median of {repeats}, 1 torch thread, each configuration in a fresh process")
+    results: dict = {"settings": {"quick": quick, **common}}
+    if "mlp" in args.only:
+        mlp = [run_in_subprocess({**common, "kind": "mlp", "width": w, "samples": 512}) for w in mlp_widths]
+        results["mlp_width"] = {"rows": mlp,
+                                "growth": print_series("MLP (4 hidden layers), 512 samples", mlp, "width")}
+    if "cnn" in args.only:
+        cnn = [run_in_subprocess({**common, "kind": "cnn", "width": w, "samples": 128}) for w in cnn_widths]
+        results["cnn_width"] = {"rows": cnn,
+                                "growth": print_series("CNN (4 convs, 16x16 inputs), 128 samples", cnn, "width")}
+    if "calibration" in args.only:
+        calib = [run_in_subprocess({**common, "kind": "mlp", "width": 256, "samples": n}) for n in samples]
+        results["calibration"] = {"rows": calib,
+                                  "growth": print_series("MLP width 256, growing calibration set", calib, "samples")}
+    if "solver" in args.only:
+        results["solver"] = solver_series(dims, steps=8 if quick else 16, outputs=64)
+    print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
