@@ -4,14 +4,17 @@
 dense d x d matrix and updates all of it every step: O(d^2 g) work and a second
 d x d float64 array (2 GiB at d = 16,384). The same greedy needs only
 
-* the diagonal g x g blocks of R, for the candidates' gains (n x g x g);
-* the columns R[:, c*] of the chosen group, rebuilt as G[:, c*] - U U[c*, :]^T;
-* Hr = C W - sum_j u_j v_j, as before (d x m),
+* the diagonal g x g blocks of R and of P = Hr Hr^T, for the candidates' gains
+  tr(L_c^T P_cc L_c) with L_c L_c^T = R_cc^+ (both n x g x g, updated by rank-g
+  corrections, so the d x m matrix Hr is never rewritten);
+* the columns R[:, c*] of the chosen group, rebuilt as G[:, c*] - U U[c*, :]^T,
+  and the rows Hr[c*, :] = H[c*, :] - U[c*, :] V,
 
-where U = [u_1 ... u_j] (d x j g) stacks the rank-g updates. A step then costs
-O(d j g + d m g + n g^3), and memory is G (read only) plus U (d x k g). The
-choices are those of :func:`greedy_select` up to rounding; same arguments, same
-:class:`~subprune.solver.GreedyResult`. Source: the residual form of DESIGN.md
+where H = C W (d x m), U = [u_1 ... u_j] (d x j g) and V = [v_1; ...; v_j]
+(j g x m) stack the rank-g updates, Hr = H - U V. A step reads H once (for
+Hr v^T) and U twice: O(d m g + d j g + n g^3), and memory is G (read only), H,
+U and V. The choices are those of :func:`greedy_select` up to rounding; same
+arguments, same :class:`~subprune.solver.GreedyResult`. Source: the residual form of DESIGN.md
 Sec. 3, with the residual kept as a low-rank correction of G (the Cholesky
 variant of orthogonal matching pursuit, Rubinstein et al., Technion CS-2008-08).
 """
@@ -65,11 +68,14 @@ def greedy_select_factored(
     lam = ridge_value(gram64, ridge)
     w = weight.to(device=device, dtype=dtype)
     m = w.shape[1]
-    h_res = (gram64 if cross is None else cross.to(dtype)) @ w  # Hr = C W, (d, m)
+    h = (gram64 if cross is None else cross.to(dtype)) @ w  # H = C W, (d, m)
+    h_groups = h.reshape(n, g, m)
     blocks = _block_diagonal(gram64, n, g).clone()  # diagonal blocks of R, (n, g, g)
     if lam:
         blocks.diagonal(dim1=-2, dim2=-1).add_(lam)
+    h_blocks = h_groups @ h_groups.transpose(1, 2)  # diagonal blocks of P = Hr Hr^T, (n, g, g)
     updates = torch.empty(d, k * g, dtype=dtype, device=device)  # U, (d, k g)
+    v_rows = torch.empty(k * g, m, dtype=dtype, device=device)  # V, (k g, m)
 
     block_trace = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)  # (n,)
     scale = float(block_trace.max()) if n else 0.0
@@ -85,24 +91,27 @@ def greedy_select_factored(
             perm = torch.randperm(candidates.numel(), generator=generator)[:n_sample]
             candidates = candidates[perm.to(device)]
         factor = _pinv_factor(blocks[candidates], tol[candidates])  # (c, g, g), L L^T = R_cc^+
-        h_blocks = h_res.reshape(n, g, m)[candidates]  # (c, g, m)
-        cand_gain = (factor.transpose(1, 2) @ h_blocks).square().sum(dim=(1, 2))  # (c,)
+        cand_gain = ((h_blocks[candidates] @ factor) * factor).sum(dim=(1, 2))  # tr(L^T P_cc L), (c,)
         best = int(torch.argmax(cand_gain))
         chosen = int(candidates[best])
         order[step], gains[step] = chosen, cand_gain[best]
         available[chosen] = False
 
+        j = step * g
         cols = slice(chosen * g, (chosen + 1) * g)
-        past = updates[:, : step * g]  # (d, j g)
-        r_cols = gram64[:, cols] - past @ past[cols].T  # R[:, c*], (d, g)
+        past_u, past_v = updates[:, :j], v_rows[:j]  # (d, j g), (j g, m)
+        r_cols = gram64[:, cols] - past_u @ past_u[cols].T  # R[:, c*], (d, g)
         if lam:
             r_cols[cols].diagonal().add_(lam)
         u = r_cols @ factor[best]  # (d, g)
-        v = factor[best].T @ h_res[cols]  # (g, m)
-        h_res.addmm_(u, v, alpha=-1.0)
-        updates[:, step * g : (step + 1) * g] = u
-        u_blocks = u.reshape(n, g, g)  # rows of u grouped by channel
-        blocks.sub_(u_blocks @ u_blocks.transpose(1, 2))  # diagonal blocks of u u^T
+        v = factor[best].T @ (h[cols] - past_u[cols] @ past_v)  # L^T Hr[c*, :], (g, m)
+        q = h @ v.T - past_u @ (past_v @ v.T)  # Hr v^T, (d, g)
+        updates[:, j : j + g], v_rows[j : j + g] = u, v
+        # Hr <- Hr - u v: P_cc <- P_cc - u_c q_c^T - q_c u_c^T + u_c (v v^T) u_c^T; R_cc <- R_cc - u_c u_c^T.
+        u_b, q_b = u.reshape(n, g, g), q.reshape(n, g, g)  # rows grouped by channel
+        cross_term = u_b @ q_b.transpose(1, 2)
+        h_blocks.sub_(cross_term + cross_term.transpose(1, 2)).add_(u_b @ (v @ v.T) @ u_b.transpose(1, 2))
+        blocks.sub_(u_b @ u_b.transpose(1, 2))
 
     energy = float(target_energy)
     objective = torch.cumsum(gains, 0) / energy if energy > 0 else torch.zeros_like(gains)

@@ -36,6 +36,17 @@ def test_factored_greedy_equals_dense_residual_greedy(n, g, m, asymmetric, ridge
     assert torch.equal(gram, gram_before)  # read, never written
 
 
+def test_factored_greedy_on_strongly_correlated_features_to_half_the_channels():
+    idx = torch.arange(200, dtype=torch.float64)
+    gram = 0.97 ** (idx[:, None] - idx[None, :]).abs()  # Kac-Murdock-Szego: neighbours nearly collinear
+    w = torch.randn(200, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    energy = float((w * (gram @ w)).sum())
+    dense = greedy_select(gram, w, energy, 1, 100)
+    factored = greedy_select_factored(gram, w, energy, 1, 100)
+    assert factored.order.tolist() == dense.order.tolist()
+    torch.testing.assert_close(factored.gains, dense.gains, rtol=1e-6, atol=1e-12 * energy)
+
+
 def test_factored_stochastic_greedy_follows_the_same_random_draws():
     gram, cross, w, energy = _problem(200, 50, 1, 4, seed=3)
     first = greedy_select(gram, w, energy, 1, 10, epsilon=0.2, generator=torch.Generator().manual_seed(5))
