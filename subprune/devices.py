@@ -53,6 +53,11 @@ def _own_tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
             for name, tensor in store.items() if tensor is not None]
 
 
+def _reads_children(module: nn.Module) -> bool:
+    """True for built-in torch.nn modules, which may use their children's weights without calling them."""
+    return type(module).__module__.startswith("torch.nn.")
+
+
 def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A device copy of a parameter (as a Parameter) or a buffer."""
     data = tensor.detach().to(device, non_blocking=True)
@@ -64,9 +69,12 @@ def offload_modules(models: list[nn.Module], device: torch.device) -> Iterator[N
     """Run ``models`` with their weights in host memory and each module's compute on ``device``.
 
     Every module that owns parameters or buffers gets a pre-hook that moves its
-    whole subtree's tensors to ``device`` (a module such as MultiheadAttention
-    reads its children's weights without calling them) and a forward hook that
-    restores the host tensors it moved. The inputs must already be on ``device``.
+    own tensors to ``device`` and a forward hook that restores the host tensors
+    it moved. A built-in ``torch.nn`` module moves its whole subtree (such as
+    MultiheadAttention, which reads its ``out_proj`` weight without calling it);
+    a user-defined module moves only its own tensors, so a parameter held by the
+    top-level model does not pull the whole model onto the device. The inputs
+    must already be on ``device``.
 
     Parameters
     ----------
@@ -91,7 +99,7 @@ def offload_modules(models: list[nn.Module], device: torch.device) -> Iterator[N
         if id(module) in moved:
             return
         swaps = []
-        for sub in module.modules():
+        for sub in module.modules() if _reads_children(module) else [module]:
             for store, name, tensor in _own_tensors(sub):
                 if tensor.device != device:
                     swaps.append((store, name, tensor))

@@ -83,6 +83,28 @@ def test_offload_moves_one_module_at_a_time_and_puts_the_host_weights_back(conv_
         assert p is host[name]
 
 
+def test_offload_of_a_model_with_its_own_parameter_moves_only_that_parameter():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(2.0))
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) * self.scale
+
+    model = Scaled()
+    devices = {}
+    with offload_modules([model], torch.device("meta")):
+        spy = model.b.register_forward_pre_hook(
+            lambda m, args: devices.update(b=m.weight.device.type, a=model.a.weight.device.type,
+                                           scale=model.scale.device.type))
+        assert model(torch.randn(4, 3, device="meta")).device.type == "meta"
+        spy.remove()
+    assert devices == {"b": "meta", "a": "cpu", "scale": "meta"}  # not the whole model at once
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
 def test_peak_memory_is_reported(images):
     result = prune(make_conv_net(), images, _config())
     assert result.memory.device == "cpu"
