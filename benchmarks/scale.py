@@ -91,6 +91,8 @@ def worker(spec: dict) -> dict:
         "rss_before_bytes": before,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB,
         "prune_peak_bytes": max(peaks),
+        # CPU: what pruning adds to the resident set; CUDA: the device peak itself (max_memory_allocated).
+        "prune_added_bytes": max(peaks) - (0 if result.memory.device.startswith("cuda") else before),
         "memory_kind": result.memory.what,
     }
 
@@ -111,10 +113,11 @@ def slope(xs: list[float], ys: list[float]) -> float:
 def print_series(title: str, rows: list[dict], size_key: str) -> dict:
     """A table with ratios to the first row and log-log growth exponents; returns the exponents."""
     print(f"\n## {title}\n")
-    print(f"| {size_key} | params | samples | prune s | time ratio | peak RSS MiB | +prune MiB | mem ratio |")
+    added = "device peak MiB" if rows[0]["memory_kind"].startswith("torch.cuda") else "+prune MiB"
+    print(f"| {size_key} | params | samples | prune s | time ratio | peak RSS MiB | {added} | mem ratio |")
     print("|---|---|---|---|---|---|---|---|")
     base = rows[0]
-    extra = [max(r["prune_peak_bytes"] - r["rss_before_bytes"], 1) for r in rows]
+    extra = [max(r["prune_added_bytes"], 1) for r in rows]
     for row, add in zip(rows, extra, strict=True):
         print(f"| {row[size_key]} | {row['params']:,} | {row['samples']} | {row['seconds']:.3f} | "
               f"{row['seconds'] / base['seconds']:.2f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
