@@ -29,7 +29,8 @@ from subprune.baselines import (
     sensitivity_scores,
     weight_norm_scores,
 )
-from subprune.solver import GreedyResult, greedy_select
+from subprune.solver import GreedyResult
+from subprune.solver_factored import greedy_select_factored
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,13 @@ SelectFn = Callable[[SiteProblem, int, float, float, torch.Generator], Selection
 def greedy_selection(
     problem: SiteProblem, k: int, epsilon: float, ridge: float, generator: torch.Generator
 ) -> Selection:
-    """Greedy (or stochastic greedy) maximisation of F(S); see :func:`greedy_select`."""
-    result: GreedyResult = greedy_select(
+    """Greedy (or stochastic greedy) maximisation of F(S).
+
+    Runs :func:`subprune.solver_factored.greedy_select_factored`: the choices of
+    :func:`subprune.solver.greedy_select` without its d x d residual copy, and
+    cheaper per step (O(d (j + m) g) instead of O(d^2 g)).
+    """
+    result: GreedyResult = greedy_select_factored(
         problem.gram, problem.weight, problem.target_energy, problem.group_size, k,
         cross=problem.cross, epsilon=epsilon, ridge=ridge, generator=generator,
     )

@@ -8,6 +8,7 @@ else is shared. Source: El Halabi et al., NeurIPS 2022, Sec. 4.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -21,11 +22,14 @@ from tqdm.auto import tqdm
 
 from subprune.baselines import LossFn, ScoreContext, default_loss
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
+from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
+from subprune.distributed import all_reduce_statistics, check_same_selection, require_initialized
 from subprune.methods import METHODS, Method, SiteProblem, get_method
 from subprune.sites import PruningSite, SkippedLayer, find_sites, select_sites
 from subprune.solver import greedy_select, group_columns, refit, ridge_value, weights_objective
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
+    PRECISIONS,
     GramStatistics,
     capture_inputs,
     consumer_input_rows,
@@ -77,6 +81,23 @@ class PruneConfig:
         Memory bound of one chunk of unfolded patches.
     progress : bool
         Show progress bars.
+    device : str or torch.device, optional
+        Compute device of the statistics, the solver and the forward passes
+        ("cpu", "cuda", "cuda:1"); default: the model's device. The pruned model
+        is returned on this device, or on the CPU with ``offload``.
+    offload : bool
+        Layer by layer, for models larger than the device's memory: the working
+        copies stay in host memory and each module's weights are moved to
+        ``device`` only while it runs (:func:`subprune.devices.offload_modules`).
+    precision : {"float64", "mixed"}
+        Accumulation of the Gram statistics: all in float64, or float32 products
+        over blocks of rows summed in float64 (:class:`subprune.statistics.GramStatistics`).
+        The solver and the refit always work in float64.
+    distributed : bool
+        Each process of the initialised ``torch.distributed`` default group passes
+        its own shard of the calibration set; the statistics are all-reduced
+        before every selection, so all processes select the same channels and
+        hold the same pruned model (:mod:`subprune.distributed`).
     """
 
     method: str = "asym"
@@ -91,6 +112,10 @@ class PruneConfig:
     seed: int = 0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     progress: bool = True
+    device: str | torch.device | None = None
+    offload: bool = False
+    precision: str = "float64"
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -119,6 +144,8 @@ class PruneConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -170,6 +197,7 @@ class PruneResult:
     skipped: list[SkippedLayer]
     config: PruneConfig
     seconds: float
+    memory: PeakMemory | None = None
 
 
 def _check_calibration(calibration: Tensor) -> None:
@@ -208,6 +236,10 @@ def collect_statistics(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
     description: str = "calibration",
+    device: torch.device | None = None,
+    offload: bool = False,
+    precision: str = "float64",
+    distributed: bool = False,
 ) -> dict[str, GramStatistics]:
     """Stream the consumer inputs of ``sites`` into Gram statistics.
 
@@ -223,6 +255,15 @@ def collect_statistics(
         from paired forward passes on the same batch.
     batch_size, chunk_bytes, progress, description
         Forward batch size, memory bound on unfolded patches, progress bar.
+    device : torch.device, optional
+        Compute device of the forward passes and the statistics; default: the model's.
+    offload : bool
+        Keep the weights on the CPU and move each module to ``device`` while it runs.
+    precision : {"float64", "mixed"}
+        See :class:`GramStatistics`.
+    distributed : bool
+        All-reduce the statistics over the default process group at the end
+        (each process passed its own shard of the calibration set).
 
     Returns
     -------
@@ -238,36 +279,25 @@ def collect_statistics(
     With a single site the forward passes stop right after its consumer's input
     is read. Hooks are removed when done; the models are not changed.
     """
-    device = next(model.parameters()).device
+    device = resolve_device(device, model)
     consumers = {s.consumer: get_module(model, s.consumer) for s in sites}
     stop = sites[0].consumer if len(sites) == 1 else None
     stats = {
         s.name: GramStatistics(
-            get_module(model, s.consumer).weight[0].numel(), dense is not None, device, s.consumer
+            get_module(model, s.consumer).weight[0].numel(), dense is not None, device, s.consumer, precision
         )
         for s in sites
     }
     dense_consumers = {} if dense is None else {s.consumer: get_module(dense, s.consumer) for s in sites}
     batches = range(0, calibration.shape[0], batch_size)
-    for start in tqdm(batches, desc=description, disable=not progress, leave=False):
-        batch = calibration[start : start + batch_size].to(device)
-        inputs: dict[str, Tensor] = {}
-        targets: dict[str, Tensor] = {}
-        with capture_inputs(consumers, inputs.__setitem__, stop):
-            run_to_capture(model, batch)
-        if dense is not None:
-            with capture_inputs(dense_consumers, targets.__setitem__, stop):
-                run_to_capture(dense, batch)
-        for site in sites:
-            module = consumers[site.consumer]
-            rows_b = consumer_input_rows(module, inputs[site.consumer], chunk_bytes)
-            if dense is None:
-                for b in rows_b:
-                    stats[site.name].update(b)
-            else:
-                rows_a = consumer_input_rows(module, targets[site.consumer], chunk_bytes)
-                for b, a in zip(rows_b, rows_a, strict=True):
-                    stats[site.name].update(b, a)
+    models = [model] if dense is None else [model, dense]
+    with offload_modules(models, device) if offload else contextlib.nullcontext():
+        for start in tqdm(batches, desc=description, disable=not progress, leave=False):
+            _accumulate_batch(calibration[start : start + batch_size].to(device), sites, stats, model, consumers,
+                              dense, dense_consumers, stop, chunk_bytes)
+    if distributed:
+        for site_stats in stats.values():
+            all_reduce_statistics(site_stats)
     return stats
 
 
@@ -312,6 +342,37 @@ def _budget(method: Method, config: PruneConfig, dense: nn.Module | None, sites:
     return plan
 
 
+def _accumulate_batch(
+    batch: Tensor,
+    sites: list[PruningSite],
+    stats: dict[str, GramStatistics],
+    model: nn.Module,
+    consumers: dict[str, nn.Module],
+    dense: nn.Module | None,
+    dense_consumers: dict[str, nn.Module],
+    stop: str | None,
+    chunk_bytes: int,
+) -> None:
+    """Add one calibration batch (already on the compute device) to the statistics of every site."""
+    inputs: dict[str, Tensor] = {}
+    targets: dict[str, Tensor] = {}
+    with capture_inputs(consumers, inputs.__setitem__, stop):
+        run_to_capture(model, batch)
+    if dense is not None:
+        with capture_inputs(dense_consumers, targets.__setitem__, stop):
+            run_to_capture(dense, batch)
+    for site in sites:
+        module = consumers[site.consumer]
+        rows_b = consumer_input_rows(module, inputs[site.consumer], chunk_bytes)
+        if dense is None:
+            for b in rows_b:
+                stats[site.name].update(b)
+        else:
+            rows_a = consumer_input_rows(module, targets[site.consumer], chunk_bytes)
+            for b, a in zip(rows_b, rows_a, strict=True):
+                stats[site.name].update(b, a)
+
+
 def _prune_one_site(
     work: nn.Module,
     site: PruningSite,
@@ -331,6 +392,8 @@ def _prune_one_site(
     problem = SiteProblem(stats.gram_, cross, weight, energy, site.group_size, site.channels, scores)
     selection = method.select(problem, k, config.epsilon, config.ridge, generator)
     keep = selection.keep
+    if config.distributed:
+        check_same_selection(site.name, keep)
     if stats.n_rows_ < keep.numel() * site.group_size:
         log.warning(
             "site %s: %d calibration rows for %d refit columns: the refit interpolates the calibration "
@@ -365,7 +428,8 @@ def prune(
     ----------
     model : nn.Module
         A trained model, traceable by torch.fx. Not modified: pruning works on a
-        deep copy on the model's own device.
+        deep copy, on ``config.device`` (default: the model's own device) or, with
+        ``config.offload``, in host memory.
     calibration : Tensor of shape (N, ...)
         Unlabeled inputs, preprocessed as the model expects. N >= 2; the paper
         uses 512.
@@ -380,7 +444,8 @@ def prune(
     Returns
     -------
     PruneResult
-        ``.model`` is the physically pruned copy; ``.sites`` the per-site report.
+        ``.model`` is the physically pruned copy; ``.sites`` the per-site report;
+        ``.memory`` the peak memory of the run on the compute device.
 
     Raises
     ------
@@ -396,21 +461,41 @@ def prune(
     """
     config = config or PruneConfig()
     _check_calibration(calibration)
+    _check_labels(get_method(config.method), labels, calibration)
+    if config.distributed:
+        require_initialized()
+    device = resolve_device(config.device, model)
+    with MemoryTracker(device) as tracker:
+        result = _prune(model, calibration, config, device, labels, loss_fn)
+    result.memory = tracker.result
+    return result
+
+
+def _prune(
+    model: nn.Module,
+    calibration: Tensor,
+    config: PruneConfig,
+    device: torch.device,
+    labels: Tensor | None,
+    loss_fn: LossFn | None,
+) -> PruneResult:
+    """:func:`prune` on the compute ``device``, with checked arguments."""
     start_time = time.perf_counter()
     method = get_method(config.method)
-    _check_labels(method, labels, calibration)
-    device = next(model.parameters()).device
-    work = copy.deepcopy(model).eval()
+    storage = torch.device("cpu") if config.offload else device
+    work = copy.deepcopy(model).to(storage).eval()
     needs_dense = method.asymmetric or not method.sequential or config.budget != "uniform" or config.compression
-    dense = copy.deepcopy(model).eval() if needs_dense else None
+    dense = copy.deepcopy(model).to(storage).eval() if needs_dense else None
 
-    all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device))
+    with offload_modules([work], device) if config.offload else contextlib.nullcontext():
+        all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device))
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
     plan = _plan(sites, config.keep)
     sites = [s for s in sites if s.name in plan]
     generator = torch.Generator().manual_seed(config.seed)
 
-    common = dict(batch_size=config.batch_size, chunk_bytes=config.chunk_bytes, progress=config.progress)
+    common = dict(batch_size=config.batch_size, chunk_bytes=config.chunk_bytes, progress=config.progress,
+                  device=device, offload=config.offload, precision=config.precision, distributed=config.distributed)
     layer_stats = {}
     if not method.sequential or config.budget == "curve":
         layer_stats = collect_statistics(dense, sites, calibration, description="calibration", **common)
