@@ -42,7 +42,7 @@ def target_of(row: dict) -> tuple[str, float]:
 
 def run_key(row: dict) -> tuple:
     return (row["model"], row["method"], row["reweight"], target_of(row), row.get("budget", "uniform"),
-            row["seed"], row["calib"])
+            row["seed"], row["calib"], row.get("ridge", 0.0))
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -58,7 +58,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         for reweight in (True, False)
         for value in values
         for seed in range(args.seeds)
-        if (model, method, reweight, (args.targets, value), args.budget, seed, args.calib) not in done
+        if (model, method, reweight, (args.targets, value), args.budget, seed, args.calib, args.ridge) not in done
         and not (args.budget != "uniform" and METHODS[method].global_ranking)  # they rank globally instead
     ]
     cache: dict[str, tuple] = {}
@@ -76,14 +76,14 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         labels = train_y[indices] if METHODS[method].needs_labels else None
         keep, compression = (value, None) if args.targets == "keep" else (1.0, value)
         config = PruneConfig(method=method, keep=keep, compression=compression, budget=args.budget,
-                             reweight=reweight, seed=seed, progress=False)
+                             reweight=reweight, seed=seed, ridge=args.ridge, progress=False)
         start = time.perf_counter()
         result = prune(dense, calibration, config, labels=labels)
         seconds = time.perf_counter() - start
         row = {
             "model": model_name, "method": method, "reweight": reweight, "target": args.targets,
             "keep": keep, "compression_target": compression, "budget": args.budget, "seed": seed,
-            "calib": args.calib, "dense_accuracy": dense_acc,
+            "calib": args.calib, "ridge": args.ridge, "dense_accuracy": dense_acc,
             "pruned_accuracy": accuracy(result.model, test_x, test_y, spec.preprocess),
             "dense_params": count_parameters(dense), "pruned_params": count_parameters(result.model),
             "prune_seconds": seconds, "objectives": [s.objective for s in result.sites],
@@ -143,6 +143,7 @@ def main() -> None:
                         help="per-site budget of the Layer methods (global baselines rank channels themselves)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge of the solver and refit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/core_sweep.jsonl")
     parser.add_argument("--table", default=None, help="also write the markdown table here")
