@@ -18,12 +18,16 @@ Part 1 -- same selection, two algorithms, on realistic conv sites.
       same B and includes forming G = B^T B and ||B W||_F^2 in float64; "solver"
       is the greedy alone, given G. Median of several repeats.
 
-    Both run for the same k (printed; in ``--quick`` mode site (b) runs last with the
-    largest k, up to 32, that a cost model calibrated on timed single refits fits in
-    what is left of ``--budget``, so its k depends on the machine's load, and it is
-    in the JSON as ``k_65536``). The script asserts that they choose the same
-    channels in the same order and that the objective curves f(S_1..S_k) agree
-    to 1e-8. The ratio column is naive seconds / Gram end-to-end seconds. The
+    Both run for the same k, printed per site. Full mode: k = 32, 32, 4 and m = 64,
+    64, 512. ``--quick`` (m = 64 everywhere) runs against a wall-time budget
+    (``--budget``, default 240 s): site (a) first with k = 32, then (b), part 2 and
+    (c), each with its share of the time left; (b) and (c) take the largest k (up to
+    32 and 2) that a cost model, calibrated on a few timed single refits, fits, so
+    their k depends on the machine's load and is in the JSON (``k_65536``); on an
+    overloaded machine a site whose smallest k would end more than 45 s past the
+    budget is skipped (null speed-up and k in the JSON). The script asserts that
+    they choose the same channels in the same order and that the objective curves
+    f(S_1..S_k) agree to 1e-8. The ratio column is naive seconds / Gram end-to-end seconds. The
     naive cost grows roughly like k^3 (k steps, each with up to k groups per
     solve) and linearly in the rows; the Gram cost is one d x d product over the
     rows plus k steps that never touch the rows again.
@@ -35,10 +39,12 @@ Part 2 -- the Gram greedy alone as d grows (1k .. 16k features, groups of 16,
     is k = n/2 steps; when fewer steps are run (``--quick``; or, in full mode, when
     a 16-step probe predicts more than 600 s) the table says so and gives the
     measured time per step, (t(steps) - t(1)) / (steps - 1), and the extrapolated
-    total setup + (n/2) x per-step. "G bytes" is the theoretical size of one d x d
-    float64 matrix; "peak-base" is the measured growth of the process's peak RSS
-    over its post-import baseline, and "x G" expresses it in units of that matrix
-    (G itself, plus the solver's residual copy and temporaries).
+    total setup + (n/2) x per-step; in ``--quick`` the largest sizes are skipped
+    when their predicted time does not fit the budget. "G bytes" is the
+    theoretical size of one d x d float64 matrix; "peak-base" is the measured
+    growth of the process's peak RSS over its post-import baseline, and "x G"
+    expresses it in units of that matrix (G itself, plus the solver's residual
+    copy and temporaries).
 
 How to read it
 --------------
@@ -111,23 +117,33 @@ class Site:
         return self.channels * GROUP
 
 
-# --quick (2 shared cores, one thread, load ~3): naive (a) k=32 ~40 s; (c) with m=64
-# ~18 s per step, and the Gram side's G = B^T B alone is ~9 s, so it is timed once;
-# (b) costs ~0.15 s + 0.04 s per kept group per candidate (k=6 ~90 s, k=32 ~25 min),
-# so it runs after part 2 with the largest k (2 .. k_quick) that its calibrated cost
-# model fits in what is left of --budget (BUDGET_SHARES). --quick uses m = 64 (not
-# 512) for the 512-channel site: with m = 512 the naive solver needs ~0.5 s per
-# candidate, i.e. ~4 min per step. Everything scales with the machine's load: at a
-# load average of 8 (four processes per core) the fixed parts alone take ~5 min.
+# --quick on 2 shared cores, one thread, load average ~3: naive (a) k=32 ~40 s;
+# (c) with m=64 ~18 s per naive step, and the Gram side's G = B^T B alone is ~9 s, so
+# it is timed once; (b) costs ~0.15 s + 0.04 s per kept group per candidate (k=6
+# ~90 s, k=32 ~25 min). --quick uses m = 64 (not 512) for the 512-channel site: with
+# m = 512 the naive solver needs ~0.5 s per candidate, i.e. ~4 min per step.
+# The machine's load moves all of this by 3x, so --quick runs against a time budget:
+# (a) first with its fixed k, then each item of QUICK_PLAN gets its share of the
+# time left at its turn; a site gets the largest k in k_min..k_quick that its
+# calibrated cost model fits (k_min when nothing fits; skipped past HARD_GRACE);
+# part 2 drops the largest sizes whose predicted time does not fit.
 SITES = (
     Site("4096", "(a) 64ch 3x3", 64, 4, 32, 64, 64, 32, 32, repeats_full=7, repeats_quick=5),
     Site("65536", "(b) 64ch 3x3", 64, 64, 32, 64, 64, 32, 32, repeats_full=5, repeats_quick=3),
     Site("512ch", "(c) 512ch 3x3", 512, 64, 16, 512, 64, 4, 2, repeats_full=3, repeats_quick=1),
 )
-# --quick: sites whose k is fitted to the time budget, in this order, with the share
-# of the time left at their turn (after the fixed-cost parts) that each may use.
-BUDGET_SHARES = {"65536": 1.0}
+FULL_PLAN = ("4096", "65536", "512ch", "part2")
+# --quick: (item, share of the time left at its turn, smallest k); None = fixed k.
+QUICK_PLAN = (
+    ("4096", None, 32),
+    ("65536", 0.55, 2),
+    ("part2", 0.4, 0),
+    ("512ch", 1.0, 1),
+)
 SAFETY = 1.2  # margin on the calibrated naive-time prediction
+# --quick: a budgeted site is skipped (speed-up null in the JSON) when even its
+# smallest k is predicted to end later than budget + HARD_GRACE seconds.
+HARD_GRACE = 45.0
 
 
 def image_batch(images: int, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -212,27 +228,62 @@ def naive_cost_model(b: torch.Tensor, w: torch.Tensor, k_max: int) -> list[float
     return out
 
 
-def budget_k(b: torch.Tensor, w: torch.Tensor, k_max: int, seconds: float) -> tuple[int, float]:
-    """Largest k in 2..k_max whose predicted naive time (x SAFETY) fits in ``seconds``."""
+def budget_k(
+    b: torch.Tensor, w: torch.Tensor, k_min: int, k_max: int, seconds: float
+) -> tuple[int, float]:
+    """Largest k in k_min..k_max whose predicted naive time (x SAFETY) fits in ``seconds``."""
     predicted = naive_cost_model(b, w, k_max)
-    k = min(2, k_max)
-    for kk in range(2, k_max + 1):
+    k = min(k_min, k_max)
+    for kk in range(k, k_max + 1):
         if SAFETY * predicted[kk - 1] <= seconds:
             k = kk
     return k, predicted[k - 1]
 
 
+def gram_seconds_estimate(b: torch.Tensor, w: torch.Tensor) -> float:
+    """Predicted Gram end-to-end seconds, from forming G on 1/16 of the rows."""
+    rows = max(b.shape[0] // 16, 1)
+    t0 = time.perf_counter()
+    b64 = b[:rows].to(torch.float64)
+    _ = b64.T @ b64, ((b64 @ w) ** 2).sum()
+    return (time.perf_counter() - t0) * b.shape[0] / rows
+
+
 def run_site(
-    site: Site, m: int, k: int, seed: int, repeats: int, deadline: float | None = None
+    site: Site,
+    m: int,
+    k: int,
+    seed: int,
+    repeats: int,
+    deadline: float | None = None,
+    k_min: int = 1,
+    hard_deadline: float | None = None,
 ) -> dict:
     """Time both solvers on one site. With ``deadline`` (perf_counter seconds), k is the
-    largest value up to ``k`` that the calibrated cost model fits before it."""
+    largest value in k_min..k that the calibrated cost model fits before it; the site
+    is skipped when even k_min is predicted to end after ``hard_deadline``."""
     b, w, n_dead = site_inputs(site, m, seed)
     if deadline is not None:
-        reserve = 3.0 + repeats * site.rows / 32768  # Gram timing and the final tables
-        left = deadline - time.perf_counter() - reserve
-        k, predicted = budget_k(b, w, k, left)
+        reserve = 2.0 + repeats * gram_seconds_estimate(b, w)  # Gram timing, tables
+        now = time.perf_counter()
+        left = deadline - now - reserve
+        k, predicted = budget_k(b, w, k_min, k, left)
         fits = SAFETY * predicted <= left
+        if not fits and hard_deadline is not None:
+            if now + reserve + SAFETY * predicted > hard_deadline:
+                print(
+                    f"{site.label}: skipped; even k={k} (predicted naive {predicted:.0f} s, "
+                    f"Gram {reserve:.0f} s) would end past the hard time limit",
+                    flush=True,
+                )
+                return {
+                    "label": site.label,
+                    "rows": site.rows,
+                    "d": site.d,
+                    "m": m,
+                    "k": None,
+                    "skipped": True,
+                }
         print(
             f"{site.label}: k={k} {'fits' if fits else 'is the minimum; it does not fit'} "
             f"the budget left ({left:.0f} s; predicted naive {predicted:.0f} s)",
@@ -292,6 +343,11 @@ def print_part1(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+        if r.get("skipped"):
+            print(
+                f"{r['label']:<14} {r['rows']:>7,} {r['d']:>6,} {r['m']:>4}   skipped (time limit)"
+            )
+            continue
         print(
             f"{r['label']:<14} {r['rows']:>7,} {r['d']:>6,} {r['m']:>4} {r['k']:>3} "
             f"{r['naive_s']:>9.2f} {r['gram_e2e_s']:>11.3f} {r['gram_solver_s']:>9.3f} "
@@ -335,6 +391,7 @@ def maxrss_bytes() -> int:
 
 def scaling_worker(spec: dict) -> dict:
     """One size of Part 2, run in its own process; returns timings and peak memory."""
+    entered = time.perf_counter()
     d, g, m, steps = spec["d"], spec["g"], spec["m"], spec["steps"]
     torch.set_num_threads(spec["threads"])
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -378,6 +435,7 @@ def scaling_worker(spec: dict) -> dict:
         "rss_base": base,
         "rss_built": built,
         "rss_peak": maxrss_bytes(),
+        "worker_s": time.perf_counter() - entered,
     }
 
 
@@ -406,18 +464,36 @@ def run_worker(d: int, steps: int, seed: int, threads: int, timeout: float) -> d
 
 
 def run_scaling(
-    dims: tuple[int, ...], quick_steps: int | None, seed: int, threads: int, budget_s: float
+    dims: tuple[int, ...],
+    quick_steps: int | None,
+    seed: int,
+    threads: int,
+    budget_s: float,
+    deadline: float | None = None,
 ) -> list[dict]:
-    """Part 2. quick_steps=None: full k = n/2 when the probe says it fits in budget_s."""
-    rows = []
+    """Part 2. quick_steps=None: full k = n/2 when the probe says it fits in budget_s.
+
+    With ``deadline``, a size whose predicted wall time (process start-up + 5x the
+    previous size's work, which grows 4x per doubling of d) does not fit before it
+    is skipped, and so are larger ones.
+    """
+    rows: list[dict] = []
+    predicted = 0.0
     for d in dims:
         n = d // SCALING_GROUP
         k_full = n // 2
+        if deadline is not None and time.perf_counter() + predicted > deadline:
+            print(f"  d={d:>6,}: skipped, predicted ~{predicted:.0f} s does not fit", flush=True)
+            rows.append({"d": d, "n": n, "k_full": k_full, "skipped": True})
+            continue
         probe_steps = min(quick_steps or 16, k_full)
+        t0 = time.perf_counter()
         rec = run_worker(d, probe_steps, seed, threads, timeout=max(budget_s, 600.0))
         if rec is None:
-            rows.append({"d": d, "n": n, "k_full": k_full, "failed": True})
+            rows.append({"d": d, "n": n, "k_full": k_full, "skipped": True, "failed": True})
             continue
+        wall = time.perf_counter() - t0
+        predicted = (wall - rec["worker_s"]) + 5 * rec["worker_s"]
         estimate = rec["setup_s"] + k_full * rec["per_step_s"]
         if quick_steps is None and probe_steps < k_full and estimate <= budget_s:
             full = run_worker(d, k_full, seed, threads, timeout=3 * budget_s)
@@ -453,8 +529,9 @@ def print_part2(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        if r.get("failed"):
-            print(f"{r['d']:>6,} {r['n']:>5} {r['k_full']:>6} {'failed':>9}")
+        if r.get("skipped"):
+            why = "failed" if r.get("failed") else "skipped (time budget)"
+            print(f"{r['d']:>6,} {r['n']:>5} {r['k_full']:>6}   {why}")
             continue
         total = f"{r['total_s']:.1f}" if r["complete"] else f"~{r['extrapolated_s']:.1f} (extrap.)"
         grow = r["rss_peak"] - r["rss_base"]
@@ -463,7 +540,7 @@ def print_part2(rows: list[dict]) -> None:
             f"{r['per_step_s'] * 1e3:>8.1f} {total:>16} {gib(r['gram_bytes']):>9} "
             f"{gib(grow):>10} {grow / r['gram_bytes']:>5.1f}"
         )
-    if any(not r.get("failed") and not r["complete"] for r in rows):
+    if any(not r.get("skipped") and not r["complete"] for r in rows):
         print(
             "  (rows with fewer steps than k = n/2: total = setup + (n/2) x measured per-step\n"
             "   time; a step's cost is set by the d x d deflation, which does not shrink as\n"
@@ -512,9 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget",
         type=float,
-        default=250.0,
-        help="--quick only: seconds the whole run aims for; site (b)'s k is fitted to what is "
-        "left (default 250)",
+        default=240.0,
+        help="--quick only: seconds the whole run aims for; the k of sites (b), (c) and the "
+        "largest part-2 sizes are fitted to it (default 240)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -540,67 +617,80 @@ def main(argv: list[str] | None = None) -> int:
         for i, site in enumerate(SITES)
     }
     results: dict[str, dict] = {}
+    part2: list[dict] = []
+    sites = {site.key: site for site in SITES}
 
-    def site_run(site: Site, share: float | None = None) -> None:
-        """Run one site; with ``share``, its k fits that share of the budget left."""
+    def share_deadline(share: float | None) -> float | None:
+        if share is None or deadline is None:
+            return None
+        now = time.perf_counter()
+        return now + share * (deadline - now)
+
+    def run_item(key: str, share: float | None, k_min: int) -> None:
+        nonlocal part2
+        if key == "part2":
+            if args.skip_part2:
+                return
+            dims = tuple(d for d in SCALING_DIMS if d <= args.max_d)
+            if args.quick:
+                print(
+                    f"\nPart 2 (--quick: {args.scaling_steps} steps per d, k = n/2 extrapolated)",
+                    flush=True,
+                )
+            else:
+                print(
+                    "\nPart 2 (full k = n/2 where a probe predicts <= 600 s, else extrapolated)",
+                    flush=True,
+                )
+            steps = args.scaling_steps if args.quick else None
+            limit = share_deadline(share)
+            part2 = run_scaling(dims, steps, args.seed, args.threads, 600.0, limit)
+            return
+        if args.skip_part1:
+            return
+        site = sites[key]
         m = site.m_quick if args.quick else site.m_full
         repeats = site.repeats_quick if args.quick else site.repeats_full
-        limit = None
-        if share is not None and deadline is not None:
-            now = time.perf_counter()
-            limit = now + share * (deadline - now)
-        results[site.key] = run_site(site, m, ks[site.key], args.seed, repeats, limit)
+        limit = share_deadline(share)
+        print(flush=True)
+        hard = None if deadline is None else deadline + HARD_GRACE
+        results[key] = run_site(site, m, ks[key], args.seed, repeats, limit, k_min, hard)
 
-    # --quick runs the fixed-cost parts first, then fits the k of (b) to what is left
-    # of the budget.
-    shares = dict(BUDGET_SHARES) if deadline is not None else {}
+    plan = QUICK_PLAN if deadline is not None else tuple((key, None, 1) for key in FULL_PLAN)
     if not args.skip_part1:
-        plan = ", ".join(
-            f"{s.label.split()[0]} {'<= ' if s.key in shares else ''}{ks[s.key]}" for s in SITES
+        budgeted = {key: k_min for key, share, k_min in plan if share is not None}
+        ks_text = ", ".join(
+            f"{site.label.split()[0]} "
+            + (
+                f"{budgeted[site.key]}..{ks[site.key]}"
+                if site.key in budgeted
+                else f"{ks[site.key]}"
+            )
+            for site in SITES
         )
-        print(f"\nPart 1 (naive runs once; Gram timing is a median). k: {plan}", flush=True)
-        if shares:
+        print(f"\nPart 1 (naive runs once; Gram timing is a median). k: {ks_text}", flush=True)
+        if deadline is not None:
             print(
-                f"  --quick: {' and '.join(s.label.split()[0] for s in SITES if s.key in shares)}"
-                f" {'runs' if len(shares) == 1 else 'run'} after part 2 with the largest k"
-                f" that fits the {args.budget:.0f} s budget"
-                f" (full mode: k = {', '.join(str(s.k_full) for s in SITES)})",
+                f"  --quick: order {' -> '.join(key for key, _, _ in plan)}; a range of k is fitted"
+                f" to the {args.budget:.0f} s budget (full mode: k = "
+                f"{', '.join(str(s.k_full) for s in SITES)})",
                 flush=True,
             )
-        for site in SITES:
-            if site.key not in shares:
-                site_run(site)
-
-    part2: list[dict] = []
-    if not args.skip_part2:
-        dims = tuple(d for d in SCALING_DIMS if d <= args.max_d)
-        if args.quick:
-            print(
-                f"\nPart 2 (--quick: {args.scaling_steps} steps per d, k = n/2 extrapolated)",
-                flush=True,
-            )
-        else:
-            print(
-                "\nPart 2 (full k = n/2 where a probe predicts <= 600 s, else extrapolated)",
-                flush=True,
-            )
-        steps = args.scaling_steps if args.quick else None
-        part2 = run_scaling(dims, steps, args.seed, args.threads, 600.0)
+    for key, share, k_min in plan:
+        run_item(key, share, k_min)
 
     if not args.skip_part1:
-        for site in SITES:
-            if site.key in shares:
-                print()
-                site_run(site, shares[site.key])
         part1 = [results[s.key] for s in SITES]
         print_part1(part1)
         for site, r in zip(SITES, part1, strict=True):
-            summary[f"speedup_{site.key}"] = round(r["speedup"], 1)
+            summary[f"speedup_{site.key}"] = None if r.get("skipped") else round(r["speedup"], 1)
             summary[f"k_{site.key}"] = r["k"]
-        summary["identical_selections"] = all(r["identical"] for r in part1)
+        summary["identical_selections"] = all(r.get("identical", True) for r in part1)
         keys = ("rows", "d", "m", "k", "naive_s", "gram_e2e_s", "gram_solver_s")
         summary["sites"] = {
-            s.key: {key: r[key] for key in (*keys, "max_objective_diff")}
+            s.key: None
+            if r.get("skipped")
+            else {key: r[key] for key in (*keys, "max_objective_diff")}
             for s, r in zip(SITES, part1, strict=True)
         }
 
@@ -608,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         print_part2(part2)
         summary["scaling"] = {
             str(r["d"]): None
-            if r.get("failed")
+            if r.get("skipped")
             else {
                 "steps": r["steps"],
                 "k_full": r["k_full"],
