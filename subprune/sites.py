@@ -266,7 +266,8 @@ class _Flood:
         name = getattr(node.target, "__name__", str(node.target))
         n_inputs = len(_tensor_inputs(node))
         if module is not None:
-            if self.call_counts.get(node.target, 0) > 1:
+            stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+            if stateful and self.call_counts.get(node.target, 0) > 1:
                 raise _Fail(f"module '{node.target}' is called {self.call_counts[node.target]} times")
             if isinstance(module, nn.Conv2d):
                 return "producer" if module.groups == 1 else "groupwise"
@@ -290,6 +291,14 @@ class _Flood:
                 return "unary"
             if node.target is torch.flatten:
                 return "reshape"
+            if node.target is operator.getitem and n_inputs == 1 and self._spatial_index(node):
+                return "unary"
+            if name == "pad" and n_inputs == 1:
+                pad = tuple(node.args[1]) if len(node.args) > 1 else tuple(node.kwargs.get("pad", ()))
+                shape = _shape(node.args[0])
+                if shape is not None and not any(pad[2 * (len(shape) - 2):]):
+                    return "unary"  # pads spatial dimensions only
+                raise _Fail(f"'{node.name}' (pad) zero-pads the channel dimension (e.g. an option-A shortcut)")
             if node.target is torch.mean and n_inputs == 1:
                 return "mean"
         if node.op == "call_method":
@@ -304,6 +313,15 @@ class _Flood:
             if node.target in _MEANS and n_inputs == 1:
                 return "mean"
         return "other"
+
+    @staticmethod
+    def _spatial_index(node: torch.fx.Node) -> bool:
+        """x[:, :, ...] that slices only dimensions after the channels."""
+        index = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(index, tuple) or len(index) < 2:
+            return False
+        full = slice(None, None, None)
+        return index[0] == full and index[1] == full and all(isinstance(i, slice) for i in index[2:])
 
     @staticmethod
     def _describe(node: torch.fx.Node) -> str:
