@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from subprune.methods import METHODS, SiteProblem, get_method
-from subprune.sites import PruningSite, SkippedLayer, find_sites, select_sites
-from subprune.solver import group_columns, refit, ridge_value, weights_objective
+from subprune.sites import ChannelRange, PruningSite, SkippedLayer, find_sites, select_sites
+from subprune.solver import group_columns, refit, ridge_value, stack_problems, weights_objective
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
     GramStatistics,
@@ -29,7 +29,7 @@ from subprune.statistics import (
     consumer_input_rows,
     run_to_capture,
 )
-from subprune.surgery import consumer_weight_matrix, get_module, prune_site_
+from subprune.surgery import ChannelLayout, consumer_weight_matrix, get_module, prune_site_
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class PruneConfig:
         Memory bound of one chunk of unfolded patches.
     progress : bool
         Show progress bars.
+    coupled : bool
+        Also prune channels tied by residual additions across several producers,
+        as one coupled site each, refitting every consumer (see
+        :func:`subprune.sites.find_sites`). Off: only block-internal sites.
     """
 
     method: str = "asym"
@@ -76,6 +80,7 @@ class PruneConfig:
     seed: int = 0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     progress: bool = True
+    coupled: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -118,6 +123,11 @@ class SiteReport:
         Absolute ridge added to G.
     seconds : float
         Wall-clock of statistics, selection, refit and surgery of this site.
+    producers, consumers : list of str
+        Every producer and consumer of the site (several for coupled sites or
+        channels read by several layers).
+    coupled : bool
+        The site ties several producers through residual additions.
     """
 
     name: str
@@ -132,6 +142,9 @@ class SiteReport:
     rows: int = 0
     ridge: float = 0.0
     seconds: float = 0.0
+    producers: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    coupled: bool = False
 
 
 @dataclass
@@ -172,18 +185,28 @@ def _plan(sites: list[PruningSite], keep: float | Mapping[str, float]) -> dict[s
     return {s.name: _kept_count(keep[s.name], s.channels) for s in sites if s.name in keep}
 
 
-def collect_statistics(
+def _site_rows(module: nn.Module, x: Tensor, ref: ChannelRange, start: int, chunk_bytes: int):
+    """Rows of B restricted to the site's columns in ``module`` (its input ``x``, site at ``start``)."""
+    if isinstance(module, nn.Conv2d):
+        x = x[:, start : start + ref.span]  # (N, span, H, W): unfold only the site's channels
+    else:
+        x = x[..., start * ref.kernel : (start + ref.span) * ref.kernel]  # (N, span * kernel)
+    return consumer_input_rows(module, x, chunk_bytes)
+
+
+def collect_site_statistics(
     model: nn.Module,
     sites: list[PruningSite],
     calibration: Tensor,
     *,
     dense: nn.Module | None = None,
+    layout: ChannelLayout | None = None,
     batch_size: int = 128,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
     description: str = "calibration",
-) -> dict[str, GramStatistics]:
-    """Stream the consumer inputs of ``sites`` into Gram statistics.
+) -> dict[str, list[GramStatistics]]:
+    """Stream the consumer inputs of ``sites`` into Gram statistics, one per consumer of each site.
 
     Parameters
     ----------
@@ -195,12 +218,17 @@ def collect_statistics(
     dense : nn.Module, optional
         The original model (gives A): when given, the statistics are asymmetric,
         from paired forward passes on the same batch.
+    layout : ChannelLayout, optional
+        Where earlier cuts moved the sites' columns in ``model`` (``dense`` is
+        always addressed in dense indices).
     batch_size, chunk_bytes, progress, description
         Forward batch size, memory bound on unfolded patches, progress bar.
 
     Returns
     -------
-    dict site name -> GramStatistics
+    dict site name -> list of GramStatistics
+        In the order of ``site.consumers``; statistic j covers only the site's
+        columns of consumer j: d_j = span_j * kernel_j.
 
     Raises
     ------
@@ -209,19 +237,20 @@ def collect_statistics(
 
     Notes
     -----
-    With a single site the forward passes stop right after its consumer's input
-    is read. Hooks are removed when done; the models are not changed.
+    With a single site the forward passes stop right after its last consumer's
+    input is read. Hooks are removed when done; the models are not changed.
     """
     device = next(model.parameters()).device
-    consumers = {s.consumer: get_module(model, s.consumer) for s in sites}
-    stop = sites[0].consumer if len(sites) == 1 else None
+    names = {ref.module for s in sites for ref in s.consumers}
+    consumers = {name: get_module(model, name) for name in names}
+    stop = sites[0].consumers[-1].module if len(sites) == 1 else None
     stats = {
-        s.name: GramStatistics(
-            get_module(model, s.consumer).weight[0].numel(), dense is not None, device, s.consumer
-        )
+        s.name: [
+            GramStatistics(ref.span * ref.kernel, dense is not None, device, ref.module) for ref in s.consumers
+        ]
         for s in sites
     }
-    dense_consumers = {} if dense is None else {s.consumer: get_module(dense, s.consumer) for s in sites}
+    dense_consumers = {} if dense is None else {name: get_module(dense, name) for name in names}
     batches = range(0, calibration.shape[0], batch_size)
     for start in tqdm(batches, desc=description, disable=not progress, leave=False):
         batch = calibration[start : start + batch_size].to(device)
@@ -233,53 +262,102 @@ def collect_statistics(
             with capture_inputs(dense_consumers, targets.__setitem__, stop):
                 run_to_capture(dense, batch)
         for site in sites:
-            module = consumers[site.consumer]
-            rows_b = consumer_input_rows(module, inputs[site.consumer], chunk_bytes)
-            if dense is None:
-                for b in rows_b:
-                    stats[site.name].update(b)
-            else:
-                rows_a = consumer_input_rows(module, targets[site.consumer], chunk_bytes)
-                for b, a in zip(rows_b, rows_a, strict=True):
-                    stats[site.name].update(b, a)
+            for ref, stat in zip(site.consumers, stats[site.name], strict=True):
+                module = consumers[ref.module]
+                here = ref.start if layout is None else layout.start(ref.module, "in", ref.start)
+                rows_b = _site_rows(module, inputs[ref.module], ref, here, chunk_bytes)
+                if dense is None:
+                    for b in rows_b:
+                        stat.update(b)
+                else:
+                    rows_a = _site_rows(module, targets[ref.module], ref, ref.start, chunk_bytes)
+                    for b, a in zip(rows_b, rows_a, strict=True):
+                        stat.update(b, a)
     return stats
+
+
+def collect_statistics(
+    model: nn.Module,
+    sites: list[PruningSite],
+    calibration: Tensor,
+    *,
+    dense: nn.Module | None = None,
+    batch_size: int = 128,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = False,
+    description: str = "calibration",
+) -> dict[str, GramStatistics]:
+    """As :func:`collect_site_statistics` for sites with one consumer: one GramStatistics per site.
+
+    Raises
+    ------
+    ValueError
+        If a site has several consumers (use :func:`collect_site_statistics`).
+    """
+    several = [s.name for s in sites if len(s.consumers) != 1]
+    if several:
+        raise ValueError(f"sites {several} have several consumers; use collect_site_statistics")
+    stats = collect_site_statistics(
+        model, sites, calibration, dense=dense, batch_size=batch_size, chunk_bytes=chunk_bytes,
+        progress=progress, description=description,
+    )
+    return {name: values[0] for name, values in stats.items()}
 
 
 def _prune_one_site(
     work: nn.Module,
     site: PruningSite,
-    stats: GramStatistics,
+    stats: list[GramStatistics],
     k: int,
     config: PruneConfig,
     generator: torch.Generator,
+    layout: ChannelLayout,
 ) -> SiteReport:
-    """Select, refit and cut one site of ``work`` in place."""
+    """Select, refit and cut one site of ``work`` in place (its objective summed over its consumers)."""
     method = get_method(config.method)
-    weight = consumer_weight_matrix(get_module(work, site.consumer)).to(stats.gram_)  # (d, m)
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"the weight of '{site.consumer}' holds NaN or infinite values; fix the model first")
-    energy = stats.target_energy(weight)
-    cross = stats.cross_
-    problem = SiteProblem(stats.gram_, cross, weight, energy, site.group_size, site.channels)
+    weights, energies, group_sizes = [], [], []
+    for ref, stat in zip(site.consumers, stats, strict=True):
+        start = layout.start(ref.module, "in", ref.start) * ref.kernel
+        full = consumer_weight_matrix(get_module(work, ref.module))  # (d, m)
+        weight = full[start : start + ref.span * ref.kernel].to(stat.gram_)  # (n g_j, m)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"the weight of '{ref.module}' holds NaN or infinite values; fix the model first")
+        weights.append(weight)
+        energies.append(stat.target_energy(weight))
+        group_sizes.append(site.consumer_group_size(ref))
+    if len(stats) == 1:
+        gram, cross, weight, group_size = stats[0].gram_, stats[0].cross_, weights[0], group_sizes[0]
+    else:
+        gram, weight, cross, group_size = stack_problems(
+            [s.gram_ for s in stats], weights, group_sizes, [s.cross_ for s in stats]
+        )
+    energy = sum(energies)
+    problem = SiteProblem(gram, cross, weight, energy, group_size, site.channels)
     selection = method.select(problem, k, config.epsilon, config.ridge, generator)
     keep = selection.keep
-    if stats.n_rows_ < keep.numel() * site.group_size:
+    rows = min(s.n_rows_ for s in stats)
+    if rows < keep.numel() * max(group_sizes):
         log.warning(
             "site %s: %d calibration rows for %d refit columns: the refit interpolates the calibration "
             "set and f(S) overstates what is kept; use more samples or a ridge",
-            site.name, stats.n_rows_, keep.numel() * site.group_size,
+            site.name, rows, keep.numel() * max(group_sizes),
         )
-    if config.reweight:
-        new_weight = refit(stats.gram_, weight, keep, site.group_size, cross=cross, ridge=config.ridge)
-    else:
-        new_weight = weight[group_columns(keep.to(weight.device), site.group_size)]
-    objective = weights_objective(stats.gram_, weight, energy, keep, new_weight, site.group_size, cross=cross)
-    prune_site_(work, site, keep, new_weight if config.reweight else None)
+    new_weights, kept_energy = {}, 0.0
+    for ref, stat, w, g, e in zip(site.consumers, stats, weights, group_sizes, energies, strict=True):
+        if config.reweight:
+            new_w = refit(stat.gram_, w, keep, g, cross=stat.cross_, ridge=config.ridge)
+        else:
+            new_w = w[group_columns(keep.to(w.device), g)]
+        kept_energy += e * weights_objective(stat.gram_, w, e, keep, new_w, g, cross=stat.cross_)
+        new_weights[ref.module] = new_w
+    objective = kept_energy / energy if energy > 0 else 0.0
+    prune_site_(work, site, keep, new_weights if config.reweight else None, layout)
     curve = [] if selection.objective is None else selection.objective.tolist()
     return SiteReport(
-        site.name, site.producer, site.consumer, site.channels, int(keep.numel()), site.group_size,
-        objective, curve, keep.tolist(), stats.n_rows_,
-        ridge_value(stats.gram_, config.ridge),
+        site.name, site.producer, site.consumer, site.channels, int(keep.numel()), group_size,
+        objective, curve, keep.tolist(), stats[0].n_rows_, ridge_value(gram, config.ridge),
+        producers=[p.module for p in site.producers], consumers=[c.module for c in site.consumers],
+        coupled=site.coupled,
     )
 
 
@@ -321,7 +399,7 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
     work = copy.deepcopy(model).eval()
     dense = copy.deepcopy(model).eval() if method.asymmetric or not method.sequential else None
 
-    all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device))
+    all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device), coupled=config.coupled)
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
     plan = _plan(sites, config.keep)
     sites = [s for s in sites if s.name in plan]
@@ -330,7 +408,8 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
     common = dict(batch_size=config.batch_size, chunk_bytes=config.chunk_bytes, progress=config.progress)
     layer_stats = {}
     if not method.sequential:
-        layer_stats = collect_statistics(dense, sites, calibration, description="calibration", **common)
+        layer_stats = collect_site_statistics(dense, sites, calibration, description="calibration", **common)
+    layout = ChannelLayout()
 
     reports = []
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
@@ -338,16 +417,18 @@ def prune(model: nn.Module, calibration: Tensor, config: PruneConfig | None = No
         k = plan[site.name]
         if k == site.channels and not method.asymmetric:
             reports.append(SiteReport(site.name, site.producer, site.consumer, site.channels, k,
-                                      site.group_size, 1.0, keep=list(range(k))))
+                                      site.group_size, 1.0, keep=list(range(k)),
+                                      producers=[p.module for p in site.producers],
+                                      consumers=[c.module for c in site.consumers], coupled=site.coupled))
             continue
         if method.sequential:
-            stats = collect_statistics(
-                work, [site], calibration, dense=dense if method.asymmetric else None,
+            stats = collect_site_statistics(
+                work, [site], calibration, dense=dense if method.asymmetric else None, layout=layout,
                 description=site.name, **common,
             )[site.name]
         else:
             stats = layer_stats[site.name]
-        report = _prune_one_site(work, site, stats, k, config, generator)
+        report = _prune_one_site(work, site, stats, k, config, generator, layout)
         report.seconds = time.perf_counter() - site_start
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)

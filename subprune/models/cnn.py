@@ -28,7 +28,7 @@ def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int
 
 
 class VGGBN(nn.Module):
-    """VGG-style: [conv-BN-ReLU]x2, pool, [conv-BN-ReLU]x2, pool, flatten, 2 Linear."""
+    """VGG-style: [conv-BN-ReLU]x2, pool, [conv-BN-ReLU]x2, pool, adaptive pool to 4x4, flatten, 2 Linear."""
 
     def __init__(self, widths=(16, 16, 32, 32), classes: int = 10):
         super().__init__()
@@ -39,7 +39,9 @@ class VGGBN(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             c = w
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * 8 * 8, 64), nn.ReLU(), nn.Linear(64, classes))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 4 * 4, 64), nn.ReLU(), nn.Linear(64, classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
@@ -339,4 +341,4 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "inception": _make(InceptionLike),
     "resnext": _make(lambda: ResNet(Bottleneck, (1, 1, 1, 1), base=8, groups=4, base_width=16)),
 }
-"""Name -> ``make(seed)``: randomly initialised small models taking (N, 3, 32, 32) images."""
+"""Name -> ``make(seed)``: randomly initialised small models taking (N, 3, H, W) images, H = W >= 16."""
