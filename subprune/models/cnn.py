@@ -52,7 +52,8 @@ class CifarBasicBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
-        self.downsample = conv_bn(c_in, c_out, 1, stride) if shortcut == "B" and (stride != 1 or c_in != c_out) else None
+        reshape = stride != 1 or c_in != c_out
+        self.downsample = conv_bn(c_in, c_out, 1, stride) if shortcut == "B" and reshape else None
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
@@ -176,7 +177,8 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand != 1:
             layers += [*conv_bn(c_in, hidden, 1), nn.ReLU6(inplace=True)]
-        layers += [*conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(inplace=True), *conv_bn(hidden, c_out, 1)]
+        layers += [*conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(inplace=True)]
+        layers += [*conv_bn(hidden, c_out, 1)]
         self.conv = nn.Sequential(*layers)
         self.use_res = stride == 1 and c_in == c_out
 
