@@ -79,3 +79,12 @@ def test_inspect_lists_sites_and_skipped(capsys):
     text = capsys.readouterr().out
     assert "features.0" in text and "classifier.0" in text
     assert "not prunable: classifier.2: its outputs are the model's outputs" in " ".join(text.split())
+
+
+def test_inspect_lists_coupled_groups(capsys):
+    assert main(["inspect", "--arch", "resnet18", "--coupled"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "coupled group layer2.0.downsample.0: 3 producers" in text
+    assert main(["inspect", "--arch", "resnet18"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "coupled group" not in text and "not prunable: conv1: its channels are tied to" in text
