@@ -598,11 +598,13 @@ def select_sites(
     if layers is None:
         return list(sites)
     by_name = {s.name: s for s in sites}
+    # Any producer of a coupled site (or an SE expansion conv) selects its whole site.
+    by_producer = {p.module: s for s in sites for p in s.producers}
     reasons = {s.name: s.reason for s in skipped}
     chosen = []
     for layer in layers:
-        if layer in by_name:
-            chosen.append(by_name[layer])
+        if layer in by_name or layer in by_producer:
+            chosen.append(by_name.get(layer) or by_producer[layer])
         elif layer in reasons:
             raise UnprunableLayerError(f"layer '{layer}' cannot be pruned: {reasons[layer]}")
         else:

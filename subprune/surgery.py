@@ -235,20 +235,8 @@ def prune_site_(
     keep = _check_keep(keep, site.channels, site.name)
     layout = layout if layout is not None else ChannelLayout()
     weights = {site.consumer: consumer_weight} if isinstance(consumer_weight, Tensor) else dict(consumer_weight or {})
-    for ref in site.producers:
-        module = get_module(model, ref.module)
-        size = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        rows = layout.cut(ref.module, "out", size, ref.start, ref.span, _units(keep, ref.span // site.channels))
-        set_module(model, ref.module, slice_producer(module, rows.to(module.weight.device)))
-    for ref in site.sliced:
-        module = get_module(model, ref.module)
-        rows = layout.cut(ref.module, "out", module.num_features, ref.start, ref.span,
-                          _units(keep, ref.span // site.channels))
-        device = next(iter(module.buffers()), torch.empty(0)).device
-        set_module(model, ref.module, slice_batchnorm(module, rows.to(device)))
-    for name in site.groupwise:
-        module = get_module(model, name)
-        set_module(model, name, slice_groupwise(module, keep.to(module.weight.device)))
+    # Consumers first: a module that both reads and writes the site's channels (y = x + f(x)) gets its
+    # refit weight written at full width, then its output rows are sliced like any producer's.
     for ref in site.consumers:
         module = get_module(model, ref.module)
         old = consumer_weight_matrix(module)  # (d, m)
@@ -264,6 +252,20 @@ def prune_site_(
                                  f"got {tuple(refit_w.shape)}")
             new_w[start * ref.kernel : start * ref.kernel + rows] = refit_w.to(new_w)
         set_module(model, ref.module, _consumer_from_matrix(module, new_w, units.numel()))
+    for ref in site.producers:
+        module = get_module(model, ref.module)
+        size = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        rows = layout.cut(ref.module, "out", size, ref.start, ref.span, _units(keep, ref.span // site.channels))
+        set_module(model, ref.module, slice_producer(module, rows.to(module.weight.device)))
+    for ref in site.sliced:
+        module = get_module(model, ref.module)
+        rows = layout.cut(ref.module, "out", module.num_features, ref.start, ref.span,
+                          _units(keep, ref.span // site.channels))
+        device = next(iter(module.buffers()), torch.empty(0)).device
+        set_module(model, ref.module, slice_batchnorm(module, rows.to(device)))
+    for name in site.groupwise:
+        module = get_module(model, name)
+        set_module(model, name, slice_groupwise(module, keep.to(module.weight.device)))
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import nn
 
 from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import PruneConfig, prune
+from subprune.serialization import load_pruned, save_pruned
 from subprune.sites import find_sites
 from subprune.solver import greedy_select, refit, stack_problems
 from subprune.surgery import consumer_weight_matrix
@@ -158,3 +159,35 @@ def test_stacked_objective_is_the_sum_over_consumers():
             residual = b[:, cols] @ refit(gram_j, w, keep, gj) - b @ w
             kept += float(((b @ w) ** 2).sum() - (residual**2).sum())
         assert float(result.objective[k - 1]) * energy == pytest.approx(kept, rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["resnext", "efficientnet-se"])
+def test_pruned_grouped_and_depthwise_models_save_and_reload(arch, inputs, tmp_path):
+    result = prune(ARCHITECTURES[arch](0), inputs, PruneConfig(method="layer", keep=0.5, coupled=True, progress=False))
+    save_pruned(result.model, tmp_path / "run")
+    reloaded = load_pruned(tmp_path / "run", model=ARCHITECTURES[arch](1))  # another dense instance
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(inputs), result.model(inputs))
+
+
+def test_a_layer_that_reads_and_writes_the_residual_stream():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(h + self.b(h))
+
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(64, 6)
+    (site,), _ = find_sites(model, x[:2], coupled=True)
+    assert [p.module for p in site.producers] == ["a", "b"] and [c.module for c in site.consumers] == ["b", "c"]
+    half = prune(model, x, PruneConfig(method="seq", keep=0.5, reweight=False, coupled=True, progress=False))
+    assert (half.model.b.in_features, half.model.b.out_features, half.model.c.in_features) == (4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(half.model(x), _masked(model, [site], half.sites)(x))
+    full = prune(model, x, PruneConfig(method="asym", keep=1.0, coupled=True, progress=False))
+    with torch.no_grad():
+        torch.testing.assert_close(full.model(x), model(x), atol=1e-5, rtol=1e-5)
