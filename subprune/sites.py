@@ -40,6 +40,8 @@ CHANNELWISE_MODULES = (
     nn.Dropout1d, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
+# Per-sample scalings from torchvision and timm (identity in eval mode), matched by class name.
+CHANNELWISE_MODULE_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
 # Matched by name: torch.relu, F.relu and torch.nn.functional's dispatch wrappers
 # (F.max_pool2d traces as `_max_pool2d` or `max_pool2d`) all count.
 CHANNELWISE_FUNCTIONS = {
@@ -275,7 +277,7 @@ class _Flood:
                 return "producer"
             if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 return "batchnorm"
-            if isinstance(module, CHANNELWISE_MODULES):
+            if isinstance(module, CHANNELWISE_MODULES) or type(module).__name__ in CHANNELWISE_MODULE_NAMES:
                 return "unary"
             if isinstance(module, (nn.Flatten, nn.Unflatten)):
                 return "reshape"

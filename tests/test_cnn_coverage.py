@@ -191,3 +191,33 @@ def test_a_layer_that_reads_and_writes_the_residual_stream():
     full = prune(model, x, PruneConfig(method="asym", keep=1.0, coupled=True, progress=False))
     with torch.no_grad():
         torch.testing.assert_close(full.model(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torchvision_style_squeeze_excitation_and_stochastic_depth():
+    class StochasticDepth(nn.Module):  # torchvision.ops.StochasticDepth in eval mode
+        def forward(self, x):
+            return x
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.expand = nn.Conv2d(8, 16, 1)
+            self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+            self.gate = nn.Hardsigmoid()
+            self.project, self.drop = nn.Conv2d(16, 8, 1), StochasticDepth()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            h = torch.relu(self.expand(x))
+            scale = self.gate(self.fc2(torch.relu(self.fc1(nn.functional.adaptive_avg_pool2d(h, 1)))))
+            y = x + self.drop(self.project(scale * h))  # the gate is the first operand here
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    sites, skipped = find_sites(Block(), torch.randn(2, 3, 8, 8), coupled=True)
+    by = {s.name: s for s in sites}
+    assert [p.module for p in by["expand"].producers] == ["expand", "fc2"]
+    assert [c.module for c in by["expand"].consumers] == ["fc1", "project"]
+    assert [p.module for p in by["stem"].producers] == ["stem", "project"] and by["stem"].coupled
+    assert [s.name for s in skipped] == ["head"]
