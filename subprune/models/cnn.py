@@ -75,9 +75,9 @@ class CifarBasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """CIFAR ResNet-(6n+2) (He et al. 2016, Sec. 4.2): n = 3 gives ResNet-20, n = 9 ResNet-56."""
 
-    def __init__(self, n: int = 3, widths=(16, 32, 64), classes: int = 10, shortcut: str = "A"):
+    def __init__(self, n: int = 3, widths=(16, 32, 64), classes: int = 10, shortcut: str = "A", in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         blocks, c = [], widths[0]
         for stage, w in enumerate(widths):
