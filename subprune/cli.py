@@ -27,6 +27,7 @@ from subprune.data import DATASETS, calibration_indices, load_dataset
 from subprune.evaluate import accuracy, count_parameters
 from subprune.methods import METHODS
 from subprune.models import MODELS, get_spec, load_model
+from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import MIN_CALIBRATION_SAMPLES, PruneConfig, prune
 from subprune.report import build_report, compare_models, print_report
 from subprune.serialization import ARCHITECTURE_FILE, load_pruned, save_pruned
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="cache directory of --budget accuracy (default ~/.cache/subprune)")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
+    p.add_argument("--coupled", action="store_true",
+                   help="also prune channels tied by residual additions, as coupled sites")
     p.add_argument("--calib", type=int, default=512, help="number of calibration samples (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and stochastic greedy")
     p.add_argument("--epsilon", type=float, default=0.0, help="stochastic greedy epsilon in [0, 1)")
@@ -103,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list a model's pruning sites and the layers that cannot be pruned")
     p.add_argument("--model", default="lenet", choices=sorted(MODELS))
+    p.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES),
+                   help="inspect a randomly initialised reference CNN instead of a registered model")
+    p.add_argument("--coupled", action="store_true",
+                   help="also find coupled sites (channels tied by residual additions across producers)")
 
     p = sub.add_parser("evaluate", help="reload a saved pruned model and measure its test accuracy")
     p.add_argument("directory")
@@ -148,7 +155,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, coupled=args.coupled,
     )
     model = load_model(args.model)
     labels = train_y[indices] if METHODS[args.method].needs_labels else None
@@ -173,16 +180,29 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> None:
-    spec = get_spec(args.model)
-    model = load_model(args.model)
-    images, _ = load_dataset(spec.dataset, "test")
-    sites, skipped = find_sites(model, spec.preprocess(images[:2]))
-    table = Table(title=f"{args.model}: pruning sites")
-    for column in ("site (producer)", "between", "consumer", "channels", "group size"):
+    if args.arch:
+        model, title = ARCHITECTURES[args.arch](0), args.arch
+        example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    else:
+        spec = get_spec(args.model)
+        model, title = load_model(args.model), args.model
+        images, _ = load_dataset(spec.dataset, "test")
+        example = spec.preprocess(images[:2])
+    sites, skipped = find_sites(model, example, coupled=args.coupled)
+    table = Table(title=f"{title}: pruning sites" + (" (with coupled sites)" if args.coupled else ""))
+    for column in ("site", "producers", "between", "consumers", "channels", "group size"):
         table.add_column(column)
     for s in sites:
-        table.add_row(s.name, ", ".join(s.batchnorms) or "-", s.consumer, str(s.channels), str(s.group_size))
+        producers = ", ".join(p.module for p in s.producers)
+        between = ", ".join([*s.batchnorms, *(f"{g} (grouped)" for g in s.groupwise)]) or "-"
+        consumers = ", ".join(c.module if c.start == 0 else f"{c.module} @{c.start}" for c in s.consumers)
+        unit = "" if s.producers[0].span == s.channels else f" groups of {s.producers[0].span // s.channels}"
+        table.add_row(s.name, producers, between, consumers, f"{s.channels}{unit}", str(s.group_size))
     console.print(table)
+    coupled = [s for s in sites if s.coupled]
+    for s in coupled:
+        console.print(f"coupled group {s.name}: {len(s.producers)} producers "
+                      f"({', '.join(p.module for p in s.producers)}) tied by {', '.join(s.coupled_by)}")
     for s in skipped:
         console.print(f"not prunable: {s.name}: {s.reason}")
 

@@ -25,8 +25,8 @@ from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_rat
 from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
 from subprune.distributed import all_reduce_statistics, check_same_selection, require_initialized
 from subprune.methods import METHODS, Method, SiteProblem, get_method
-from subprune.sites import PruningSite, SkippedLayer, find_sites, select_sites
-from subprune.solver import greedy_select, group_columns, refit, ridge_value, weights_objective
+from subprune.sites import ChannelRange, PruningSite, SkippedLayer, find_sites, select_sites
+from subprune.solver import greedy_select, group_columns, refit, ridge_value, stack_problems, weights_objective
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
     PRECISIONS,
@@ -35,7 +35,7 @@ from subprune.statistics import (
     consumer_input_rows,
     run_to_capture,
 )
-from subprune.surgery import consumer_weight_matrix, get_module, prune_site_
+from subprune.surgery import ChannelLayout, consumer_weight_matrix, get_module, prune_site_
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,10 @@ class PruneConfig:
         its own shard of the calibration set; the statistics are all-reduced
         before every selection, so all processes select the same channels and
         hold the same pruned model (:mod:`subprune.distributed`).
+    coupled : bool
+        Also prune channels tied by residual additions across several producers,
+        as one coupled site each, refitting every consumer (see
+        :func:`subprune.sites.find_sites`). Off: only block-internal sites.
     """
 
     method: str = "asym"
@@ -116,6 +120,7 @@ class PruneConfig:
     offload: bool = False
     precision: str = "float64"
     distributed: bool = False
+    coupled: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -172,6 +177,11 @@ class SiteReport:
         Absolute ridge added to G.
     seconds : float
         Wall-clock of statistics, selection, refit and surgery of this site.
+    producers, consumers : list of str
+        Every producer and consumer of the site (several for coupled sites or
+        channels read by several layers).
+    coupled : bool
+        The site ties several producers through residual additions.
     """
 
     name: str
@@ -186,6 +196,9 @@ class SiteReport:
     rows: int = 0
     ridge: float = 0.0
     seconds: float = 0.0
+    producers: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    coupled: bool = False
 
 
 @dataclass
@@ -226,12 +239,22 @@ def _plan(sites: list[PruningSite], keep: float | Mapping[str, float]) -> dict[s
     return {s.name: _kept_count(keep[s.name], s.channels) for s in sites if s.name in keep}
 
 
-def collect_statistics(
+def _site_rows(module: nn.Module, x: Tensor, ref: ChannelRange, start: int, chunk_bytes: int):
+    """Rows of B restricted to the site's columns in ``module`` (its input ``x``, site at ``start``)."""
+    if isinstance(module, nn.Conv2d):
+        x = x[:, start : start + ref.span]  # (N, span, H, W): unfold only the site's channels
+    else:
+        x = x[..., start * ref.kernel : (start + ref.span) * ref.kernel]  # (N, span * kernel)
+    return consumer_input_rows(module, x, chunk_bytes)
+
+
+def collect_site_statistics(
     model: nn.Module,
     sites: list[PruningSite],
     calibration: Tensor,
     *,
     dense: nn.Module | None = None,
+    layout: ChannelLayout | None = None,
     batch_size: int = 128,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
@@ -240,8 +263,8 @@ def collect_statistics(
     offload: bool = False,
     precision: str = "float64",
     distributed: bool = False,
-) -> dict[str, GramStatistics]:
-    """Stream the consumer inputs of ``sites`` into Gram statistics.
+) -> dict[str, list[GramStatistics]]:
+    """Stream the consumer inputs of ``sites`` into Gram statistics, one per consumer of each site.
 
     Parameters
     ----------
@@ -253,6 +276,9 @@ def collect_statistics(
     dense : nn.Module, optional
         The original model (gives A): when given, the statistics are asymmetric,
         from paired forward passes on the same batch.
+    layout : ChannelLayout, optional
+        Where earlier cuts moved the sites' columns in ``model`` (``dense`` is
+        always addressed in dense indices).
     batch_size, chunk_bytes, progress, description
         Forward batch size, memory bound on unfolded patches, progress bar.
     device : torch.device, optional
@@ -267,7 +293,9 @@ def collect_statistics(
 
     Returns
     -------
-    dict site name -> GramStatistics
+    dict site name -> list of GramStatistics
+        In the order of ``site.consumers``; statistic j covers only the site's
+        columns of consumer j: d_j = span_j * kernel_j.
 
     Raises
     ------
@@ -276,29 +304,67 @@ def collect_statistics(
 
     Notes
     -----
-    With a single site the forward passes stop right after its consumer's input
-    is read. Hooks are removed when done; the models are not changed.
+    With a single site the forward passes stop right after its last consumer's
+    input is read. Hooks are removed when done; the models are not changed.
     """
     device = resolve_device(device, model)
-    consumers = {s.consumer: get_module(model, s.consumer) for s in sites}
-    stop = sites[0].consumer if len(sites) == 1 else None
+    names = {ref.module for s in sites for ref in s.consumers}
+    consumers = {name: get_module(model, name) for name in names}
+    stop = sites[0].consumers[-1].module if len(sites) == 1 else None
     stats = {
-        s.name: GramStatistics(
-            get_module(model, s.consumer).weight[0].numel(), dense is not None, device, s.consumer, precision
-        )
+        s.name: [
+            GramStatistics(ref.span * ref.kernel, dense is not None, device, ref.module, precision)
+            for ref in s.consumers
+        ]
         for s in sites
     }
-    dense_consumers = {} if dense is None else {s.consumer: get_module(dense, s.consumer) for s in sites}
+    dense_consumers = {} if dense is None else {name: get_module(dense, name) for name in names}
     batches = range(0, calibration.shape[0], batch_size)
     models = [model] if dense is None else [model, dense]
     with offload_modules(models, device) if offload else contextlib.nullcontext():
         for start in tqdm(batches, desc=description, disable=not progress, leave=False):
-            _accumulate_batch(calibration[start : start + batch_size].to(device), sites, stats, model, consumers,
-                              dense, dense_consumers, stop, chunk_bytes)
+            batch = calibration[start : start + batch_size].to(device)
+            inputs: dict[str, Tensor] = {}
+            targets: dict[str, Tensor] = {}
+            with capture_inputs(consumers, inputs.__setitem__, stop):
+                run_to_capture(model, batch)
+            if dense is not None:
+                with capture_inputs(dense_consumers, targets.__setitem__, stop):
+                    run_to_capture(dense, batch)
+            for site in sites:
+                for ref, stat in zip(site.consumers, stats[site.name], strict=True):
+                    module = consumers[ref.module]
+                    here = ref.start if layout is None else layout.start(ref.module, "in", ref.start)
+                    rows_b = _site_rows(module, inputs[ref.module], ref, here, chunk_bytes)
+                    if dense is None:
+                        for b in rows_b:
+                            stat.update(b)
+                    else:
+                        rows_a = _site_rows(module, targets[ref.module], ref, ref.start, chunk_bytes)
+                        for b, a in zip(rows_b, rows_a, strict=True):
+                            stat.update(b, a)
     if distributed:
         for site_stats in stats.values():
-            all_reduce_statistics(site_stats)
+            for stat in site_stats:
+                all_reduce_statistics(stat)
     return stats
+
+
+def collect_statistics(
+    model: nn.Module, sites: list[PruningSite], calibration: Tensor, **kwargs
+) -> dict[str, GramStatistics]:
+    """As :func:`collect_site_statistics` for sites with one consumer: one GramStatistics per site.
+
+    Raises
+    ------
+    ValueError
+        If a site has several consumers (use :func:`collect_site_statistics`).
+    """
+    several = [s.name for s in sites if len(s.consumers) != 1]
+    if several:
+        raise ValueError(f"sites {several} have several consumers; use collect_site_statistics")
+    stats = collect_site_statistics(model, sites, calibration, **kwargs)
+    return {name: values[0] for name, values in stats.items()}
 
 
 def _check_labels(method: Method, labels: Tensor | None, calibration: Tensor) -> None:
@@ -314,20 +380,55 @@ def _check_labels(method: Method, labels: Tensor | None, calibration: Tensor) ->
                          f"({calibration.shape[0]}), got {getattr(labels, 'shape', type(labels).__name__)}")
 
 
-def _objective_curves(sites: list[PruningSite], dense: nn.Module, stats: dict[str, GramStatistics],
+@dataclass
+class _SiteSystem:
+    """One site's problem over all its consumers (stacked when several) and the per-consumer parts."""
+
+    problem: SiteProblem
+    weights: list[Tensor]
+    energies: list[float]
+    group_sizes: list[int]
+
+
+def _site_system(
+    model: nn.Module, site: PruningSite, stats: list[GramStatistics], layout: ChannelLayout | None,
+    scores: Tensor | None = None,
+) -> _SiteSystem:
+    """Consumer weights of ``site`` in ``model`` and the (stacked) problem the selection sees."""
+    weights, energies, group_sizes = [], [], []
+    for ref, stat in zip(site.consumers, stats, strict=True):
+        start = (ref.start if layout is None else layout.start(ref.module, "in", ref.start)) * ref.kernel
+        full = consumer_weight_matrix(get_module(model, ref.module))  # (d, m)
+        weight = full[start : start + ref.span * ref.kernel].to(stat.gram_)  # (n g_j, m)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"the weight of '{ref.module}' holds NaN or infinite values; fix the model first")
+        weights.append(weight)
+        energies.append(stat.target_energy(weight))
+        group_sizes.append(site.consumer_group_size(ref))
+    if len(stats) == 1:
+        gram, cross, weight, group_size = stats[0].gram_, stats[0].cross_, weights[0], group_sizes[0]
+    else:
+        gram, weight, cross, group_size = stack_problems(
+            [s.gram_ for s in stats], weights, group_sizes, [s.cross_ for s in stats]
+        )
+    problem = SiteProblem(gram, cross, weight, sum(energies), group_size, site.channels, scores)
+    return _SiteSystem(problem, weights, energies, group_sizes)
+
+
+def _objective_curves(sites: list[PruningSite], dense: nn.Module, stats: dict[str, list[GramStatistics]],
                       ridge: float) -> dict[str, Tensor]:
     """Greedy's whole nested curve f(S_1..S_n) of every site, from the dense model's statistics."""
     curves = {}
     for site in sites:
-        weight = consumer_weight_matrix(get_module(dense, site.consumer)).to(stats[site.name].gram_)  # (d, m)
-        energy = stats[site.name].target_energy(weight)
-        curves[site.name] = greedy_select(stats[site.name].gram_, weight, energy, site.group_size, site.channels,
-                                          ridge=ridge).objective
+        p = _site_system(dense, site, stats[site.name], None).problem
+        curves[site.name] = greedy_select(p.gram, p.weight, p.target_energy, p.group_size, site.channels,
+                                          cross=p.cross, ridge=ridge).objective
     return curves
 
 
 def _budget(method: Method, config: PruneConfig, dense: nn.Module | None, sites: list[PruningSite],
-            plan: dict[str, int], stats: dict[str, GramStatistics], scores: dict[str, Tensor]) -> dict[str, int]:
+            plan: dict[str, int], stats: dict[str, list[GramStatistics]],
+            scores: dict[str, Tensor]) -> dict[str, int]:
     """Channels kept per site: from the keep ratio, a compression target, a global ranking or the curves."""
     target: dict = {"total": sum(plan.values())}
     if config.compression is not None:
@@ -342,75 +443,49 @@ def _budget(method: Method, config: PruneConfig, dense: nn.Module | None, sites:
     return plan
 
 
-def _accumulate_batch(
-    batch: Tensor,
-    sites: list[PruningSite],
-    stats: dict[str, GramStatistics],
-    model: nn.Module,
-    consumers: dict[str, nn.Module],
-    dense: nn.Module | None,
-    dense_consumers: dict[str, nn.Module],
-    stop: str | None,
-    chunk_bytes: int,
-) -> None:
-    """Add one calibration batch (already on the compute device) to the statistics of every site."""
-    inputs: dict[str, Tensor] = {}
-    targets: dict[str, Tensor] = {}
-    with capture_inputs(consumers, inputs.__setitem__, stop):
-        run_to_capture(model, batch)
-    if dense is not None:
-        with capture_inputs(dense_consumers, targets.__setitem__, stop):
-            run_to_capture(dense, batch)
-    for site in sites:
-        module = consumers[site.consumer]
-        rows_b = consumer_input_rows(module, inputs[site.consumer], chunk_bytes)
-        if dense is None:
-            for b in rows_b:
-                stats[site.name].update(b)
-        else:
-            rows_a = consumer_input_rows(module, targets[site.consumer], chunk_bytes)
-            for b, a in zip(rows_b, rows_a, strict=True):
-                stats[site.name].update(b, a)
-
-
 def _prune_one_site(
     work: nn.Module,
     site: PruningSite,
-    stats: GramStatistics,
+    stats: list[GramStatistics],
     k: int,
     config: PruneConfig,
     generator: torch.Generator,
+    layout: ChannelLayout,
     scores: Tensor | None = None,
 ) -> SiteReport:
-    """Select, refit and cut one site of ``work`` in place."""
+    """Select, refit and cut one site of ``work`` in place (its objective summed over its consumers)."""
     method = get_method(config.method)
-    weight = consumer_weight_matrix(get_module(work, site.consumer)).to(stats.gram_)  # (d, m)
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"the weight of '{site.consumer}' holds NaN or infinite values; fix the model first")
-    energy = stats.target_energy(weight)
-    cross = stats.cross_
-    problem = SiteProblem(stats.gram_, cross, weight, energy, site.group_size, site.channels, scores)
+    system = _site_system(work, site, stats, layout, scores)
+    problem = system.problem
     selection = method.select(problem, k, config.epsilon, config.ridge, generator)
     keep = selection.keep
     if config.distributed:
         check_same_selection(site.name, keep)
-    if stats.n_rows_ < keep.numel() * site.group_size:
+    rows = min(s.n_rows_ for s in stats)
+    if rows < keep.numel() * max(system.group_sizes):
         log.warning(
             "site %s: %d calibration rows for %d refit columns: the refit interpolates the calibration "
             "set and f(S) overstates what is kept; use more samples or a ridge",
-            site.name, stats.n_rows_, keep.numel() * site.group_size,
+            site.name, rows, keep.numel() * max(system.group_sizes),
         )
-    if config.reweight:
-        new_weight = refit(stats.gram_, weight, keep, site.group_size, cross=cross, ridge=config.ridge)
-    else:
-        new_weight = weight[group_columns(keep.to(weight.device), site.group_size)]
-    objective = weights_objective(stats.gram_, weight, energy, keep, new_weight, site.group_size, cross=cross)
-    prune_site_(work, site, keep, new_weight if config.reweight else None)
+    new_weights, kept_energy = {}, 0.0
+    parts = zip(site.consumers, stats, system.weights, system.group_sizes, system.energies, strict=True)
+    for ref, stat, w, g, e in parts:
+        if config.reweight:
+            new_w = refit(stat.gram_, w, keep, g, cross=stat.cross_, ridge=config.ridge)
+        else:
+            new_w = w[group_columns(keep.to(w.device), g)]
+        kept_energy += e * weights_objective(stat.gram_, w, e, keep, new_w, g, cross=stat.cross_)
+        new_weights[ref.module] = new_w
+    energy = problem.target_energy
+    objective = kept_energy / energy if energy > 0 else 0.0
+    prune_site_(work, site, keep, new_weights if config.reweight else None, layout)
     curve = [] if selection.objective is None else selection.objective.tolist()
     return SiteReport(
-        site.name, site.producer, site.consumer, site.channels, int(keep.numel()), site.group_size,
-        objective, curve, keep.tolist(), stats.n_rows_,
-        ridge_value(stats.gram_, config.ridge),
+        site.name, site.producer, site.consumer, site.channels, int(keep.numel()), problem.group_size,
+        objective, curve, keep.tolist(), stats[0].n_rows_, ridge_value(problem.gram, config.ridge),
+        producers=[p.module for p in site.producers], consumers=[c.module for c in site.consumers],
+        coupled=site.coupled,
     )
 
 
@@ -488,7 +563,8 @@ def _prune(
     dense = copy.deepcopy(model).to(storage).eval() if needs_dense else None
 
     with offload_modules([work], device) if config.offload else contextlib.nullcontext():
-        all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device))
+        all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device),
+                                        coupled=config.coupled)
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
     plan = _plan(sites, config.keep)
     sites = [s for s in sites if s.name in plan]
@@ -498,7 +574,7 @@ def _prune(
                   device=device, offload=config.offload, precision=config.precision, distributed=config.distributed)
     layer_stats = {}
     if not method.sequential or config.budget == "curve":
-        layer_stats = collect_statistics(dense, sites, calibration, description="calibration", **common)
+        layer_stats = collect_site_statistics(dense, sites, calibration, description="calibration", **common)
     scores = {}
     if not method.global_ranking:  # the budget comes first; the scores may use it (GreedyFS stops at k)
         plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
@@ -508,6 +584,7 @@ def _prune(
         scores = method.score(context)
     if method.global_ranking:
         plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
+    layout = ChannelLayout()
 
     reports = []
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
@@ -515,16 +592,18 @@ def _prune(
         k = plan[site.name]
         if k == site.channels and not method.asymmetric:
             reports.append(SiteReport(site.name, site.producer, site.consumer, site.channels, k,
-                                      site.group_size, 1.0, keep=list(range(k))))
+                                      site.group_size, 1.0, keep=list(range(k)),
+                                      producers=[p.module for p in site.producers],
+                                      consumers=[c.module for c in site.consumers], coupled=site.coupled))
             continue
         if method.sequential:
-            stats = collect_statistics(
-                work, [site], calibration, dense=dense if method.asymmetric else None,
+            stats = collect_site_statistics(
+                work, [site], calibration, dense=dense if method.asymmetric else None, layout=layout,
                 description=site.name, **common,
             )[site.name]
         else:
             stats = layer_stats[site.name]
-        report = _prune_one_site(work, site, stats, k, config, generator, scores.get(site.name))
+        report = _prune_one_site(work, site, stats, k, config, generator, layout, scores.get(site.name))
         report.seconds = time.perf_counter() - site_start
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)

@@ -103,9 +103,13 @@ def build_report(result: PruneResult, measures: dict, settings: dict) -> dict:
                 "seconds": s.seconds,
                 "keep_indices": s.keep,
                 "objective_curve": s.objective_curve,
+                "producers": s.producers,
+                "consumers": s.consumers,
+                "coupled": s.coupled,
             }
             for s in result.sites
         ],
+        "coupled": cfg.coupled,
         "skipped": [asdict(s) for s in result.skipped],
     }
     return report

@@ -1,11 +1,24 @@
 """Find pruning sites by tracing the model's graph with torch.fx.
 
-A pruning site is a producer (Linear out-features or Conv2d out-channels), a
-chain of channel-wise operations (BatchNorm, activations, pooling, dropout, one
-flatten) and the one consumer (Linear or Conv2d) that reads the producer's
-channels and whose weights are refit (DESIGN.md Sec. 2). Sites follow the data
-flow of the traced graph, not the order in which modules were registered. Every
-Linear/Conv2d that is not the producer of a site is reported with the reason.
+A pruning site is a set of channels removed together: the output channels of a
+producer (Linear out-features or Conv2d out-channels), carried through
+channel-wise operations (BatchNorm, activations, pooling, dropout, flatten,
+depthwise and grouped convolutions, squeeze-and-excitation scaling,
+concatenation) to every consumer (Linear or Conv2d) that reads them and whose
+weights are refit (DESIGN.md Sec. 2). The channel set is found by a flood fill
+over the traced graph: every tensor that carries the same channels belongs to
+the site, with the offset at which they sit (a concatenation shifts them).
+
+*Block-internal* sites (the default) have one producer, plus the
+squeeze-and-excitation convolutions whose output scales the channels. Channels
+tied by a residual addition (``a + b``) or an elementwise product of two
+feature maps belong to several producers: they form a *coupled* site, found
+only with ``coupled=True``, in which every producer, BatchNorm and consumer that
+shares them is sliced together. A grouped convolution on the way makes the
+site's unit a whole group (channels of one group are kept or removed together).
+
+Every Linear/Conv2d that is neither in a site nor pruned with one is reported
+with the reason; nothing is half-pruned.
 """
 
 from __future__ import annotations
@@ -23,15 +36,17 @@ PRODUCERS = (nn.Linear, nn.Conv2d)
 
 CHANNELWISE_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout,
+    nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardswish, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout,
     nn.Dropout1d, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
+# Per-sample scalings from torchvision and timm (identity in eval mode), matched by class name.
+CHANNELWISE_MODULE_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
 # Matched by name: torch.relu, F.relu and torch.nn.functional's dispatch wrappers
 # (F.max_pool2d traces as `_max_pool2d` or `max_pool2d`) all count.
 CHANNELWISE_FUNCTIONS = {
     "relu", "relu_", "relu6", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh",
-    "hardswish", "mish", "dropout", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices",
+    "hardswish", "hardsigmoid", "hardtanh", "mish", "dropout", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices",
     "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "_adaptive_max_pool2d",
 }
 CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach"}
@@ -47,24 +62,66 @@ class TraceError(ValueError):
 
 
 @dataclass(frozen=True)
+class ChannelRange:
+    """Where a site's channels lie in one module.
+
+    Attributes
+    ----------
+    module : str
+        Qualified module name.
+    start : int
+        First index of the site in the module's channel dimension of the dense
+        model: output channels for producers and BatchNorms, input units for
+        consumers.
+    span : int
+        Number of indices the site covers: ``channels`` units of ``span //
+        channels`` indices each, contiguous and unit-major.
+    kernel : int
+        Weight columns per index (consumers only): kh*kw for a Conv2d, H*W for a
+        Linear after a flatten, else 1.
+    """
+
+    module: str
+    start: int
+    span: int
+    kernel: int = 1
+
+
+@dataclass(frozen=True)
 class PruningSite:
-    """One producer -> channel-wise ops -> consumer chain.
+    """A set of channels removed together, with every module that holds them.
 
     Attributes
     ----------
     name : str
-        The site's name: the producer's qualified module name.
+        The site's name: its first producer's qualified module name.
     producer : str
-        Module whose output channels are removed (Linear or Conv2d).
+        The first producer (the one named by ``name``).
     consumer : str
-        Module whose input columns are removed and whose weight is refit.
+        The first consumer in graph order.
     batchnorms : tuple of str
-        BatchNorm modules between producer and consumer, sliced with the channels.
+        BatchNorm modules sliced with the channels.
     channels : int
-        n, the number of producer channels.
+        n, the number of units that can be kept or removed: channels, or whole
+        groups when a grouped convolution carries them.
     group_size : int
-        g, consumer input columns per channel: 1 (Linear), kh*kw (Conv2d),
-        H*W (Conv2d -> flatten -> Linear). Group c is columns c*g .. c*g+g-1.
+        Solver columns per unit, summed over consumers: 1 (Linear), kh*kw
+        (Conv2d), H*W (Conv2d -> flatten -> Linear), times the channels per unit.
+        With one consumer reading all its input, group c is columns
+        c*g .. c*g+g-1 of its weight.
+    producers : tuple of ChannelRange
+        Every module whose output channels are removed (several for a coupled
+        site; squeeze-and-excitation expansion convolutions too).
+    consumers : tuple of ChannelRange
+        Every module whose input columns are removed and whose weight is refit.
+    sliced : tuple of ChannelRange
+        BatchNorms, with where the channels lie in them.
+    groupwise : tuple of str
+        Depthwise or grouped convolutions that carry the channels: whole groups
+        are kept (their ``groups`` shrinks).
+    coupled_by : tuple of str
+        Graph nodes (additions, products) that tie several producers; empty for
+        a block-internal site.
     """
 
     name: str
@@ -73,6 +130,31 @@ class PruningSite:
     batchnorms: tuple[str, ...]
     channels: int
     group_size: int
+    producers: tuple[ChannelRange, ...] = ()
+    consumers: tuple[ChannelRange, ...] = ()
+    sliced: tuple[ChannelRange, ...] = ()
+    groupwise: tuple[str, ...] = ()
+    coupled_by: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A site built by hand as a plain chain: one producer, BatchNorms, one consumer reading all.
+        if not self.producers:
+            object.__setattr__(self, "producers", (ChannelRange(self.producer, 0, self.channels),))
+        if not self.consumers:
+            object.__setattr__(
+                self, "consumers", (ChannelRange(self.consumer, 0, self.channels, self.group_size),)
+            )
+        if not self.sliced and self.batchnorms:
+            object.__setattr__(self, "sliced", tuple(ChannelRange(b, 0, self.channels) for b in self.batchnorms))
+
+    @property
+    def coupled(self) -> bool:
+        """True if several producers are tied by an addition or product."""
+        return bool(self.coupled_by)
+
+    def consumer_group_size(self, consumer: ChannelRange) -> int:
+        """Weight columns per unit of this site in ``consumer``."""
+        return consumer.span // self.channels * consumer.kernel
 
 
 @dataclass(frozen=True)
@@ -111,15 +193,14 @@ def trace(model: nn.Module, example_input: Tensor) -> torch.fx.GraphModule:
 
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _only_tensor_input(node: torch.fx.Node, source: torch.fx.Node) -> bool:
-    """True if ``source`` is the first argument and no other argument is a graph node."""
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     inputs: list[torch.fx.Node] = []
     torch.fx.node.map_arg((node.args, node.kwargs), inputs.append)
-    return bool(node.args) and node.args[0] is source and all(i is source for i in inputs)
+    return list(dict.fromkeys(inputs))
 
 
 def _is_flatten(node: torch.fx.Node, source: torch.fx.Node) -> bool:
@@ -130,72 +211,309 @@ def _is_flatten(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     return after[0] == before[0] and after[1] == math.prod(before[1:])
 
 
-def _follow(
-    graph_module: torch.fx.GraphModule, producer_node: torch.fx.Node, call_counts: dict[str, int]
-) -> tuple[str, tuple[str, ...], int] | str:
-    """Walk from a producer to its consumer; return (consumer, batchnorms, group_size) or a reason."""
-    modules = dict(graph_module.named_modules())
-    batchnorms: list[str] = []
-    group_size = 1
-    flattened = False
-    node = producer_node
-    while True:
-        users = list(node.users)
-        if not users:
-            return "its output is not used"
-        if len(users) > 1:
-            names = ", ".join(u.name for u in users)
-            return f"its channels reach {len(users)} operations ({names}): branch or residual"
-        user = users[0]
-        if user.op == "output":
-            return "its outputs are the model's outputs (last layer)"
-        if user.op == "call_function" and user.target in (operator.add, torch.add, operator.iadd):
-            return f"its channels feed an addition '{user.name}' (residual connection)"
-        if user.op == "call_function" and user.target is torch.cat:
-            return f"its channels are concatenated by '{user.name}'"
-        if not _only_tensor_input(user, node):
-            return f"its channels are combined with another tensor by '{user.name}' ({user.target})"
-        if user.op == "call_module":
-            module = modules[user.target]
-            if call_counts.get(user.target, 0) > 1:
-                return f"module '{user.target}' is called {call_counts[user.target]} times"
-            if isinstance(module, PRODUCERS):
-                if isinstance(module, nn.Conv2d):
-                    if flattened:
-                        return f"consumer '{user.target}' is a Conv2d after a flatten"
-                    if module.groups != 1:
-                        return f"consumer '{user.target}' is a grouped convolution"
-                    if module.padding_mode != "zeros":
-                        return f"consumer '{user.target}' uses padding_mode={module.padding_mode!r}"
-                    group_size = module.kernel_size[0] * module.kernel_size[1]
-                return user.target, tuple(batchnorms), group_size
-            if isinstance(module, nn.Flatten):
-                if flattened or not _is_flatten(user, node):
-                    return f"'{user.target}' is not a flatten of (N, C, ...) to (N, C*...)"
-                flattened, group_size = True, math.prod(_shape(node)[2:])
-            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                if flattened:
-                    return f"BatchNorm '{user.target}' after a flatten mixes channel groups"
-                batchnorms.append(user.target)
-            elif not isinstance(module, CHANNELWISE_MODULES):
-                return f"unsupported module {type(module).__name__} '{user.target}' before a consumer"
-        elif user.op == "call_function" and getattr(user.target, "__name__", "") in CHANNELWISE_FUNCTIONS:
-            pass
-        elif (user.op == "call_function" and user.target is torch.flatten) or (
-            user.op == "call_method" and user.target in FLATTEN_METHODS
-        ):
-            if flattened or not _is_flatten(user, node):
-                return f"'{user.name}' reshapes the channels in an unsupported way"
-            flattened, group_size = True, math.prod(_shape(node)[2:])
-        elif user.op == "call_method" and user.target in CHANNELWISE_METHODS:
-            pass
-        else:
-            return f"unsupported operation '{user.name}' ({getattr(user.target, '__name__', user.target)})"
-        node = user
+def _strip_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+_ADDITIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul}
+_SCALARS = _ADDITIONS | _PRODUCTS | {operator.truediv, torch.div}
+_RESHAPES = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_MEANS = {"mean", "amax", "sum"}
+
+
+class _Fail(Exception):
+    """The flood fill met something it cannot prune through (internal)."""
+
+
+class _Regroup(Exception):
+    """A grouped convolution needs the site's unit to be one of its groups (internal)."""
+
+    def __init__(self, groups: int):
+        super().__init__(groups)
+        self.groups = groups
+
+
+class _Flood:
+    """Flood fill of one channel set from a producer (see the module docstring)."""
+
+    def __init__(self, graph_module, modules, call_counts, start: torch.fx.Node, units: int, width: int):
+        self.modules, self.call_counts = modules, call_counts
+        self.n = units
+        self.state: dict[torch.fx.Node, tuple[int, int, int]] = {}  # node -> (offset, width, columns)
+        self.producers: dict[str, ChannelRange] = {}
+        self.consumers: dict[str, ChannelRange] = {}
+        self.sliced: dict[str, ChannelRange] = {}
+        self.groupwise: list[str] = []
+        self.coupled_by: list[str] = []
+        self.queue: list[torch.fx.Node] = []
+        self._visit(start, (0, width, 1))
+        while self.queue:
+            node = self.queue.pop(0)
+            self._backward(node)
+            for user in list(node.users):
+                self._forward(node, user)
+
+    # -- classification -------------------------------------------------------------------------
+    def _module(self, node: torch.fx.Node) -> nn.Module | None:
+        return self.modules[node.target] if node.op == "call_module" else None
+
+    def _kind(self, node: torch.fx.Node) -> str:
+        """One of producer, groupwise, batchnorm, unary, reshape, cat, join, placeholder, output, other."""
+        if node.op in ("placeholder", "output", "get_attr"):
+            return node.op
+        module = self._module(node)
+        name = getattr(node.target, "__name__", str(node.target))
+        n_inputs = len(_tensor_inputs(node))
+        if module is not None:
+            stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+            if stateful and self.call_counts.get(node.target, 0) > 1:
+                raise _Fail(f"module '{node.target}' is called {self.call_counts[node.target]} times")
+            if isinstance(module, nn.Conv2d):
+                return "producer" if module.groups == 1 else "groupwise"
+            if isinstance(module, nn.Linear):
+                return "producer"
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                return "batchnorm"
+            if isinstance(module, CHANNELWISE_MODULES) or type(module).__name__ in CHANNELWISE_MODULE_NAMES:
+                return "unary"
+            if isinstance(module, (nn.Flatten, nn.Unflatten)):
+                return "reshape"
+            return "other"
+        if node.op == "call_function":
+            if node.target is torch.cat:
+                return "cat"
+            if node.target in _ADDITIONS | _PRODUCTS and n_inputs == 2:
+                return "join"
+            if node.target in _SCALARS and n_inputs == 1:
+                return "unary"
+            if name in CHANNELWISE_FUNCTIONS and n_inputs == 1 and node.args and node.args[0] in _tensor_inputs(node):
+                return "unary"
+            if node.target is torch.flatten:
+                return "reshape"
+            if node.target is operator.getitem and n_inputs == 1 and self._spatial_index(node):
+                return "unary"
+            if name == "pad" and n_inputs == 1:
+                pad = tuple(node.args[1]) if len(node.args) > 1 else tuple(node.kwargs.get("pad", ()))
+                shape = _shape(node.args[0])
+                if shape is not None and not any(pad[2 * (len(shape) - 2):]):
+                    return "unary"  # pads spatial dimensions only
+                raise _Fail(f"'{node.name}' (pad) zero-pads the channel dimension (e.g. an option-A shortcut)")
+            if node.target is torch.mean and n_inputs == 1:
+                return "mean"
+        if node.op == "call_method":
+            if node.target in CHANNELWISE_METHODS and n_inputs == 1:
+                return "unary"
+            if node.target in _RESHAPES and n_inputs == 1:
+                return "reshape"
+            if node.target in ("add", "sub", "mul") and n_inputs == 2:
+                return "join"
+            if node.target in ("add", "sub", "mul", "div") and n_inputs == 1:
+                return "unary"
+            if node.target in _MEANS and n_inputs == 1:
+                return "mean"
+        return "other"
+
+    @staticmethod
+    def _spatial_index(node: torch.fx.Node) -> bool:
+        """x[:, :, ...] that slices only dimensions after the channels."""
+        index = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(index, tuple) or len(index) < 2:
+            return False
+        full = slice(None, None, None)
+        return index[0] == full and index[1] == full and all(isinstance(i, slice) for i in index[2:])
+
+    @staticmethod
+    def _describe(node: torch.fx.Node) -> str:
+        return f"'{node.name}' ({getattr(node.target, '__name__', node.target)})"
+
+    # -- traversal ------------------------------------------------------------------------------
+    def _visit(self, node: torch.fx.Node, state: tuple[int, int, int]) -> None:
+        if node in self.state:
+            if self.state[node] != state:
+                raise _Fail(f"its channels reach {self._describe(node)} at two different positions")
+            return
+        offset, width, columns = state
+        kind = self._kind(node)
+        if kind in ("producer", "batchnorm", "groupwise") and columns != 1:
+            raise _Fail(f"module '{node.target}' reads flattened channels")
+        span = self.n * width
+        if kind == "producer":
+            self.producers[node.target] = ChannelRange(node.target, offset, span)
+        elif kind == "batchnorm":
+            self.sliced[node.target] = ChannelRange(node.target, offset, span)
+        elif kind == "groupwise":
+            self.groupwise.append(node.target)
+        self.state[node] = state
+        self.queue.append(node)
+
+    def _mean_keeps_channels(self, node: torch.fx.Node) -> bool:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        shape = _shape(node.args[0])
+        if dims is None or shape is None:
+            return False
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return all(d % len(shape) >= 2 for d in dims)
+
+    def _reshape_columns(self, node: torch.fx.Node, source: torch.fx.Node, columns: int, forward: bool) -> int:
+        """New columns-per-channel across a reshape from ``source`` to ``node``, or _Fail."""
+        before, after = _shape(source), _shape(node)
+        if before is None or after is None:
+            raise _Fail(f"{self._describe(node)} has no recorded shape")
+        if _strip_ones(before) == _strip_ones(after):
+            return columns
+        if _is_flatten(node, source):
+            spatial = math.prod(before[2:])
+            if forward:
+                return columns * spatial
+            if columns % spatial:
+                raise _Fail(f"{self._describe(node)} reshapes the channels in an unsupported way")
+            return columns // spatial
+        raise _Fail(f"{self._describe(node)} reshapes the channels in an unsupported way")
+
+    def _forward(self, node: torch.fx.Node, user: torch.fx.Node) -> None:
+        """``user`` reads ``node``'s channels."""
+        offset, width, columns = self.state[node]
+        kind = self._kind(user)
+        if kind == "output":
+            raise _Fail("its outputs are the model's outputs (last layer)")
+        if kind == "producer":  # a consumer
+            module = self._module(user)
+            if user.args[0] is not node or len(_tensor_inputs(user)) != 1:
+                raise _Fail(f"consumer '{user.target}' reads the channels in an unsupported way")
+            if user.target in self.consumers:
+                raise _Fail(f"consumer '{user.target}' reads the channels twice")
+            if isinstance(module, nn.Conv2d):
+                if columns != 1:
+                    raise _Fail(f"consumer '{user.target}' is a Conv2d after a flatten")
+                if module.padding_mode != "zeros":
+                    raise _Fail(f"consumer '{user.target}' uses padding_mode={module.padding_mode!r}")
+                kernel = module.kernel_size[0] * module.kernel_size[1]
+            else:
+                shape = _shape(node)
+                if shape is None or len(shape) != 2:
+                    raise _Fail(f"Linear consumer '{user.target}' reads a tensor of shape {shape}, not (N, features)")
+                kernel = columns
+            self.consumers[user.target] = ChannelRange(user.target, offset, self.n * width, kernel)
+            return
+        self._visit(user, self._through(user, node, (offset, width, columns), kind, forward=True))
+
+    def _backward(self, node: torch.fx.Node) -> None:
+        """The inputs of ``node`` carry the same channels (unless ``node`` is a producer)."""
+        kind = self._kind(node)
+        if kind == "producer":
+            return
+        if kind in ("placeholder", "get_attr"):
+            raise _Fail(f"its channels are tied to the model input or a constant {self._describe(node)}")
+        if kind == "cat":
+            offset, width, columns = self.state[node]
+            before = 0
+            for source in node.args[0]:
+                size = _shape(source)[1]
+                if before <= offset and offset + self.n * width <= before + size:
+                    self._visit(source, (offset - before, width, columns))
+                    return
+                before += size
+            raise _Fail(f"its channels straddle the inputs of the concatenation {self._describe(node)}")
+        for source in _tensor_inputs(node):
+            self._visit(source, self._through(node, source, self.state[node], kind, forward=False))
+
+    def _through(
+        self, node: torch.fx.Node, source: torch.fx.Node, state: tuple[int, int, int], kind: str, forward: bool
+    ) -> tuple[int, int, int]:
+        """State of ``node`` from that of its input ``source`` (forward) or the reverse."""
+        offset, width, columns = state
+        if kind in ("unary", "batchnorm"):
+            return state
+        if kind == "mean":
+            if not self._mean_keeps_channels(node):
+                raise _Fail(f"{self._describe(node)} reduces over the channels")
+            return state
+        if kind == "reshape":
+            return offset, width, self._reshape_columns(node, source, columns, forward)
+        if kind == "join":
+            a, b = (_shape(i) for i in _tensor_inputs(node))
+            if a == b:
+                if node.name not in self.coupled_by:
+                    self.coupled_by.append(node.name)
+                return state
+            gate = node.target in _PRODUCTS or node.target == "mul"
+            small = min((a, b), key=lambda s: math.prod(s) if s else 0)
+            if gate and small is not None and len(small) >= 3 and all(d == 1 for d in small[2:]):
+                return state  # squeeze-and-excitation: (N, C, 1, 1) scales (N, C, H, W)
+            raise _Fail(f"its channels are combined with a tensor of another shape by {self._describe(node)}")
+        if kind == "cat":  # forward only; the backward case is in _backward
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            shape = _shape(node)
+            if shape is None or dim % len(shape) != 1 or columns != 1:
+                raise _Fail(f"its channels are concatenated along a non-channel dimension by {self._describe(node)}")
+            sources = list(node.args[0])
+            if sources.count(source) != 1:
+                raise _Fail(f"the concatenation {self._describe(node)} reads the same channels twice")
+            before = sum(_shape(s)[1] for s in sources[: sources.index(source)])
+            return offset + before, width, columns
+        if kind == "groupwise":
+            module = self._module(node)
+            groups, c_in, c_out = module.groups, module.in_channels, module.out_channels
+            if self.n != groups:
+                raise _Regroup(groups)
+            if offset != 0 or self.n * width != (c_in if forward else c_out):
+                raise _Fail(f"grouped convolution '{node.target}' reads other channels besides the site's")
+            if module.padding_mode != "zeros":
+                raise _Fail(f"grouped convolution '{node.target}' uses padding_mode={module.padding_mode!r}")
+            return 0, (c_out if forward else c_in) // groups, 1
+        if kind == "other" and node.op == "call_module":
+            raise _Fail(f"unsupported module {type(self._module(node)).__name__} '{node.target}' on the channels")
+        raise _Fail(f"unsupported operation {self._describe(node)} on the channels")
+
+
+def _flood_site(graph_module, modules, call_counts, node: torch.fx.Node, coupled: bool):
+    """Flood from a producer node; return (PruningSite, covered modules) or (reason, touched modules)."""
+    module = modules[node.target]
+    channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    units, tried, flood = channels, set(), None
+    for _ in range(4):
+        try:
+            flood = _Flood(graph_module, modules, call_counts, node, units, channels // units)
+            break
+        except _Regroup as regroup:
+            if regroup.groups in tried or channels % regroup.groups:
+                return (f"grouped convolutions with {regroup.groups} groups do not divide its "
+                        f"{channels} channels evenly"), set()
+            tried.add(regroup.groups)
+            units = regroup.groups
+        except _Fail as fail:
+            return str(fail), set()
+    if flood is None:
+        return "grouped convolutions with incompatible numbers of groups", set()
+    producers = list(flood.producers.values())
+    others = [p.module for p in producers if p.module != node.target]
+    if flood.coupled_by and not coupled:
+        joins = ", ".join(f"'{j}'" for j in flood.coupled_by)
+        return (
+            f"its channels are tied to {', '.join(others) or 'themselves'} by the addition/product {joins} "
+            "(residual connection or branch join); prune them together with coupled=True"
+        ), set(others) | set(flood.groupwise)
+    if not flood.consumers:
+        return "its channels reach no Linear/Conv2d that could be refit", set()
+    order = {n.target: i for i, n in enumerate(graph_module.graph.nodes) if n.op == "call_module"}
+    consumers = sorted(flood.consumers.values(), key=lambda c: order[c.module])
+    producers.sort(key=lambda p: order[p.module])
+    sliced = sorted(flood.sliced.values(), key=lambda c: order[c.module])
+    site = PruningSite(
+        name=node.target, producer=node.target, consumer=consumers[0].module,
+        batchnorms=tuple(s.module for s in sliced), channels=units,
+        group_size=sum(c.span // units * c.kernel for c in consumers),
+        producers=tuple(producers), consumers=tuple(consumers), sliced=tuple(sliced),
+        groupwise=tuple(sorted(flood.groupwise, key=order.get)), coupled_by=tuple(flood.coupled_by),
+    )
+    return site, {p.module for p in producers} | set(flood.groupwise)
 
 
 def find_sites(
-    model: nn.Module, example_input: Tensor
+    model: nn.Module, example_input: Tensor, coupled: bool = False
 ) -> tuple[list[PruningSite], list[SkippedLayer]]:
     """All pruning sites of ``model``, in forward (graph) order, and the skipped layers.
 
@@ -205,13 +523,18 @@ def find_sites(
         Not modified.
     example_input : Tensor
         A batch the model accepts (a few calibration samples), used to record
-        tensor shapes (for the group size after a flatten).
+        tensor shapes (for the group size after a flatten, concatenation offsets).
+    coupled : bool, default False
+        Also return coupled sites: channels tied by residual additions (or
+        products of feature maps) across several producers, pruned together.
+        Without it their producers are skipped with the reason.
 
     Returns
     -------
     sites : list of PruningSite
     skipped : list of SkippedLayer
-        Every Linear/Conv2d that is not the producer of a site, with the reason.
+        Every Linear/Conv2d that is neither a producer of a site nor a grouped
+        convolution carried by one, with the reason.
 
     Raises
     ------
@@ -227,6 +550,8 @@ def find_sites(
 
     sites: list[PruningSite] = []
     skipped: list[SkippedLayer] = []
+    covered: set[str] = set()
+    failed: dict[str, str] = {}  # grouped conv -> reason of the site it belongs to
     seen: set[str] = set()
     for node in graph_module.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], PRODUCERS):
@@ -238,27 +563,22 @@ def find_sites(
         if call_counts[name] > 1:
             skipped.append(SkippedLayer(name, f"called {call_counts[name]} times (shared weights)"))
             continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            skipped.append(SkippedLayer(name, "grouped or depthwise convolution producer"))
+        if name in covered or (isinstance(module, nn.Conv2d) and module.groups != 1):
             continue
-        found = _follow(graph_module, node, call_counts)
+        found, touched = _flood_site(graph_module, modules, call_counts, node, coupled)
         if isinstance(found, str):
             skipped.append(SkippedLayer(name, found))
+            for other in touched:
+                failed.setdefault(other, f"its channels belong to '{name}', which is skipped: {found}")
             continue
-        consumer, batchnorms, group_size = found
-        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        consumer_module = modules[consumer]
-        width = (
-            consumer_module.in_features
-            if isinstance(consumer_module, nn.Linear)
-            else consumer_module.in_channels * group_size
-        )
-        if width != channels * group_size:
-            skipped.append(
-                SkippedLayer(name, f"consumer '{consumer}' reads {width} features, not {channels} x {group_size}")
-            )
-            continue
-        sites.append(PruningSite(name, name, consumer, batchnorms, channels, group_size))
+        sites.append(found)
+        covered |= touched
+    for node in graph_module.graph.nodes:  # grouped convolutions no site carries
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.Conv2d) and module.groups != 1 and node.target not in covered:
+            if call_counts[node.target] == 1 and all(s.name != node.target for s in skipped):
+                reason = failed.get(node.target, "grouped or depthwise convolution whose channels no site carries")
+                skipped.append(SkippedLayer(node.target, reason))
     # Linear/Conv2d modules that the traced graph never calls.
     for name, module in model.named_modules():
         if isinstance(module, PRODUCERS) and name not in seen:
@@ -280,11 +600,13 @@ def select_sites(
     if layers is None:
         return list(sites)
     by_name = {s.name: s for s in sites}
+    # Any producer of a coupled site (or an SE expansion conv) selects its whole site.
+    by_producer = {p.module: s for s in sites for p in s.producers}
     reasons = {s.name: s.reason for s in skipped}
     chosen = []
     for layer in layers:
-        if layer in by_name:
-            chosen.append(by_name[layer])
+        if layer in by_name or layer in by_producer:
+            chosen.append(by_name.get(layer) or by_producer[layer])
         elif layer in reasons:
             raise UnprunableLayerError(f"layer '{layer}' cannot be pruned: {reasons[layer]}")
         else:

@@ -305,3 +305,68 @@ def group_columns(keep: Tensor, group_size: int) -> Tensor:
     """Column indices of the groups ``keep`` (k,): shape (k * group_size,), group-major."""
     offsets = torch.arange(group_size, device=keep.device)
     return (keep.unsqueeze(1) * group_size + offsets).reshape(-1)
+
+
+def stack_problems(
+    grams: list[Tensor],
+    weights: list[Tensor],
+    group_sizes: list[int],
+    crosses: list[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """One site problem whose objective is the sum of several consumers' objectives.
+
+    A site whose channels reach several consumers j keeps the same groups S in
+    all of them, and its objective is sum_j F_j(S). Stacking the consumers' rows
+    of B block-diagonally (each consumer's rows see only its own columns) and
+    their weights block-diagonally gives exactly that sum: the stacked G (and C)
+    is block-diagonal, the least-squares W' is block-diagonal, and
+    F(S) = sum_j tr(H_jS^T G_jSS^+ H_jS). Columns are reordered group-major, so
+    group c is columns c*g .. c*g+g-1 with g = sum_j g_j, and
+    :func:`greedy_select` applies unchanged.
+
+    Parameters
+    ----------
+    grams : list of Tensor of shape (n * g_j, n * g_j)
+    weights : list of Tensor of shape (n * g_j, m_j)
+    group_sizes : list of int
+        g_j, columns per group in consumer j.
+    crosses : list of Tensor of shape (n * g_j, n * g_j) or None, optional
+        C_j = B_j^T A_j; ``None`` entries mean C_j = G_j. If all are ``None``
+        (or the list is omitted) the stacked cross is ``None``.
+
+    Returns
+    -------
+    gram : Tensor of shape (n * g, n * g), float64
+    weight : Tensor of shape (n * g, sum_j m_j), float64
+    cross : Tensor of shape (n * g, n * g), float64, or None
+    group_size : int
+        g = sum_j g_j.
+
+    Raises
+    ------
+    ValueError
+        If the lists differ in length or the consumers disagree on n.
+    """
+    crosses = crosses if crosses is not None else [None] * len(grams)
+    if not grams or not len(grams) == len(weights) == len(group_sizes) == len(crosses):
+        raise ValueError("grams, weights, group_sizes and crosses must be non-empty lists of equal length")
+    n = _check_site(grams[0], crosses[0], weights[0], group_sizes[0])
+    for gram, cross, weight, g in zip(grams, crosses, weights, group_sizes, strict=True):
+        if _check_site(gram, cross, weight, g) != n:
+            raise ValueError("every consumer of a site must hold the same number of groups n")
+    g_total, m_total = sum(group_sizes), sum(w.shape[1] for w in weights)
+    device, dtype = grams[0].device, torch.float64
+    stacked_gram = torch.zeros(n * g_total, n * g_total, dtype=dtype, device=device)
+    stacked_weight = torch.zeros(n * g_total, m_total, dtype=dtype, device=device)
+    asymmetric = any(c is not None for c in crosses)
+    stacked_cross = torch.zeros_like(stacked_gram) if asymmetric else None
+    col, row = 0, 0
+    groups = torch.arange(n, device=device).unsqueeze(1) * g_total  # (n, 1)
+    for gram, cross, weight, g in zip(grams, crosses, weights, group_sizes, strict=True):
+        idx = (groups + col + torch.arange(g, device=device)).reshape(-1)  # (n g_j,) stacked positions
+        stacked_gram[idx.unsqueeze(1), idx] = gram.to(dtype)
+        stacked_weight[idx, row : row + weight.shape[1]] = weight.to(device=device, dtype=dtype)
+        if stacked_cross is not None:
+            stacked_cross[idx.unsqueeze(1), idx] = (gram if cross is None else cross).to(dtype)
+        col, row = col + g, row + weight.shape[1]
+    return stacked_gram, stacked_weight, stacked_cross, g_total

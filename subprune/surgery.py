@@ -1,4 +1,4 @@
-"""Physical surgery: rebuild producer, BatchNorm and consumer modules with fewer channels.
+"""Physical surgery: rebuild producer, BatchNorm, grouped-conv and consumer modules with fewer channels.
 
 Surgery knows nothing of how channels were chosen: it takes a site, a sorted
 ``keep`` index tensor and optionally the refit consumer weight, and replaces
@@ -150,10 +150,67 @@ def slice_consumer(
     return new
 
 
+@torch.no_grad()
+def slice_groupwise(module: nn.Conv2d, keep: Tensor) -> nn.Conv2d:
+    """A copy of a grouped (or depthwise) Conv2d keeping the whole groups ``keep`` (k,); ``groups`` becomes k."""
+    groups = module.groups
+    out_per_group, in_per_group = module.out_channels // groups, module.in_channels // groups
+    new = _new_like(
+        module, in_channels=keep.numel() * in_per_group, out_channels=keep.numel() * out_per_group,
+        groups=keep.numel(),
+    )
+    rows = group_columns(keep, out_per_group)  # output channels of the kept groups
+    new.weight.copy_(module.weight[rows])  # (k * out/G, in/G, kh, kw): a group's inputs are unchanged
+    if module.bias is not None:
+        new.bias.copy_(module.bias[rows])
+    return new
+
+
+class ChannelLayout:
+    """Which dense-model indices each module dimension still holds while sites are cut one by one.
+
+    Sites that share a module (a BatchNorm after a concatenation, a consumer
+    reading several producers) address it in dense-model indices
+    (:class:`subprune.sites.ChannelRange`); after one of them is cut, the
+    others' indices move. The layout translates them. Keys are
+    ``(module name, "in" | "out")``; values are sorted dense indices, shape (size,).
+    """
+
+    def __init__(self) -> None:
+        self._alive: dict[tuple[str, str], Tensor] = {}
+
+    def start(self, module: str, dim: str, start: int) -> int:
+        """Current position of the dense index ``start`` along ``dim`` of ``module``."""
+        alive = self._alive.get((module, dim))
+        return start if alive is None else int((alive < start).sum())
+
+    def cut(self, module: str, dim: str, size: int, start: int, span: int, kept: Tensor) -> Tensor:
+        """Keep only ``kept`` (sorted, relative to ``start``) of the range [start, start + span).
+
+        Returns the current indices kept along the dimension, shape (size - span + kept.numel(),).
+        """
+        alive = self._alive.get((module, dim), torch.arange(size))
+        if alive.numel() != size:
+            raise ValueError(f"module '{module}' has {size} {dim}put units, the layout expects {alive.numel()}")
+        cur = self.start(module, dim, start)
+        keep = torch.cat([torch.arange(cur), cur + kept, torch.arange(cur + span, size)])
+        self._alive[(module, dim)] = alive[keep]
+        return keep
+
+
+def _units(keep: Tensor, width: int) -> Tensor:
+    """Indices of the units ``keep`` of ``width`` contiguous indices each, shape (k * width,)."""
+    return group_columns(keep, width)
+
+
 def prune_site_(
-    model: nn.Module, site: PruningSite, keep: Tensor, consumer_weight: Tensor | None = None
+    model: nn.Module,
+    site: PruningSite,
+    keep: Tensor,
+    consumer_weight: Tensor | Mapping[str, Tensor] | None = None,
+    layout: ChannelLayout | None = None,
 ) -> None:
-    """Prune one site of ``model`` in place.
+    """Prune one site of ``model`` in place: producers, BatchNorms, grouped convs and consumers.
 
     Parameters
     ----------
@@ -161,9 +218,14 @@ def prune_site_(
         Edited in place (callers pass a copy).
     site : PruningSite
     keep : Tensor of shape (k,), int64
-        Sorted producer channels to keep.
-    consumer_weight : Tensor of shape (k * site.group_size, m), optional
-        Refit consumer weight; ``None`` keeps the old weights of the kept columns.
+        Sorted units (channels, or groups) to keep, in 0..site.channels - 1.
+    consumer_weight : Tensor or mapping consumer name -> Tensor, optional
+        Refit weight of each consumer on the site's kept columns, shape
+        (k * site.consumer_group_size(c), m); a single Tensor stands for the
+        first consumer. Consumers not given keep their old weights on kept columns.
+    layout : ChannelLayout, optional
+        Shared by all sites cut from one model (needed when sites share a
+        module); a fresh one is used if omitted.
 
     Raises
     ------
@@ -171,15 +233,53 @@ def prune_site_(
         On an invalid ``keep`` or a weight of the wrong shape.
     """
     keep = _check_keep(keep, site.channels, site.name)
-    producer = get_module(model, site.producer)
-    set_module(model, site.producer, slice_producer(producer, keep.to(producer.weight.device)))
-    for bn in site.batchnorms:
-        module = get_module(model, bn)
-        set_module(model, bn, slice_batchnorm(module, keep.to(module.weight.device)))
-    consumer = get_module(model, site.consumer)
-    if consumer_weight is not None:
-        consumer_weight = consumer_weight.to(consumer.weight)
-    set_module(model, site.consumer, slice_consumer(consumer, keep, site.group_size, consumer_weight))
+    layout = layout if layout is not None else ChannelLayout()
+    weights = {site.consumer: consumer_weight} if isinstance(consumer_weight, Tensor) else dict(consumer_weight or {})
+    # Consumers first: a module that both reads and writes the site's channels (y = x + f(x)) gets its
+    # refit weight written at full width, then its output rows are sliced like any producer's.
+    for ref in site.consumers:
+        module = get_module(model, ref.module)
+        old = consumer_weight_matrix(module)  # (d, m)
+        size = old.shape[0] // ref.kernel  # input units of ``kernel`` columns each
+        start = layout.start(ref.module, "in", ref.start)
+        units = layout.cut(ref.module, "in", size, ref.start, ref.span, _units(keep, ref.span // site.channels))
+        new_w = old[group_columns(units.to(old.device), ref.kernel)].clone()  # (k' kernel, m)
+        refit_w = weights.get(ref.module)
+        if refit_w is not None:
+            rows = keep.numel() * site.consumer_group_size(ref)
+            if refit_w.shape != (rows, old.shape[1]):
+                raise ValueError(f"refit weight of '{ref.module}' must have shape {(rows, old.shape[1])}, "
+                                 f"got {tuple(refit_w.shape)}")
+            new_w[start * ref.kernel : start * ref.kernel + rows] = refit_w.to(new_w)
+        set_module(model, ref.module, _consumer_from_matrix(module, new_w, units.numel()))
+    for ref in site.producers:
+        module = get_module(model, ref.module)
+        size = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        rows = layout.cut(ref.module, "out", size, ref.start, ref.span, _units(keep, ref.span // site.channels))
+        set_module(model, ref.module, slice_producer(module, rows.to(module.weight.device)))
+    for ref in site.sliced:
+        module = get_module(model, ref.module)
+        rows = layout.cut(ref.module, "out", module.num_features, ref.start, ref.span,
+                          _units(keep, ref.span // site.channels))
+        device = next(iter(module.buffers()), torch.empty(0)).device
+        set_module(model, ref.module, slice_batchnorm(module, rows.to(device)))
+    for name in site.groupwise:
+        module = get_module(model, name)
+        set_module(model, name, slice_groupwise(module, keep.to(module.weight.device)))
+
+
+@torch.no_grad()
+def _consumer_from_matrix(module: nn.Module, weight: Tensor, units: int) -> nn.Module:
+    """A copy of a Linear/Conv2d consumer with the weight matrix ``weight`` (d', m) over ``units`` input units."""
+    if isinstance(module, nn.Linear):
+        new = _new_like(module, in_features=weight.shape[0])
+        new.weight.copy_(weight.T)
+    else:
+        new = _new_like(module, in_channels=units)
+        new.weight.copy_(weight.T.reshape(new.weight.shape))
+    if module.bias is not None:
+        new.bias.copy_(module.bias)
+    return new
 
 
 def prune_model(
@@ -196,10 +296,12 @@ def prune_model(
     sites : list of PruningSite
     keep : mapping site name -> sorted keep indices
     consumer_weights : mapping site name -> refit weight, optional
+        A Tensor (first consumer) or a mapping consumer name -> Tensor per site.
     """
     pruned = copy.deepcopy(model)
     weights = consumer_weights or {}
+    layout = ChannelLayout()
     for site in sites:
         if site.name in keep:
-            prune_site_(pruned, site, keep[site.name], weights.get(site.name))
+            prune_site_(pruned, site, keep[site.name], weights.get(site.name), layout)
     return pruned

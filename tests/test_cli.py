@@ -97,3 +97,12 @@ def test_prune_baseline_at_a_compression_ratio(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: --keep and --compression are exclusive
         main(["prune", "--keep", "0.5", "--compression", "4"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_inspect_lists_coupled_groups(capsys):
+    assert main(["inspect", "--arch", "resnet18", "--coupled"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "coupled group layer2.0.downsample.0: 3 producers" in text
+    assert main(["inspect", "--arch", "resnet18"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "coupled group" not in text and "not prunable: conv1: its channels are tied to" in text
