@@ -30,10 +30,8 @@ from subprune.models import MODELS, get_spec, load_model
 from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import MIN_CALIBRATION_SAMPLES, PruneConfig, prune
 from subprune.report import build_report, compare_models, print_report
-from subprune.serialization import ARCHITECTURE_FILE, load_pruned, save_pruned
+from subprune.serialization import REPORT_FILE, check_target, load_pruned, save_pruned
 from subprune.sites import find_sites
-
-REPORT_FILE = "report.json"
 
 
 def _ratio(text: str) -> float:
@@ -98,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=0.0, help="stochastic greedy epsilon in [0, 1)")
     p.add_argument("--ridge", type=float, default=0.0, help="relative ridge (times mean diag of G)")
     p.add_argument("--batch-size", type=int, default=128, help="calibration batch size")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (>= 1)")
     p.add_argument("--out", default=None, help="directory for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-subprune --out directory")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of tables")
@@ -119,21 +117,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _threads(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {value}")
+    return value
+
+
 def _check_out(directory: str | None, overwrite: bool) -> None:
     if directory is None:
         return
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / ARCHITECTURE_FILE).exists() and not overwrite:
-        raise ValueError(f"--out {path} is a non-empty directory not written by subprune; "
-                         "choose another path or pass --overwrite")
+    check_target(directory, overwrite, (REPORT_FILE,))
 
 
 def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     _check_out(args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep = dict(args.keep_site) if args.keep_site else args.keep
+    config = PruneConfig(
+        method=args.method, keep=keep, compression=args.compression,
+        budget="uniform" if args.budget == "accuracy" else args.budget,
+        reweight=not args.no_reweight,
+        layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
+        epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.quiet, coupled=args.coupled,
+    )
     spec = get_spec(args.model)
     dataset = args.dataset or spec.dataset
     train_x, train_y = load_dataset(dataset, "train")
@@ -148,15 +157,6 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     drawn = calibration_indices(train_x.shape[0], args.calib + extra, args.seed)
     indices, held_out = drawn[: args.calib], drawn[args.calib :]  # the same calibration set with or without
     calibration = spec.preprocess(train_x[indices])
-    keep = dict(args.keep_site) if args.keep_site else args.keep
-    config = PruneConfig(
-        method=args.method, keep=keep, compression=args.compression,
-        budget="uniform" if args.budget == "accuracy" else args.budget,
-        reweight=not args.no_reweight,
-        layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
-        epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.quiet, coupled=args.coupled,
-    )
     model = load_model(args.model)
     labels = train_y[indices] if METHODS[args.method].needs_labels else None
     settings = {"model": args.model, "dataset": dataset, "calibration_samples": args.calib, "seed": args.seed}
@@ -170,7 +170,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     measures = compare_models(model, result.model, test_x, test_y, spec.preprocess)
     report = build_report(result, measures, settings)
     if args.out:
-        save_pruned(result.model, args.out, base_model=args.model, extra_json={REPORT_FILE: report})
+        save_pruned(result.model, args.out, base_model=args.model, extra_json={REPORT_FILE: report},
+                    overwrite=args.overwrite)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -225,9 +226,9 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
 
 def cmd_list(args: argparse.Namespace, console: Console) -> None:
     for name, spec in MODELS.items():
-        console.print(f"model  {name:20s} {spec.description} [{spec.dataset}]")
+        console.print(f"model  {name:20s} {spec.description} [{spec.dataset}]", markup=False, highlight=False)
     for name, method in METHODS.items():
-        console.print(f"method {name:20s} {method.name}: {method.description}")
+        console.print(f"method {name:20s} {method.name}: {method.description}", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,11 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
+    errors = Console(stderr=True, soft_wrap=True, highlight=False)
     commands = {"prune": cmd_prune, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "list": cmd_list}
     try:
         commands[args.command](args, console)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+    except KeyboardInterrupt:
+        errors.print("interrupted: nothing was saved", markup=False)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
+        errors.print(f"error: {exc}", markup=False)
+        return 2
+    except Exception as exc:  # e.g. a corrupt safetensors file: still one line, no traceback
+        errors.print(f"error: {type(exc).__name__}: {exc}", markup=False)
         return 2
     return 0
 

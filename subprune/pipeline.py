@@ -148,7 +148,8 @@ class PruneConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
+            layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+            object.__setattr__(self, "layers", layers)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
 
@@ -568,6 +569,9 @@ def _prune(
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
     plan = _plan(sites, config.keep)
     sites = [s for s in sites if s.name in plan]
+    if not sites:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "no Linear/Conv2d layers"
+        log.warning("nothing to prune: no pruning site was found or selected (%s)", reasons)
     generator = torch.Generator().manual_seed(config.seed)
 
     common = dict(batch_size=config.batch_size, chunk_bytes=config.chunk_bytes, progress=config.progress,

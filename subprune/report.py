@@ -127,7 +127,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     summary.add_column("ratio", justify="right")
     summary.add_row(
         "test accuracy", f"{report['dense_accuracy']:.2%}", f"{report['pruned_accuracy']:.2%}",
-        f"{report['pruned_accuracy'] - report['dense_accuracy']:+.2%}",
+        f"{100 * (report['pruned_accuracy'] - report['dense_accuracy']):+.2f} pp",
     )
     summary.add_row(
         "parameters", f"{report['dense_params']:,}", f"{report['pruned_params']:,}",

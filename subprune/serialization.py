@@ -57,11 +57,50 @@ def architecture(model: nn.Module, base_model: str | None = None) -> dict:
     return {"format": FORMAT, "base_model": base_model, "model_class": type(model).__name__, "modules": modules}
 
 
+REPORT_FILE = "report.json"
+SAVED_FILES = frozenset({WEIGHTS_FILE, ARCHITECTURE_FILE, REPORT_FILE})
+
+
+def check_target(directory: str | os.PathLike, overwrite: bool = False, extra_names: tuple[str, ...] = ()) -> Path:
+    """Refuse a save target that would destroy something the user owns; return it resolved.
+
+    A target may be new, an empty directory, or a previous save (holding only
+    the files subprune writes). Anything else needs ``overwrite=True``.
+
+    Raises
+    ------
+    FileExistsError
+        The target or one of its parents is a file, or the target holds other files.
+    ValueError
+        The target is the current working directory or one of its parents.
+    """
+    target = Path(directory).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"cannot save into {directory}: it is (or contains) the current directory; name a new folder")
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise FileExistsError(f"cannot save into {directory}: {parent} is a file, not a directory")
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{directory} exists and is not a directory; choose another path")
+        contents = {p.name for p in target.iterdir()}
+        foreign = sorted(contents - SAVED_FILES - set(extra_names))
+        if contents and (foreign or ARCHITECTURE_FILE not in contents) and not overwrite:
+            listed = ", ".join(foreign or sorted(contents))
+            raise FileExistsError(
+                f"{directory} holds files not written by subprune ({listed}); choose another directory, "
+                "or pass overwrite=True (CLI: --overwrite) to replace it as a whole"
+            )
+    return target
+
+
 def save_pruned(
     model: nn.Module,
     directory: str | os.PathLike,
     base_model: str | None = None,
     extra_json: dict[str, dict] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a (pruned) model atomically to ``directory``.
 
@@ -75,6 +114,9 @@ def save_pruned(
         so that :func:`load_pruned` can rebuild it without being handed a model.
     extra_json : dict file name -> object, optional
         More JSON files to write in the same atomic step (e.g. ``report.json``).
+    overwrite : bool, default False
+        Replace a directory that holds files subprune did not write. Without it,
+        only a new path, an empty directory or a previous save is replaced.
 
     Returns
     -------
@@ -82,12 +124,10 @@ def save_pruned(
 
     Raises
     ------
-    FileExistsError
-        If ``directory`` exists and is not a directory.
+    FileExistsError, ValueError
+        See :func:`check_target`.
     """
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; choose another --out")
+    target = check_target(directory, overwrite, tuple(extra_json or ()))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:

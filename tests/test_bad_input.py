@@ -116,6 +116,16 @@ def test_save_reload_identical_and_atomic(tmp_path, conv_net, images, monkeypatc
         save_pruned(conv_net, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
     torch.testing.assert_close(load_pruned(out, model=make_conv_net())(images), result.model(images))
+    # a directory holding the user's own files is never replaced without overwrite=True
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    with pytest.raises(FileExistsError, match="thesis.tex"):
+        save_pruned(result.model, mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    monkeypatch.undo()
+    save_pruned(result.model, mine, overwrite=True)
+    assert not (mine / "thesis.tex").exists()
     with pytest.raises(FileNotFoundError, match="not a model saved by subprune"):
         load_pruned(tmp_path)
     with pytest.raises(ValueError, match="no registered base model"):

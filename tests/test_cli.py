@@ -67,13 +67,13 @@ def test_argument_errors(argv, message, capsys):
 )
 def test_library_errors_are_clear(argv, message, capsys):
     assert main(argv) == 2
-    assert message in " ".join(capsys.readouterr().out.split())
+    assert message in " ".join(capsys.readouterr().err.split())
 
 
 def test_foreign_out_directory_is_not_touched(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["prune", "--calib", "16", "--quiet", "--out", str(tmp_path)]) == 2
-    assert "not written by subprune" in " ".join(capsys.readouterr().out.split())
+    assert "not written by subprune" in " ".join(capsys.readouterr().err.split())
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -93,7 +93,7 @@ def test_prune_baseline_at_a_compression_ratio(tmp_path, capsys):
     assert report["compression_ratio"] >= 8
     assert report["pruned_accuracy"] > 0.9  # 128 samples would nearly interpolate conv2 -> fc1 (125 columns)
     code = main(["prune", "--model", "lenet", "--method", "weightnorm", "--compression", "4", "--budget", "curve"])
-    assert code == 2 and "sets its own budget" in capsys.readouterr().out
+    assert code == 2 and "sets its own budget" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --keep and --compression are exclusive
         main(["prune", "--keep", "0.5", "--compression", "4"])
     assert "not allowed with argument" in capsys.readouterr().err
@@ -106,3 +106,25 @@ def test_inspect_lists_coupled_groups(capsys):
     assert main(["inspect", "--arch", "resnet18"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "coupled group" not in text and "not prunable: conv1: its channels are tied to" in text
+
+
+def test_out_refuses_cwd_and_file_parents_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("mine")
+    assert main(["prune", "--calib", "16", "--quiet", "--out", "."]) == 2
+    assert "current directory" in capsys.readouterr().err
+    assert main(["prune", "--calib", "16", "--quiet", "--out", "file.txt/sub"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_bad_threads_and_corrupt_save_give_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--threads", "-1"])
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    spec = {"format": "subprune-pruned-v1", "base_model": "lenet", "modules": {}}
+    (tmp_path / "architecture.json").write_text(json.dumps(spec))
+    assert main(["evaluate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
