@@ -110,24 +110,6 @@ def _channel_view(consumer: nn.Module, x: Tensor, site: PruningSite) -> Tensor:
     return x.reshape(-1, site.channels, site.group_size)  # (M, n, g)
 
 
-@contextlib.contextmanager
-def _keep_inputs(modules: dict[str, nn.Module], store: dict[str, Tensor]) -> Iterator[None]:
-    """Forward pre-hooks that store each module's first input, still attached to the autograd graph."""
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            store[name] = args[0]
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
     """Mean over calibration samples of |mean over positions of (activation x d loss / d activation)|.
 
@@ -159,7 +141,7 @@ def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
         if x.is_floating_point():
             x = x.detach().requires_grad_(True)  # activations need gradients even with frozen weights
         inputs: dict[str, Tensor] = {}
-        with torch.enable_grad(), _keep_inputs(consumers, inputs):
+        with torch.enable_grad(), capture_inputs(consumers, inputs.__setitem__, detach=False):
             loss = context.loss_fn(model(x), y)
             names = list(inputs)
             grads = torch.autograd.grad(loss, [inputs[c] for c in names], allow_unused=True)
@@ -197,7 +179,7 @@ def sensitivity_scores(context: ScoreContext) -> dict[str, Tensor]:
     for start in range(0, context.calibration.shape[0], context.batch_size):
         x = context.calibration[start : start + context.batch_size].to(device)
         inputs: dict[str, Tensor] = {}
-        with torch.no_grad(), _keep_inputs(consumers, inputs):
+        with torch.no_grad(), capture_inputs(consumers, inputs.__setitem__, detach=False):
             model(x)
         for s in context.sites:
             module, a = consumers[s.consumer], inputs[s.consumer].double()

@@ -215,7 +215,10 @@ def _full_float32_matmul() -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture_inputs(
-    modules: dict[str, nn.Module], callback: Callable[[str, Tensor], None], stop_after: str | None = None
+    modules: dict[str, nn.Module],
+    callback: Callable[[str, Tensor], None],
+    stop_after: str | None = None,
+    detach: bool = True,
 ) -> Iterator[None]:
     """Forward pre-hooks that hand each module's first input to ``callback``.
 
@@ -226,13 +229,16 @@ def capture_inputs(
     stop_after : str, optional
         Raise :class:`StopForward` after this module's input is captured, so a
         forward pass stops as soon as the statistics it is run for are read.
+    detach : bool, default True
+        Hand over detached inputs; False keeps them attached to the autograd
+        graph (for gradient-based scores such as ActGrad).
 
     Hooks are removed in ``finally``; nothing is stored on the modules.
     """
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            callback(name, args[0].detach())
+            callback(name, args[0].detach() if detach else args[0])
             if name == stop_after:
                 raise StopForward
 
