@@ -136,8 +136,8 @@ FULL_PLAN = ("4096", "65536", "512ch", "part2")
 # --quick: (item, share of the time left at its turn, smallest k); None = fixed k.
 QUICK_PLAN = (
     ("4096", None, 32),
-    ("65536", 0.55, 2),
-    ("part2", 0.4, 0),
+    ("65536", 0.75, 2),
+    ("part2", 0.5, 0),
     ("512ch", 1.0, 1),
 )
 SAFETY = 1.2  # margin on the calibrated naive-time prediction
