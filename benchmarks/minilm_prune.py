@@ -49,9 +49,9 @@ def main() -> None:
     parser.add_argument("--table", default=None)
     parser.add_argument("--methods", nargs="+", default=["asym", "magnitude", "wanda", "flap"],
                         choices=sorted(TRANSFORMER_METHODS))
-    parser.add_argument("--removed", nargs="+", type=float, default=[0.25, 0.5])
-    parser.add_argument("--calib", type=int, default=128, help="calibration passages")
-    parser.add_argument("--heldout", type=int, default=256, help="held-out passages for the cosine")
+    parser.add_argument("--removed", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--calib", type=int, default=64, help="calibration passages")
+    parser.add_argument("--heldout", type=int, default=128, help="held-out passages for the cosine")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -73,9 +73,9 @@ def main() -> None:
     }
     dense = evaluate(model, data)
     print(f"dense: probe {dense['probe']:.3f}, params {dense['params']}, latency {dense['latency_ms']:.1f} ms")
-    for method in args.methods:
-        for reweight in (True, False):
-            for removed in args.removed:
+    for removed in args.removed:  # the order of --removed: put the most telling fraction first
+        for method in args.methods:
+            for reweight in (True, False):
                 key = (method, reweight, removed, args.calib)
                 if key in done:
                     continue

@@ -47,6 +47,20 @@ def _site_ratio(text: str) -> tuple[str, float]:
     return name, _ratio(value)
 
 
+def _model_name(text: str) -> str:
+    if text in MODELS or (text.startswith("hf:") and len(text) > 3):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}: choose one of {', '.join(sorted(MODELS))} "
+                                     "or hf:PATH (a transformers model directory; hf:minilm for all-MiniLM-L6-v2)")
+
+
+def _dataset_name(text: str) -> str:
+    if text in DATASETS or text == "text:wikipedia":
+        return text
+    raise argparse.ArgumentTypeError(f"unknown dataset {text!r}: choose one of {', '.join(sorted(DATASETS))} "
+                                     "or text:wikipedia (for hf: models)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subprune",
@@ -55,12 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a pretrained model with unlabeled calibration samples")
-    p.add_argument("--model", default="lenet", choices=sorted(MODELS), help="registered pretrained model")
-    p.add_argument("--dataset", default=None, choices=sorted(DATASETS),
-                   help="calibration (train split) and test data; default: the model's own")
+    p.add_argument("--model", default="lenet", type=_model_name,
+                   help=f"registered pretrained model ({', '.join(sorted(MODELS))}) or hf:PATH (transformers)")
+    p.add_argument("--dataset", default=None, type=_dataset_name,
+                   help="calibration (train split) and test data; default: the model's own (text:wikipedia for hf:)")
     p.add_argument("--method", default="asym", choices=sorted(METHODS),
                    help="layer=LayerInChange, seq=SeqInChange, asym=AsymInChange (default)")
     p.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1]")
+    p.add_argument("--heads", type=_ratio, default=None, help="hf: models: keep ratio of attention heads")
+    p.add_argument("--ffn", type=_ratio, default=None, help="hf: models: keep ratio of FFN neurons")
     p.add_argument("--keep-site", type=_site_ratio, action="append", metavar="NAME=RATIO",
                    help="per-site keep ratio (repeatable); sites not named are not pruned")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")
@@ -100,6 +117,11 @@ def _check_out(directory: str | None, overwrite: bool) -> None:
 
 def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     _check_out(args.out, args.overwrite)
+    if args.model.startswith("hf:"):
+        from subprune.hf.cli import cmd_prune_transformer
+
+        cmd_prune_transformer(args, console)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = get_spec(args.model)

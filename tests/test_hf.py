@@ -222,3 +222,36 @@ def test_polarity_sentences():
     sentences, labels = polarity_sentences()
     assert len(sentences) == 200 and int(labels.sum()) == 100
     assert sentences[0].startswith("simplistic , silly and tedious")
+
+
+def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
+    pytest.importorskip("gensim")
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from subprune.cli import main
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"] * 10,
+                            trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                                     pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                     n_inner=FFN, n_positions=128, bos_token_id=0, eos_token_id=0)
+    dense_dir, out = tmp_path / "dense", tmp_path / "pruned"
+    transformers.GPT2LMHeadModel(config).save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    code = main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "text:wikipedia", "--heads", "0.5",
+                 "--ffn", "0.25", "--calib", "8", "--out", str(out), "--quiet", "--json"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report == json.loads(capsys.readouterr().out)
+    assert [(s["kept"], s["channels"]) for s in report["sites"]] == [(2, HEADS), (FFN // 4, FFN)] * LAYERS
+    assert report["pruned_params"] < report["dense_params"] and report["pruned_perplexity"] > 1
+    reloaded = load_pruned(out, transformers.AutoModelForCausalLM)
+    assert sum(p.numel() for p in reloaded.parameters()) == report["pruned_params"]
+    assert main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "mnist", "--quiet"]) == 2
