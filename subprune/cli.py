@@ -50,14 +50,14 @@ def _site_ratio(text: str) -> tuple[str, float]:
 def _model_name(text: str) -> str:
     if text in MODELS or (text.startswith("hf:") and len(text) > 3):
         return text
-    raise argparse.ArgumentTypeError(f"unknown model {text!r}: choose one of {', '.join(sorted(MODELS))} "
+    raise argparse.ArgumentTypeError(f"invalid choice {text!r}: choose one of {', '.join(sorted(MODELS))} "
                                      "or hf:PATH (a transformers model directory; hf:minilm for all-MiniLM-L6-v2)")
 
 
 def _dataset_name(text: str) -> str:
     if text in DATASETS or text == "text:wikipedia":
         return text
-    raise argparse.ArgumentTypeError(f"unknown dataset {text!r}: choose one of {', '.join(sorted(DATASETS))} "
+    raise argparse.ArgumentTypeError(f"invalid choice {text!r}: choose one of {', '.join(sorted(DATASETS))} "
                                      "or text:wikipedia (for hf: models)")
 
 
