@@ -135,7 +135,8 @@ def test_refit_equals_least_squares_on_captured_inputs(tokens):
 def test_statistics_skip_padding(tokens):
     model = bert()
     sites = find_transformer_sites(model)[:1]
-    stats, sums = collect_transformer_statistics(model, sites, tokens)[sites[0].name]
+    moments = collect_transformer_statistics(model, sites, tokens)[sites[0].name]
+    stats, sums = moments.gram, moments.sum_b
     assert stats.n_rows_ == int(tokens["attention_mask"].sum())
     assert sums.shape == (HIDDEN,)
 
@@ -255,3 +256,50 @@ def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
     reloaded = load_pruned(out, transformers.AutoModelForCausalLM)
     assert sum(p.numel() for p in reloaded.parameters()) == report["pruned_params"]
     assert main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "mnist", "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("build", [bert, llama])
+def test_parameter_target_is_met(build, tokens):
+    from subprune.hf.budget import keep_ratio_for_parameters
+
+    model = build()
+    dense = sum(p.numel() for p in model.parameters())
+    target = int(0.8 * dense)
+    ratio = keep_ratio_for_parameters(model, target)
+    result = prune_transformer(model, tokens, TransformerPruneConfig(method="magnitude", heads=ratio, ffn=ratio,
+                                                                     reweight=False))
+    pruned = sum(p.numel() for p in result.model.parameters())
+    assert pruned <= target
+    bigger = prune_transformer(model, tokens, TransformerPruneConfig(method="magnitude", heads=ratio + 1e-3,
+                                                                     ffn=ratio + 1e-3, reweight=False)).model
+    assert sum(p.numel() for p in bigger.parameters()) > target  # the ratio is the largest that fits
+    with pytest.raises(ValueError, match="smallest reachable"):
+        keep_ratio_for_parameters(model, 10)
+
+
+def test_intercept_refit_equals_least_squares_with_a_bias_column(tokens):
+    model = bert()
+    site, consumer = "encoder.layer.1.ffn", "encoder.layer.1.output.dense"
+    config = TransformerPruneConfig(method="layer", keep={site: 0.5}, intercept=True)
+    result = prune_transformer(model, tokens, config)
+    keep = torch.tensor(result.sites[0].keep)
+    captured = {}
+    with capture_inputs({consumer: model.get_submodule(consumer)}, captured.__setitem__):
+        outputs(model, tokens)
+    b = captured[consumer][tokens["attention_mask"].bool()].double()  # (real tokens, FFN)
+    dense_layer = model.get_submodule(consumer)
+    target = b @ dense_layer.weight.detach().double().T + dense_layer.bias.detach().double()
+    design = torch.cat([b[:, keep], torch.ones(b.shape[0], 1, dtype=b.dtype)], 1)  # (tokens, k + 1)
+    expected = torch.linalg.lstsq(design, target).solution  # (k + 1, HIDDEN)
+    pruned_layer = result.model.get_submodule(consumer)
+    torch.testing.assert_close(pruned_layer.weight.detach().double().T, expected[:-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pruned_layer.bias.detach().double(), expected[-1], atol=1e-4, rtol=1e-4)
+    assert result.sites[0].objective <= 1
+
+
+def test_intercept_without_refit_is_flap_bias_compensation(tokens):
+    model = gpt2()
+    flap = prune_transformer(model, tokens, TransformerPruneConfig(method="flap", reweight=False))
+    both = prune_transformer(model, tokens, TransformerPruneConfig(method="flap", reweight=False, intercept=True))
+    assert [s.keep for s in flap.sites] == [s.keep for s in both.sites]
+    torch.testing.assert_close(outputs(both.model, tokens), outputs(flap.model, tokens), atol=1e-5, rtol=1e-5)

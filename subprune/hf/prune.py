@@ -54,6 +54,12 @@ class TransformerPruneConfig:
         A ratio of 1 still selects and refits the site.
     reweight : bool
         Least-squares refit of the consumer (output projection / down projection).
+    intercept : bool
+        Also refit the consumer bias (least squares with an intercept): the
+        greedy methods select and refit on centred statistics, and the bias gets
+        mu_A W - mu_B,S W'. Without reweighting this is mean-preserving bias
+        compensation. Sites whose consumer has no bias are fit without. An
+        extension of the paper's objective, off by default.
     ridge, epsilon, seed
         As in :class:`subprune.PruneConfig`.
     batch_size : int
@@ -66,6 +72,7 @@ class TransformerPruneConfig:
     ffn: float | None = 0.5
     keep: Mapping[str, float] | None = None
     reweight: bool = True
+    intercept: bool = False
     ridge: float = 0.0
     epsilon: float = 0.0
     seed: int = 0
@@ -87,6 +94,46 @@ class TransformerPruneConfig:
             raise ValueError(f"ridge={self.ridge} must be a finite number >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class SiteMoments:
+    """Statistics of one site: Gram sums and the column sums needed for means.
+
+    Attributes
+    ----------
+    gram : GramStatistics
+        G = B^T B (and C = B^T A, A^T A when asymmetric), over real tokens.
+    sum_b : Tensor of shape (d,), float64
+        Column sums of B.
+    sum_a : Tensor of shape (d,), float64
+        Column sums of A (the dense model's consumer input); ``sum_b`` when symmetric.
+    """
+
+    gram: GramStatistics
+    sum_b: Tensor
+    sum_a: Tensor
+
+    def centred(self, weight: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """Covariance form (G_c, C_c, ||(A - 1 mu_A) W||^2): the objective with a free consumer bias.
+
+        Least squares with an intercept equals least squares on centred data, so
+        greedy and refit on these statistics choose and fit as if the consumer
+        bias were refit too; the bias itself is :meth:`bias_shift`.
+        """
+        g, m = self.gram, max(self.gram.n_rows_, 1)
+        mu_b, mu_a = self.sum_b / m, self.sum_a / m
+        gram_c = g.gram_ - m * torch.outer(mu_b, mu_b)
+        cross_c = None if g.cross_ is None else g.cross_ - m * torch.outer(mu_b, mu_a)
+        target = g.gram_ if g.target_gram_ is None else g.target_gram_
+        target_c = target - m * torch.outer(mu_a, mu_a)
+        w = weight.to(target_c)
+        return gram_c, cross_c, float((w * (target_c @ w)).sum())
+
+    def bias_shift(self, weight: Tensor, cols: Tensor, new_weight: Tensor) -> Tensor:
+        """mu_A W - mu_B[cols] W', shape (m,): add to the consumer bias after an intercept fit."""
+        m = max(self.gram.n_rows_, 1)
+        return (self.sum_a / m) @ weight.to(torch.float64) - (self.sum_b[cols] / m) @ new_weight.to(torch.float64)
 
 
 @dataclass
@@ -154,7 +201,7 @@ def collect_transformer_statistics(
 
     Returns
     -------
-    dict site name -> (GramStatistics, column sums of B: Tensor of shape (d,), float64)
+    dict site name -> SiteMoments
         Rows are the tokens whose attention mask is 1.
     """
     device = next(model.parameters()).device
@@ -164,8 +211,9 @@ def collect_transformer_statistics(
     stats = {}
     for s in sites:
         d = consumer_weight(consumers[s.consumer]).shape[0]
-        stats[s.name] = (GramStatistics(d, dense is not None, device, s.consumer),
-                         torch.zeros(d, dtype=torch.float64, device=device))
+        zeros = torch.zeros(d, dtype=torch.float64, device=device)
+        stats[s.name] = SiteMoments(GramStatistics(d, dense is not None, device, s.consumer), zeros,
+                                    zeros.clone() if dense is not None else zeros)
     n_batches = math.ceil(calibration["input_ids"].shape[0] / batch_size)
     for batch in tqdm(_batches(calibration, batch_size, device), total=n_batches, desc=description,
                       disable=not progress, leave=False):
@@ -178,10 +226,13 @@ def collect_transformer_statistics(
             with capture_inputs(dense_consumers, targets.__setitem__, stop):
                 _forward(dense, batch)
         for site in sites:
-            gram, sums = stats[site.name]
+            moments = stats[site.name]
             b = _real_rows(inputs[site.consumer], real, site.name)  # (tokens, d)
-            gram.update(b, None if dense is None else _real_rows(targets[site.consumer], real, site.name))
-            sums += b.sum(0)
+            a = None if dense is None else _real_rows(targets[site.consumer], real, site.name)
+            moments.gram.update(b, a)
+            moments.sum_b += b.sum(0)
+            if a is not None:
+                moments.sum_a += a.sum(0)
     return stats
 
 
@@ -214,32 +265,44 @@ def _plan(sites: list[TransformerSite], config: TransformerPruneConfig) -> dict[
 def _prune_site(
     work: nn.Module,
     site: TransformerSite,
-    stats: tuple[GramStatistics, Tensor],
+    stats: SiteMoments,
     k: int,
     config: TransformerPruneConfig,
     generator: torch.Generator,
 ) -> SiteReport:
     method = TRANSFORMER_METHODS[config.method]
-    gram, sums = stats
+    gram = stats.gram
     consumer = get_module(work, site.consumer)
     weight = consumer_weight(consumer).to(gram.gram_)  # (d, m)
     energy = gram.target_energy(weight)
-    mean = sums / max(gram.n_rows_, 1)
+    mean = stats.sum_b / max(gram.n_rows_, 1)
     problem = MomentProblem(gram.gram_, gram.cross_, weight, energy, site.group_size, site.channels,
                             mean=mean, rows=gram.n_rows_)
-    selection = method.select(problem, k, config.epsilon, config.ridge, generator)
+    intercept = config.intercept and consumer.bias is not None
+    if intercept:  # covariance form: the objective with a free bias (scores of the baselines stay raw)
+        gram_c, cross_c, energy_c = stats.centred(weight)
+        fit = MomentProblem(gram_c, cross_c, weight, energy_c, site.group_size, site.channels,
+                            mean=mean, rows=gram.n_rows_)
+    else:
+        fit = problem
+    selection = method.select(fit if config.method in METHODS else problem, k, config.epsilon, config.ridge,
+                              generator)
     keep = selection.keep
     if gram.n_rows_ < keep.numel() * site.group_size:
         log.warning("site %s: %d calibration tokens for %d refit columns: the refit interpolates",
                     site.name, gram.n_rows_, keep.numel() * site.group_size)
     bias = None
+    cols = group_columns(keep.to(weight.device), site.group_size)
     if config.reweight:
-        new_weight = refit(gram.gram_, weight, keep, site.group_size, cross=gram.cross_, ridge=config.ridge)
+        new_weight = refit(fit.gram, weight, keep, site.group_size, cross=fit.cross, ridge=config.ridge)
     else:
-        new_weight = weight[group_columns(keep.to(weight.device), site.group_size)]
-        if config.method in BIAS_COMPENSATED and consumer.bias is not None:
-            bias = consumer.bias.detach().to(torch.float64) + bias_compensation(problem, keep)
-    objective = weights_objective(gram.gram_, weight, energy, keep, new_weight, site.group_size, cross=gram.cross_)
+        new_weight = weight[cols]
+    if intercept:
+        bias = consumer.bias.detach().to(torch.float64) + stats.bias_shift(weight, cols, new_weight)
+    elif not config.reweight and config.method in BIAS_COMPENSATED and consumer.bias is not None:
+        bias = consumer.bias.detach().to(torch.float64) + bias_compensation(problem, keep)
+    objective = weights_objective(fit.gram, weight, fit.target_energy, keep, new_weight, site.group_size,
+                                  cross=fit.cross)
     cut_site_(work, site, keep, new_weight, bias)
     curve = [] if selection.objective is None else selection.objective.tolist()
     producers = ",".join(dict.fromkeys(p.module for p in site.producers))
