@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--removed", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--calib", type=int, default=128, help="calibration passages (from the training text)")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--intercept", action="store_true",
+                        help="also refit the consumer bias (TransformerPruneConfig.intercept); rows marked +bias")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,7 +56,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["method"], r["reweight"], r["removed"], r["calib"]) for r in rows}
+    done = {(r["method"], r["reweight"], r["removed"], r["calib"], r.get("intercept", False)) for r in rows}
     model, tokenizer = load_transformer(args.model, causal_lm=True)
     passages = wikipedia_passages()
     train_text, heldout_text = split_passages(passages, len(passages) - HELDOUT, HELDOUT)
@@ -69,14 +71,16 @@ def main() -> None:
     for removed in args.removed:  # the order of --removed: put the most telling fraction first
         for method in args.methods:
             for reweight in (True, False):
-                if (method, reweight, removed, args.calib) in done:
+                if (method, reweight, removed, args.calib, args.intercept) in done:
                     continue
                 keep = 1.0 - removed
-                config = TransformerPruneConfig(method=method, heads=keep, ffn=keep, reweight=reweight)
+                config = TransformerPruneConfig(method=method, heads=keep, ffn=keep, reweight=reweight,
+                                                intercept=args.intercept)
                 start = time.perf_counter()
                 result = prune_transformer(model, data["calibration"], config)
                 seconds = time.perf_counter() - start
                 row = {"method": method, "reweight": reweight, "removed": removed, "calib": args.calib,
+                       "intercept": args.intercept,
                        **evaluate(result.model, data), "dense_perplexity": dense["perplexity"],
                        "dense_params": dense["params"], "dense_latency_ms": dense["latency_ms"],
                        "prune_seconds": seconds}
@@ -89,8 +93,9 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         f"| 0 | dense | - | {dense['perplexity']:.2f} | {dense['params']:,} | {dense['latency_ms']:.1f} |",
     ]
-    for r in sorted(rows, key=lambda r: (r["removed"], r["method"], not r["reweight"])):
-        lines.append(f"| {r['removed']:.0%} | {TRANSFORMER_METHODS[r['method']].name} | "
+    for r in sorted(rows, key=lambda r: (r["removed"], r["method"], r.get("intercept", False), not r["reweight"])):
+        name = TRANSFORMER_METHODS[r["method"]].name + (" +bias" if r.get("intercept") else "")
+        lines.append(f"| {r['removed']:.0%} | {name} | "
                      f"{'yes' if r['reweight'] else 'no'} | {r['perplexity']:.2f} | {r['params']:,} | "
                      f"{r['latency_ms']:.1f} |")
     table = "\n".join(lines)
