@@ -9,6 +9,7 @@ package does not import transformers itself.
 """
 
 from subprune.hf.architectures import TransformerSite, find_transformer_sites, widths
+from subprune.hf.budget import keep_ratio_for_parameters
 from subprune.hf.prune import TRANSFORMER_METHODS, TransformerPruneConfig, TransformerPruneResult, prune_transformer
 from subprune.hf.serialization import load_pruned, save_pruned
 
@@ -18,6 +19,7 @@ __all__ = [
     "TransformerPruneResult",
     "TransformerSite",
     "find_transformer_sites",
+    "keep_ratio_for_parameters",
     "load_pruned",
     "prune_transformer",
     "save_pruned",
