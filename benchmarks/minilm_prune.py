@@ -33,7 +33,8 @@ from subprune.hf.text import polarity_sentences, split_passages, tokenize, wikip
 
 
 def run_key(row: dict) -> tuple:
-    return (row["method"], row["reweight"], row["removed"], row["calib"], row.get("intercept", False))
+    return (row["method"], row["reweight"], row["removed"], row["calib"], row.get("intercept", False),
+            row.get("ridge", 0.0))
 
 
 def evaluate(model, data: dict) -> dict:
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=64, help="calibration passages")
     parser.add_argument("--heldout", type=int, default=128, help="held-out passages for the cosine")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge of the solver and the refit")
     parser.add_argument("--intercept", action="store_true",
                         help="also refit the consumer bias (TransformerPruneConfig.intercept); rows marked +bias")
     parser.add_argument("--threads", type=int, default=1)
@@ -78,19 +80,19 @@ def main() -> None:
     for removed in args.removed:  # the order of --removed: put the most telling fraction first
         for method in args.methods:
             for reweight in (True, False):
-                key = (method, reweight, removed, args.calib, args.intercept)
+                key = (method, reweight, removed, args.calib, args.intercept, args.ridge)
                 if key in done:
                     continue
                 keep = 1.0 - removed
                 config = TransformerPruneConfig(method=method, heads=keep, ffn=keep, reweight=reweight,
-                                                intercept=args.intercept)
+                                                intercept=args.intercept, ridge=args.ridge)
                 start = time.perf_counter()
                 result = prune_transformer(model, data["calibration"], config)
                 seconds = time.perf_counter() - start
                 metrics = evaluate(result.model, data)
                 row = {
                     "method": method, "reweight": reweight, "removed": removed, "calib": args.calib,
-                    "intercept": args.intercept,
+                    "intercept": args.intercept, "ridge": args.ridge,
                     "cosine": embedding_cosine(dense["embeddings"], metrics["embeddings"]),
                     "probe": metrics["probe"], "dense_probe": dense["probe"],
                     "params": metrics["params"], "dense_params": dense["params"],
@@ -110,13 +112,16 @@ def main() -> None:
 
 def markdown_table(rows: list[dict], dense: dict) -> str:
     lines = [
-        "| removed (heads and FFN) | method | refit | embedding cosine | probe acc. | params | latency ms |",
-        "|---|---|---|---|---|---|---|",
-        f"| 0 | dense | - | 1.0000 | {dense['probe']:.3f} | {dense['params']:,} | {dense['latency_ms']:.1f} |",
+        "| removed (heads and FFN) | method | refit | calib | ridge | embedding cosine | probe acc. | params "
+        "| latency ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| 0 | dense | - | - | - | 1.0000 | {dense['probe']:.3f} | {dense['params']:,} | {dense['latency_ms']:.1f} |",
     ]
-    for r in sorted(rows, key=lambda r: (r["removed"], r["method"], r.get("intercept", False), not r["reweight"])):
+    for r in sorted(rows, key=lambda r: (r["removed"], r["method"], r.get("intercept", False), r["calib"],
+                                         r.get("ridge", 0.0), not r["reweight"])):
         name = TRANSFORMER_METHODS[r["method"]].name + (" +bias" if r.get("intercept") else "")
-        lines.append(f"| {r['removed']:.0%} | {name} | {'yes' if r['reweight'] else 'no'} | {r['cosine']:.4f} | "
+        lines.append(f"| {r['removed']:.0%} | {name} | {'yes' if r['reweight'] else 'no'} | {r['calib']} | "
+                     f"{r.get('ridge', 0.0):g} | {r['cosine']:.4f} | "
                      f"{r['probe']:.3f} | {r['params']:,} | {r['latency_ms']:.1f} |")
     return "\n".join(lines)
 
