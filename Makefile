@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean fashion-mnist
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check subprune tests benchmarks scripts
 	$(PY) -m pytest -q
+
+# Optional: Fashion-MNIST (Debian package, needs root) for the CNN benchmarks of issues 3 and 4.
+fashion-mnist:
+	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/solver_speed.py --quick
