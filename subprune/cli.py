@@ -156,6 +156,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
 
         cmd_prune_transformer(args, console)
         return
+    if args.heads is not None or args.ffn is not None:
+        raise ValueError("--heads and --ffn apply to hf: (transformers) models only; use --keep for this model")
     if args.threads:
         torch.set_num_threads(args.threads)
     keep = dict(args.keep_site) if args.keep_site else args.keep

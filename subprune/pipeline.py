@@ -591,10 +591,11 @@ def _prune(
     layout = ChannelLayout()
 
     reports = []
+    upstream_pruned = False  # Asym refits a fully kept site only to absorb earlier sites' changes
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
         site_start = time.perf_counter()
         k = plan[site.name]
-        if k == site.channels and not method.asymmetric:
+        if k == site.channels and not (method.asymmetric and upstream_pruned):
             reports.append(SiteReport(site.name, site.producer, site.consumer, site.channels, k,
                                       site.group_size, 1.0, keep=list(range(k)),
                                       producers=[p.module for p in site.producers],
@@ -608,6 +609,7 @@ def _prune(
         else:
             stats = layer_stats[site.name]
         report = _prune_one_site(work, site, stats, k, config, generator, layout, scores.get(site.name))
+        upstream_pruned = upstream_pruned or k < site.channels
         report.seconds = time.perf_counter() - site_start
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)

@@ -46,6 +46,13 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     from subprune.hf.serialization import save_pruned
     from subprune.hf.text import split_passages, tokenize, wikipedia_passages
 
+    unsupported = [flag for flag, given in (
+        ("--compression", args.compression is not None), ("--budget", args.budget != "uniform"),
+        ("--keep-site", bool(args.keep_site)), ("--coupled", args.coupled), ("--layers", bool(args.layers)),
+    ) if given]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} not supported for hf: models yet; "
+                         "set the keep ratios with --heads and --ffn (or --keep for both)")
     dataset = args.dataset or TEXT_DATASETS[0]
     if dataset not in TEXT_DATASETS:
         raise ValueError(f"--dataset {dataset} cannot calibrate a transformers model; use one of {TEXT_DATASETS}")
