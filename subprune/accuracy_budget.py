@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from subprune.budgets import ParameterCounter, kept_channels
+from subprune.evaluate import accuracy
 from subprune.pipeline import MIN_CALIBRATION_SAMPLES, PruneConfig, prune
 from subprune.sites import PruningSite, find_sites, select_sites
 
@@ -54,13 +55,7 @@ def _digest(*parts) -> str:
 
 
 def _held_out_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> float:
-    device = next(model.parameters()).device
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            out = model(images[start : start + batch_size].to(device))
-            correct += int((out.argmax(dim=1).cpu() == labels[start : start + batch_size]).sum())
-    return correct / images.shape[0]
+    return accuracy(model, images, labels, batch_size=batch_size)
 
 
 def one_site_curves(

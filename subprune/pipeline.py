@@ -31,7 +31,7 @@ from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
     PRECISIONS,
     GramStatistics,
-    capture_inputs,
+    capture_paired,
     consumer_input_rows,
     run_to_capture,
 )
@@ -325,13 +325,9 @@ def collect_site_statistics(
     with offload_modules(models, device) if offload else contextlib.nullcontext():
         for start in tqdm(batches, desc=description, disable=not progress, leave=False):
             batch = calibration[start : start + batch_size].to(device)
-            inputs: dict[str, Tensor] = {}
-            targets: dict[str, Tensor] = {}
-            with capture_inputs(consumers, inputs.__setitem__, stop):
-                run_to_capture(model, batch)
-            if dense is not None:
-                with capture_inputs(dense_consumers, targets.__setitem__, stop):
-                    run_to_capture(dense, batch)
+            inputs, targets = capture_paired(
+                model, dense, consumers, dense_consumers, lambda m, b=batch: run_to_capture(m, b), stop
+            )
             for site in sites:
                 for ref, stat in zip(site.consumers, stats[site.name], strict=True):
                     module = consumers[ref.module]

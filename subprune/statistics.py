@@ -252,6 +252,34 @@ def capture_inputs(
             h.remove()
 
 
+def capture_paired(
+    model: nn.Module,
+    dense: nn.Module | None,
+    consumers: dict[str, nn.Module],
+    dense_consumers: dict[str, nn.Module],
+    run: Callable[[nn.Module], None],
+    stop_after: str | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Inputs of ``consumers`` in ``model`` (B) and, if ``dense`` is given, of ``dense_consumers`` (A).
+
+    ``run(m)`` makes one forward pass of ``m`` on the current batch; both models see
+    the same batch, which is what pairs the rows of B and A (AsymInChange's C = B^T A).
+
+    Returns
+    -------
+    inputs, targets : dict name -> Tensor
+        ``targets`` is empty when ``dense`` is None.
+    """
+    inputs: dict[str, Tensor] = {}
+    targets: dict[str, Tensor] = {}
+    with capture_inputs(consumers, inputs.__setitem__, stop_after):
+        run(model)
+    if dense is not None:
+        with capture_inputs(dense_consumers, targets.__setitem__, stop_after):
+            run(dense)
+    return inputs, targets
+
+
 def run_to_capture(model: nn.Module, batch: Tensor) -> None:
     """Run ``model(batch)`` under no_grad, treating :class:`StopForward` as the normal end."""
     with torch.no_grad():

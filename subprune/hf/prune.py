@@ -27,7 +27,7 @@ from subprune.hf.baselines import BASELINES, BIAS_COMPENSATED, MomentProblem, bi
 from subprune.methods import METHODS, Method
 from subprune.pipeline import SiteReport
 from subprune.solver import group_columns, refit, ridge_value, weights_objective
-from subprune.statistics import GramStatistics, StopForward, capture_inputs
+from subprune.statistics import GramStatistics, StopForward, capture_paired
 from subprune.surgery import get_module
 
 log = logging.getLogger(__name__)
@@ -219,13 +219,9 @@ def collect_transformer_statistics(
     for batch in tqdm(_batches(calibration, batch_size, device), total=n_batches, desc=description,
                       disable=not progress, leave=False):
         real = batch["attention_mask"].bool()  # (B, T)
-        inputs: dict[str, Tensor] = {}
-        targets: dict[str, Tensor] = {}
-        with capture_inputs(consumers, inputs.__setitem__, stop):
-            _forward(model, batch)
-        if dense is not None:
-            with capture_inputs(dense_consumers, targets.__setitem__, stop):
-                _forward(dense, batch)
+        inputs, targets = capture_paired(
+            model, dense, consumers, dense_consumers, lambda m, b=batch: _forward(m, b), stop
+        )
         for site in sites:
             moments = stats[site.name]
             b = _real_rows(inputs[site.consumer], real, site.name)  # (tokens, d)
