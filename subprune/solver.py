@@ -96,6 +96,32 @@ def _pinv_factor(blocks: Tensor, tol: Tensor) -> Tensor:
     return evecs * inv_sqrt.unsqueeze(-2)
 
 
+def _check_greedy(
+    gram: Tensor, cross: Tensor | None, weight: Tensor, group_size: int, k: int, epsilon: float
+) -> int:
+    """Validate a greedy run's arguments; return the number of groups n."""
+    n = _check_site(gram, cross, weight, group_size)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of groups n={n}")
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+    for label, t in (("gram", gram), ("cross", cross), ("weight", weight)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{label} holds NaN or infinite values; check the calibration inputs")
+    return n
+
+
+def _dead_tolerance(block_trace: Tensor) -> Tensor:
+    """Per-group eigenvalue threshold (n,): RTOL x the group's trace, plus an absolute floor for dead groups."""
+    scale = float(block_trace.max()) if block_trace.numel() else 0.0
+    return RTOL * block_trace + RTOL * 1e-3 * scale
+
+
+def _sample_size(n: int, k: int, epsilon: float) -> int:
+    """Candidates scored per step: all, or ceil((n / k) ln(1 / epsilon)) for stochastic greedy."""
+    return n if epsilon == 0 else min(n, math.ceil(n / k * math.log(1.0 / epsilon)))
+
+
 def greedy_select(
     gram: Tensor,
     weight: Tensor,
@@ -156,15 +182,8 @@ def greedy_select(
     F is gamma-weakly submodular, so greedy is within (1 - e^-gamma) of the best
     set of size k (paper, Prop. 1 and Thm. 1).
     """
-    n = _check_site(gram, cross, weight, group_size)
+    n = _check_greedy(gram, cross, weight, group_size, k, epsilon)
     g = group_size
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be between 1 and the number of groups n={n}")
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
-    for label, t in (("gram", gram), ("cross", cross), ("weight", weight)):
-        if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"{label} holds NaN or infinite values; check the calibration inputs")
 
     dtype, device = torch.float64, gram.device
     lam = ridge_value(gram, ridge)
@@ -175,12 +194,10 @@ def greedy_select(
         residual.diagonal().add_(lam)  # the ridge regularises G, not the target
     m = w.shape[1]
 
-    block_trace = _block_diagonal(residual, n, g).diagonal(dim1=-2, dim2=-1).sum(-1)  # (n,)
-    scale = float(block_trace.max()) if n else 0.0
-    tol = RTOL * block_trace + RTOL * 1e-3 * scale  # (n,); absolute floor for dead groups
+    tol = _dead_tolerance(_block_diagonal(residual, n, g).diagonal(dim1=-2, dim2=-1).sum(-1))  # (n,)
 
     available = torch.ones(n, dtype=torch.bool, device=device)
-    n_sample = n if epsilon == 0 else min(n, math.ceil(n / k * math.log(1.0 / epsilon)))
+    n_sample = _sample_size(n, k, epsilon)
     order = torch.empty(k, dtype=torch.long)
     gains = torch.empty(k, dtype=dtype)
     for step in range(k):

@@ -21,12 +21,18 @@ variant of orthogonal matching pursuit, Rubinstein et al., Technion CS-2008-08).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from subprune.solver import RTOL, GreedyResult, _block_diagonal, _check_site, _pinv_factor, ridge_value
+from subprune.solver import (
+    GreedyResult,
+    _block_diagonal,
+    _check_greedy,
+    _dead_tolerance,
+    _pinv_factor,
+    _sample_size,
+    ridge_value,
+)
 
 
 def greedy_select_factored(
@@ -52,15 +58,8 @@ def greedy_select_factored(
     ValueError
         As :func:`subprune.solver.greedy_select`.
     """
-    n = _check_site(gram, cross, weight, group_size)
+    n = _check_greedy(gram, cross, weight, group_size, k, epsilon)
     g = group_size
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be between 1 and the number of groups n={n}")
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
-    for label, t in (("gram", gram), ("cross", cross), ("weight", weight)):
-        if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"{label} holds NaN or infinite values; check the calibration inputs")
 
     dtype, device = torch.float64, gram.device
     gram64 = gram.to(dtype)  # no copy when already float64
@@ -77,12 +76,10 @@ def greedy_select_factored(
     updates = torch.empty(d, k * g, dtype=dtype, device=device)  # U, (d, k g)
     v_rows = torch.empty(k * g, m, dtype=dtype, device=device)  # V, (k g, m)
 
-    block_trace = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)  # (n,)
-    scale = float(block_trace.max()) if n else 0.0
-    tol = RTOL * block_trace + RTOL * 1e-3 * scale  # (n,), as in greedy_select
+    tol = _dead_tolerance(blocks.diagonal(dim1=-2, dim2=-1).sum(-1))  # (n,), as in greedy_select
 
     available = torch.ones(n, dtype=torch.bool, device=device)
-    n_sample = n if epsilon == 0 else min(n, math.ceil(n / k * math.log(1.0 / epsilon)))
+    n_sample = _sample_size(n, k, epsilon)
     order = torch.empty(k, dtype=torch.long)
     gains = torch.empty(k, dtype=dtype)
     for step in range(k):
