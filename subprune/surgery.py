@@ -187,6 +187,11 @@ class ChannelLayout:
         alive = self._alive.get((module, dim))
         return start if alive is None else int((alive < start).sum())
 
+    def alive(self, module: str, dim: str, size: int) -> Tensor:
+        """Dense indices still held along ``dim`` of ``module`` (``size`` dense units if never cut), (size',)."""
+        alive = self._alive.get((module, dim))
+        return torch.arange(size) if alive is None else alive.clone()
+
     def cut(self, module: str, dim: str, size: int, start: int, span: int, kept: Tensor) -> Tensor:
         """Keep only ``kept`` (sorted, relative to ``start``) of the range [start, start + span).
 
