@@ -14,13 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from subprune.budgets import ParameterCounter
 from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import PruneConfig, prune
 from subprune.serialization import load_pruned, save_pruned
 from subprune.shortcuts import ZeroPadShortcut
 from subprune.sites import ChannelRange, find_sites
 from subprune.solver import greedy_select, refit, stack_problems
-from subprune.surgery import consumer_weight_matrix
+from subprune.surgery import consumer_weight_matrix, prune_model
 
 N_CALIB = 24
 
@@ -287,3 +288,15 @@ def test_torchvision_style_squeeze_excitation_and_stochastic_depth():
     assert [c.module for c in by["expand"].consumers] == ["fc1", "project"]
     assert [p.module for p in by["stem"].producers] == ["stem", "project"] and by["stem"].coupled
     assert [s.name for s in skipped] == ["head"]
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_parameter_counter_is_exact_for_every_architecture(coupled, inputs):
+    for arch in sorted(ARCHITECTURES):
+        model = ARCHITECTURES[arch](0)
+        sites, _ = find_sites(model, inputs[:2], coupled=coupled)
+        counter = ParameterCounter(model, sites)
+        kept = {s.name: max(1, (s.channels * (1 + i % 3)) // 4) for i, s in enumerate(sites)}
+        pruned = prune_model(model, sites, {name: torch.arange(k) for name, k in kept.items()})
+        assert counter.count(kept) == _params(pruned), arch
+        assert counter.count({}) == _params(model), arch
