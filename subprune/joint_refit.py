@@ -135,14 +135,15 @@ class JointRefit:
         if target_w.shape[1] != m:  # the consumer's own output rows were cut after the reference
             ref_rows = (torch.arange(target_w.shape[1]) if group.reference_layout is None
                         else group.reference_layout.alive(name, "out", target_w.shape[1]))
-            rows = torch.searchsorted(ref_rows, layout.alive(name, "out", m))
-            target_w = target_w[:, rows.to(self.device)]
+            out_rows = torch.searchsorted(ref_rows, layout.alive(name, "out", m))
+            target_w = target_w[:, out_rows.to(self.device)]
         units = layout.alive(name, "in", target_w.shape[0] // group.kernel)
         kept = group_columns(units, group.kernel).to(self.device)  # (d,) dense columns still held
         d = kept.numel()
         gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         cross = torch.zeros(d, m, dtype=torch.float64, device=self.device)  # B_K^T A W, (d, m)
         energy = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_rows = torch.zeros((), dtype=torch.float64, device=self.device)
         source = reference if self.from_dense else work
         models = [source] if self.from_dense else [work, reference]
         with offload_modules(models, self.device) if self.offload else contextlib.nullcontext():
@@ -165,9 +166,13 @@ class JointRefit:
                     gram.addmm_(b.T, b)
                     cross.addmm_(b.T, target)
                     energy += (target * target).sum()
+                    n_rows += b.shape[0]
         if self.distributed:
-            for tensor in (gram, cross, energy):
+            for tensor in (gram, cross, energy, n_rows):
                 torch.distributed.all_reduce(tensor)
+        if int(n_rows) < d:
+            log.warning("joint refit of %s: %d calibration rows for %d refit columns: the refit interpolates the "
+                        "calibration set; use more samples or a ridge", name, int(n_rows), d)
         weight = solve_normal_equations(gram, cross, ridge_value(gram, self.ridge))  # (d, m)
         kept_energy = 2 * float((weight * cross).sum()) - float((weight * (gram @ weight)).sum())
         self.results_[name] = kept_energy / float(energy) if float(energy) > 0 else 0.0
