@@ -19,7 +19,7 @@ from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import PruneConfig, prune
 from subprune.serialization import load_pruned, save_pruned
 from subprune.shortcuts import ZeroPadShortcut
-from subprune.sites import ChannelRange, find_sites
+from subprune.sites import ChannelRange, find_sites, select_sites
 from subprune.solver import greedy_select, refit, stack_problems
 from subprune.surgery import consumer_weight_matrix, prune_model
 
@@ -135,6 +135,9 @@ def test_option_a_shortcuts_are_coupled(inputs):
     assert [(z.module, z.side, z.span) for z in stream["layers.3.conv2[24:32]"].zero_pads] == [
         ("layers.3.downsample", "back", 8)]
     assert ("layers.6.conv2", 40, 8) in {(p.module, p.start, p.span) for p in stream["layers.3.conv2[24:32]"].producers}
+
+    chosen = select_sites(sites, skipped, ["layers.3.conv2"])  # a producer selects every site holding its channels
+    assert [s.name for s in chosen] == ["conv1", "layers.3.conv2[0:8]", "layers.3.conv2[24:32]"]
 
     keep = {s.name: 0.5 for s in sites} | {"layers.3.conv2[0:8]": 0.25, "layers.6.conv2[48:64]": 1.0}
     half = prune(model, inputs, PruneConfig(method="layer", keep=keep, reweight=False, coupled=True, progress=False))
