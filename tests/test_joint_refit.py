@@ -92,3 +92,44 @@ def test_no_joint_refit_without_reweighting_or_pruning(setup):
     full = prune(model, x, PruneConfig(method="seq", keep=1.0, progress=False))
     assert full.joint_refits == {}
     torch.testing.assert_close(full.model.mix.weight, model.mix.weight)
+
+
+class _ReadsAndWrites(torch.nn.Module):
+    """A conv that reads the residual stream and a branch (concatenated) and writes the stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.p = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+        self.c, self.head = torch.nn.Conv2d(12, 8, 3, padding=1), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        s = torch.relu(self.q(x))
+        s = s + self.c(torch.cat([s, torch.relu(self.p(s))], 1))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(s, 1), 1))
+
+
+@pytest.mark.parametrize("method", ["layer", "seq", "asym"])
+def test_joint_refit_of_a_consumer_whose_outputs_were_cut_first(method):
+    torch.manual_seed(0)
+    model, x = _ReadsAndWrites().eval(), torch.randn(16, 3, 8, 8)
+    sites, _ = find_sites(model, x[:2], coupled=True)
+    assert [s.name for s in sites] == ["q", "p"] and shared_consumers(sites) == {"c": ["q", "p"]}
+    result = prune(model, x, PruneConfig(method=method, keep=0.5, coupled=True, progress=False))
+    stream, branch = (r.keep for r in result.sites)  # c's output rows are the stream's kept channels
+    kept = torch.tensor(stream + [8 + c for c in branch])
+    cols = (kept.unsqueeze(1) * 9 + torch.arange(9)).reshape(-1)
+
+    def rows(m):
+        store = {}
+        handle = m.c.register_forward_pre_hook(lambda mod, a: store.setdefault("x", a[0].detach()))
+        with torch.no_grad():
+            m(x)
+        handle.remove()
+        unfolded = F.unfold(store["x"].double(), 3, padding=1)  # (N, C 9, L)
+        return unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
+
+    dense = rows(model)
+    b = dense[:, cols] if method == "layer" else rows(result.model)
+    expected = _lstsq(b, dense @ model.c.weight.detach().double().reshape(8, -1).T[:, stream])
+    got = result.model.c.weight.detach().double().reshape(len(stream), -1).T
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
