@@ -204,11 +204,16 @@ def test_baseline_scores_read_every_consumer_of_a_site():
         greedy_fs_scores(context)
 
 
-@pytest.mark.parametrize("method", ["weightnorm", "layer-actgrad", "layer-sampling"])
-def test_baselines_prune_coupled_option_a_sites(method):
+def test_baselines_score_and_prune_coupled_option_a_sites():
     model = ARCHITECTURES["cifar-resnet20"](0)
-    x, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-    result = prune(model, x, PruneConfig(method=method, keep=0.5, coupled=True, progress=False), labels=labels)
+    x, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    sites, _ = find_sites(model, x[:2], coupled=True)
+    context = ScoreContext(model, sites, x, labels, default_loss, 8, torch.Generator().manual_seed(0))
+    for score in (weight_norm_scores, act_grad_scores, sensitivity_scores):
+        scores = score(context)
+        assert {n: (v.shape, bool(torch.isfinite(v).all())) for n, v in scores.items()} == {
+            s.name: ((s.channels,), True) for s in sites}
+    result = prune(model, x, PruneConfig(method="weightnorm", keep=0.5, reweight=False, coupled=True, progress=False))
     assert len(result.sites) == 14 and count_parameters(result.model) < count_parameters(model) / 2
     with torch.no_grad():
-        assert result.model(x).shape == (16, 10)
+        assert result.model(x).shape == (8, 10)
