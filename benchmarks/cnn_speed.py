@@ -48,7 +48,7 @@ def _skipped_text(skipped) -> str:
         elif "coupled=True" in reason:
             reason = "residual (needs coupled)"
         elif "zero-pads the channel" in reason:
-            reason = "option-A zero-pad shortcut"
+            reason = "inline channel F.pad (option A without ZeroPadShortcut)"
         short.append(reason)
     return "; ".join(f"{n}x {r}" for r, n in Counter(short).items()) or "-"
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from subprune.sites import PruningSite
+from subprune.sites import ChannelRange, PruningSite
 from subprune.statistics import capture_inputs, run_to_capture
 from subprune.surgery import consumer_weight_matrix, get_module
 
@@ -98,16 +98,25 @@ def weight_norm_scores(context: ScoreContext) -> dict[str, Tensor]:
     """
     scores = {}
     for s in context.sites:
-        weight = consumer_weight_matrix(get_module(context.model, s.consumer))  # (n g, m)
-        scores[s.name] = weight.reshape(s.channels, s.group_size, -1).abs().sum(dim=(1, 2)).double().cpu()  # (n,)
+        total = torch.zeros(s.channels, dtype=torch.float64)
+        for ref in s.consumers:  # every consumer's columns of the site (coupled, concatenated, several readers)
+            weight = _site_weight(get_module(context.model, ref.module), ref)  # (n g_j, m)
+            total += weight.reshape(s.channels, -1).abs().sum(dim=1).double().cpu()  # (n,)
+        scores[s.name] = total
     return scores
 
 
-def _channel_view(consumer: nn.Module, x: Tensor, site: PruningSite) -> Tensor:
-    """A consumer input as (rows, n, per-channel values): (N, n, H W) for Conv2d, (M, n, g) for Linear."""
+def _site_weight(consumer: nn.Module, ref: ChannelRange) -> Tensor:
+    """The rows of the consumer weight W (d, m) that read the site's channels, shape (span * kernel, m)."""
+    return consumer_weight_matrix(consumer)[ref.start * ref.kernel : (ref.start + ref.span) * ref.kernel]
+
+
+def _channel_view(consumer: nn.Module, x: Tensor, site: PruningSite, ref: ChannelRange) -> Tensor:
+    """The site's part of a consumer input as (rows, n, per-unit values): (N, n, width H W) or (M, n, g_j)."""
     if isinstance(consumer, nn.Conv2d):
-        return x.flatten(2)  # (N, n, H W)
-    return x.reshape(-1, site.channels, site.group_size)  # (M, n, g)
+        return x[:, ref.start : ref.start + ref.span].reshape(x.shape[0], site.channels, -1)  # (N, n, width H W)
+    cols = x[..., ref.start * ref.kernel : (ref.start + ref.span) * ref.kernel]
+    return cols.reshape(-1, site.channels, site.consumer_group_size(ref))  # (M, n, g_j)
 
 
 def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
@@ -132,7 +141,7 @@ def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
     if context.labels is None:
         raise ValueError("ActGrad scores need the labels of the calibration samples")
     model, device = context.model, next(context.model.parameters()).device
-    consumers = {s.consumer: get_module(model, s.consumer) for s in context.sites}
+    consumers = {ref.module: get_module(model, ref.module) for s in context.sites for ref in s.consumers}
     totals = {s.name: torch.zeros(s.channels, dtype=torch.float64) for s in context.sites}
     n = context.calibration.shape[0]
     for start in range(0, n, context.batch_size):
@@ -147,11 +156,14 @@ def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
             grads = torch.autograd.grad(loss, [inputs[c] for c in names], allow_unused=True)
         grad_of = dict(zip(names, grads, strict=True))
         for s in context.sites:
-            grad = grad_of[s.consumer]
-            if grad is None:
-                continue
-            product = _channel_view(consumers[s.consumer], (inputs[s.consumer] * grad).detach().double(), s)
-            totals[s.name] += product.mean(dim=2).abs().sum(dim=0).cpu()  # (n,)
+            taylor = torch.zeros((), dtype=torch.float64)  # per sample and unit, summed over the site's consumers
+            for ref in s.consumers:
+                grad = grad_of[ref.module]
+                if grad is not None:
+                    product = (inputs[ref.module] * grad).detach().double()
+                    taylor = taylor + _channel_view(consumers[ref.module], product, s, ref).mean(dim=2)  # (M, n)
+            if taylor.ndim:
+                totals[s.name] += taylor.abs().sum(dim=0).cpu()  # (n,)
     return {name: total / n for name, total in totals.items()}
 
 
@@ -170,31 +182,36 @@ def sensitivity_scores(context: ScoreContext) -> dict[str, Tensor]:
     dict site name -> Tensor of shape (n,), float64, values in [0, 1]
     """
     model, device = context.model, next(context.model.parameters()).device
-    consumers = {s.consumer: get_module(model, s.consumer) for s in context.sites}
+    consumers = {ref.module: get_module(model, ref.module) for s in context.sites for ref in s.consumers}
     best = {s.name: torch.zeros(s.channels, dtype=torch.float64) for s in context.sites}
     weights = {
-        s.name: consumer_weight_matrix(consumers[s.consumer]).double().reshape(s.channels, s.group_size, -1)
-        for s in context.sites
-    }  # (n, g, m)
+        (s.name, ref.module): _site_weight(consumers[ref.module], ref).double().reshape(
+            s.channels, s.consumer_group_size(ref), -1)
+        for s in context.sites for ref in s.consumers
+    }  # (n, g_j, m_j)
     for start in range(0, context.calibration.shape[0], context.batch_size):
         x = context.calibration[start : start + context.batch_size].to(device)
         inputs: dict[str, Tensor] = {}
         with torch.no_grad(), capture_inputs(consumers, inputs.__setitem__, detach=False):
             model(x)
         for s in context.sites:
-            module, a = consumers[s.consumer], inputs[s.consumer].double()
-            if isinstance(module, nn.Conv2d):
-                cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                                stride=module.stride)  # (N, n g, L)
-                rows = cols.reshape(a.shape[0], s.channels, s.group_size, -1)  # (N, n, g, L)
-            else:
-                rows = a.reshape(a.shape[0], -1, s.channels, s.group_size).permute(0, 2, 3, 1)  # (N, n, g, T)
-            w = weights[s.name].to(rows.device)
-            step = max(1, CHUNK_ELEMENTS // (rows[0].numel() // s.group_size * w.shape[2]))
-            energy = torch.cat([
-                torch.einsum("sngl,ngm->snlm", rows[i : i + step], w).square().sum(dim=(2, 3))
-                for i in range(0, rows.shape[0], step)
-            ])  # (N, n)
+            energy = torch.zeros((), dtype=torch.float64)  # (N, n) once summed over the site's consumers
+            for ref in s.consumers:
+                module, a, g = consumers[ref.module], inputs[ref.module].double(), s.consumer_group_size(ref)
+                if isinstance(module, nn.Conv2d):
+                    cols = F.unfold(a[:, ref.start : ref.start + ref.span], module.kernel_size,
+                                    dilation=module.dilation, padding=module.padding,
+                                    stride=module.stride)  # (N, n g, L)
+                    rows = cols.reshape(a.shape[0], s.channels, g, -1)  # (N, n, g, L)
+                else:
+                    a = a[..., ref.start * ref.kernel : (ref.start + ref.span) * ref.kernel]
+                    rows = a.reshape(a.shape[0], -1, s.channels, g).permute(0, 2, 3, 1)  # (N, n, g, T)
+                w = weights[(s.name, ref.module)].to(rows.device)
+                step = max(1, CHUNK_ELEMENTS // (rows[0].numel() // g * w.shape[2]))
+                energy = energy + torch.cat([
+                    torch.einsum("sngl,ngm->snlm", rows[i : i + step], w).square().sum(dim=(2, 3))
+                    for i in range(0, rows.shape[0], step)
+                ])  # (N, n)
             share = energy / energy.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
             best[s.name] = torch.maximum(best[s.name], share.max(dim=0).values.cpu())
     return best
@@ -242,6 +259,14 @@ def greedy_fs_scores(context: ScoreContext) -> dict[str, Tensor]:
                for i in range(0, n_samples, context.batch_size)]
     scores = {}
     for site in context.sites:
+        ref = site.consumers[0]
+        reads_all = ref.start == 0 and ref.span * ref.kernel == get_module(model, ref.module).weight[0].numel()
+        if len(site.consumers) != 1 or not reads_all:
+            raise ValueError(
+                f"GreedyFS evaluates candidates at one consumer that reads only the site's channels; site "
+                f"{site.name} has {len(site.consumers)} consumer(s) starting with '{ref.module}' at input "
+                f"{ref.start}: use another method for this model or restrict layers to plain sites"
+            )
         n = site.channels
         k = n if context.kept is None else context.kept.get(site.name, n)
         consumer = get_module(model, site.consumer)

@@ -41,49 +41,57 @@ class ParameterCounter:
 
     Notes
     -----
-    A Linear/Conv2d weight of shape (out, in, ...) keeps out' * in' / (out * in)
-    of its elements when out' of its output channels (it is a site's producer)
-    and in' of its input channels (it is a site's consumer) are kept; its bias
-    follows the output channels, a BatchNorm's affine parameters follow its
-    site's channels. Every other parameter is unchanged.
+    Exact for any sites, coupled ones included: a Linear/Conv2d weight of shape
+    (out, in, ...) keeps out' * in' / (out * in) of its elements, where out' and
+    in' subtract the units every site removes from its output (it is one of the
+    site's producers) or input (one of its consumers); its bias follows out'. A
+    BatchNorm's affine parameters follow its features, a grouped convolution
+    carried by a site keeps its whole groups. Every other parameter is unchanged.
     """
 
     def __init__(self, model: nn.Module, sites: list[PruningSite]) -> None:
         self.dense = sum(p.numel() for p in model.parameters())
         self._sites = {s.name: s for s in sites}
-        roles: dict[str, list] = {}  # module -> [producer site, consumer site]
+        # module -> {"out": [(site, indices per unit)], "in": [...]}: what each site removes from its dimensions
+        cuts: dict[str, dict[str, list[tuple[str, int]]]] = {}
         for s in sites:
-            roles.setdefault(s.producer, [None, None])[0] = s.name
-            roles.setdefault(s.consumer, [None, None])[1] = s.name
-        # (weight elements per kept (out, in) channel pair, bias per out channel, producer site, consumer site)
-        self._modules: list[tuple[int, int, str | None, str | None]] = []
+            for ref in (*s.producers, *s.sliced):
+                cuts.setdefault(ref.module, {"out": [], "in": []})["out"].append((s.name, ref.span // s.channels))
+            for ref in s.consumers:
+                per_unit = ref.span // s.channels * (ref.kernel if isinstance(get_module(model, ref.module),
+                                                                               nn.Linear) else 1)
+                cuts.setdefault(ref.module, {"out": [], "in": []})["in"].append((s.name, per_unit))
+            for name in s.groupwise:  # whole groups: output channels and groups go together
+                module = get_module(model, name)
+                cuts.setdefault(name, {"out": [], "in": []})["out"].append(
+                    (s.name, module.out_channels // module.groups))
+        # (out size, in size, parameters per (out, in) pair, parameters per out unit, out cuts, in cuts)
+        self._modules: list[tuple[int, int, int, int, list, list]] = []
         fixed = self.dense
-        for name, (out_site, in_site) in roles.items():
+        for name, cut in cuts.items():
             module = get_module(model, name)
-            n_out = self._sites[out_site].channels if out_site else 1
-            n_in = self._sites[in_site].channels if in_site else 1
-            bias = 0 if module.bias is None else module.bias.numel()
-            self._modules.append((module.weight.numel() // (n_out * n_in), bias // n_out, out_site, in_site))
-            fixed -= module.weight.numel() + bias
-        self._batchnorms: list[tuple[int, str]] = []
-        for s in sites:
-            for bn in s.batchnorms:
-                module = get_module(model, bn)
-                per_channel = sum(p.numel() for p in module.parameters(recurse=False)) // s.channels
-                self._batchnorms.append((per_channel, s.name))
-                fixed -= per_channel * s.channels
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            fixed -= own
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self._modules.append((module.num_features, 1, 0, own // module.num_features, cut["out"], []))
+                continue
+            bias = 0 if module.bias is None else 1
+            if isinstance(module, nn.Linear):
+                n_out, n_in = module.out_features, module.in_features
+            else:  # a grouped conv's weight holds in/groups inputs per output; its groups shrink with out
+                n_out, n_in = module.out_channels, module.in_channels // module.groups
+            self._modules.append((n_out, n_in, module.weight.numel() // (n_out * n_in), bias, cut["out"], cut["in"]))
         self._fixed = fixed
 
     def count(self, kept: Mapping[str, int]) -> int:
         """Parameters of the network when site ``name`` keeps ``kept[name]`` channels (others: all)."""
-        def k(site: str | None) -> int:
-            return 1 if site is None else kept.get(site, self._sites[site].channels)
+        def size(full: int, cuts: list[tuple[str, int]]) -> int:
+            return full - sum((self._sites[s].channels - kept.get(s, self._sites[s].channels)) * w for s, w in cuts)
 
         total = self._fixed
-        for per_pair, bias, out_site, in_site in self._modules:
-            total += per_pair * k(out_site) * k(in_site) + bias * k(out_site)
-        for per_channel, site in self._batchnorms:
-            total += per_channel * k(site)
+        for n_out, n_in, per_pair, per_out, out_cuts, in_cuts in self._modules:
+            out = size(n_out, out_cuts)
+            total += per_pair * out * size(n_in, in_cuts) + per_out * out
         return total
 
     def budget(self, compression: float) -> float:

@@ -220,8 +220,9 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> None:
     for column in ("site", "producers", "between", "consumers", "channels", "group size"):
         table.add_column(column)
     for s in sites:
-        producers = ", ".join(p.module for p in s.producers)
-        between = ", ".join([*s.batchnorms, *(f"{g} (grouped)" for g in s.groupwise)]) or "-"
+        producers = ", ".join(p.module if p.start == 0 else f"{p.module} @{p.start}" for p in s.producers)
+        zeros = (f"{z.module} ({z.side} zeros)" for z in s.zero_pads)
+        between = ", ".join([*s.batchnorms, *(f"{g} (grouped)" for g in s.groupwise), *zeros]) or "-"
         consumers = ", ".join(c.module if c.start == 0 else f"{c.module} @{c.start}" for c in s.consumers)
         unit = "" if s.producers[0].span == s.channels else f" groups of {s.producers[0].span // s.channels}"
         table.add_row(s.name, producers, between, consumers, f"{s.channels}{unit}", str(s.group_size))

@@ -24,6 +24,7 @@ from subprune.baselines import LossFn, ScoreContext, default_loss
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
 from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
 from subprune.distributed import all_reduce_statistics, check_same_selection, require_initialized
+from subprune.joint_refit import JointRefit
 from subprune.methods import METHODS, Method, SiteProblem, get_method
 from subprune.sites import ChannelRange, PruningSite, SkippedLayer, find_sites, select_sites
 from subprune.solver import greedy_select, group_columns, refit, ridge_value, stack_problems, weights_objective
@@ -204,7 +205,12 @@ class SiteReport:
 
 @dataclass
 class PruneResult:
-    """The pruned model and the per-site report."""
+    """The pruned model and the per-site report.
+
+    ``joint_refits`` maps every consumer that several sites feed (and that was
+    refit once more on all its kept columns, :mod:`subprune.joint_refit`) to f
+    of that refit; the ``objective`` of those sites is their own refit's.
+    """
 
     model: nn.Module
     sites: list[SiteReport]
@@ -212,6 +218,7 @@ class PruneResult:
     config: PruneConfig
     seconds: float
     memory: PeakMemory | None = None
+    joint_refits: dict[str, float] = field(default_factory=dict)
 
 
 def _check_calibration(calibration: Tensor) -> None:
@@ -588,14 +595,21 @@ def _prune(
 
     reports = []
     upstream_pruned = False  # Asym refits a fully kept site only to absorb earlier sites' changes
+    # Consumers read by several sites (after a concatenation) are refit once more, jointly, after their last site.
+    joint = JointRefit(sites, dense, method.sequential, method.asymmetric, calibration, config.ridge,
+                       **common) if config.reweight else None
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
         site_start = time.perf_counter()
         k = plan[site.name]
+        if joint is not None:
+            joint.before(site, work, layout)
         if k == site.channels and not (method.asymmetric and upstream_pruned):
             reports.append(SiteReport(site.name, site.producer, site.consumer, site.channels, k,
                                       site.group_size, 1.0, keep=list(range(k)),
                                       producers=[p.module for p in site.producers],
                                       consumers=[c.module for c in site.consumers], coupled=site.coupled))
+            if joint is not None:
+                joint.after(site, False, work, layout)
             continue
         if method.sequential:
             stats = collect_site_statistics(
@@ -605,8 +619,11 @@ def _prune(
         else:
             stats = layer_stats[site.name]
         report = _prune_one_site(work, site, stats, k, config, generator, layout, scores.get(site.name))
+        if joint is not None:
+            joint.after(site, True, work, layout)
         upstream_pruned = upstream_pruned or k < site.channels
         report.seconds = time.perf_counter() - site_start
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)
-    return PruneResult(work, reports, skipped, config, time.perf_counter() - start_time)
+    return PruneResult(work, reports, skipped, config, time.perf_counter() - start_time,
+                       joint_refits={} if joint is None else joint.results_)

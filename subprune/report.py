@@ -110,6 +110,7 @@ def build_report(result: PruneResult, measures: dict, settings: dict) -> dict:
             for s in result.sites
         ],
         "coupled": cfg.coupled,
+        "joint_refits": dict(result.joint_refits),
         "skipped": [asdict(s) for s in result.skipped],
     }
     return report

@@ -17,6 +17,15 @@ only with ``coupled=True``, in which every producer, BatchNorm and consumer that
 shares them is sliced together. A grouped convolution on the way makes the
 site's unit a whole group (channels of one group are kept or removed together).
 
+A parameter-free "option A" shortcut written as
+:class:`subprune.shortcuts.ZeroPadShortcut` (subsample, then zero channels
+before and after) is a leaf of the traced graph: the channels it carries are
+shifted by its front padding, and its zero channels belong to the sites of the
+producers they are added to. A site's channels are a contiguous range of each
+module; when a shortcut splits a producer's output channels into a data part
+and zero parts, each part is its own site, named ``producer[start:end]``. An
+inline ``F.pad`` of the channel dimension cannot be rebuilt and stops the site.
+
 Every Linear/Conv2d that is neither in a site nor pruned with one is reported
 with the reason; nothing is half-pruned.
 """
@@ -31,6 +40,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from subprune.shortcuts import ZeroPadShortcut
 
 PRODUCERS = (nn.Linear, nn.Conv2d)
 
@@ -88,6 +99,25 @@ class ChannelRange:
 
 
 @dataclass(frozen=True)
+class ZeroPadRange:
+    """Zero channels of a :class:`~subprune.shortcuts.ZeroPadShortcut` that a site removes.
+
+    Attributes
+    ----------
+    module : str
+        Qualified name of the shortcut module.
+    side : {"front", "back"}
+        The zero channels before or after the shortcut's input channels.
+    span : int
+        How many of them the site covers (``channels`` units of ``span // channels``).
+    """
+
+    module: str
+    side: str
+    span: int
+
+
+@dataclass(frozen=True)
 class PruningSite:
     """A set of channels removed together, with every module that holds them.
 
@@ -122,6 +152,9 @@ class PruningSite:
     coupled_by : tuple of str
         Graph nodes (additions, products) that tie several producers; empty for
         a block-internal site.
+    zero_pads : tuple of ZeroPadRange
+        Zero channels of option-A shortcuts that are added to the site's channels:
+        the shortcut is rebuilt with fewer of them.
     """
 
     name: str
@@ -135,6 +168,7 @@ class PruningSite:
     sliced: tuple[ChannelRange, ...] = ()
     groupwise: tuple[str, ...] = ()
     coupled_by: tuple[str, ...] = ()
+    zero_pads: tuple[ZeroPadRange, ...] = ()
 
     def __post_init__(self) -> None:
         # A site built by hand as a plain chain: one producer, BatchNorms, one consumer reading all.
@@ -175,7 +209,7 @@ def trace(model: nn.Module, example_input: Tensor) -> torch.fx.GraphModule:
         example input does not fit the model.
     """
     try:
-        graph_module = torch.fx.symbolic_trace(model)
+        graph_module = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as exc:  # torch.fx raises many types; re-raise one with the fix
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {exc}. Models with Python "
@@ -190,6 +224,13 @@ def trace(model: nn.Module, example_input: Tensor) -> torch.fx.GraphModule:
             f"the model does not run on inputs of shape {tuple(example_input.shape)}: {exc}"
         ) from exc
     return graph_module
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping :class:`ZeroPadShortcut` as one call_module node (its pad is rebuilt)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, ZeroPadShortcut) or super().is_leaf_module(module, qualified_name)
 
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
@@ -228,6 +269,14 @@ class _Fail(Exception):
     """The flood fill met something it cannot prune through (internal)."""
 
 
+class _Split(Exception):
+    """The site's channels straddle a boundary (data | zero padding): flood the parts apart (internal)."""
+
+    def __init__(self, units: list[int], where: str):
+        super().__init__(units)
+        self.units, self.where = units, where
+
+
 class _Regroup(Exception):
     """A grouped convolution needs the site's unit to be one of its groups (internal)."""
 
@@ -239,7 +288,8 @@ class _Regroup(Exception):
 class _Flood:
     """Flood fill of one channel set from a producer (see the module docstring)."""
 
-    def __init__(self, graph_module, modules, call_counts, start: torch.fx.Node, units: int, width: int):
+    def __init__(self, graph_module, modules, call_counts, start: torch.fx.Node, units: int, width: int,
+                 offset: int = 0):
         self.modules, self.call_counts = modules, call_counts
         self.n = units
         self.state: dict[torch.fx.Node, tuple[int, int, int]] = {}  # node -> (offset, width, columns)
@@ -248,8 +298,9 @@ class _Flood:
         self.sliced: dict[str, ChannelRange] = {}
         self.groupwise: list[str] = []
         self.coupled_by: list[str] = []
+        self.zero_pads: dict[tuple[str, str], ZeroPadRange] = {}
         self.queue: list[torch.fx.Node] = []
-        self._visit(start, (0, width, 1))
+        self._visit(start, (offset, width, 1))
         while self.queue:
             node = self.queue.pop(0)
             self._backward(node)
@@ -261,12 +312,16 @@ class _Flood:
         return self.modules[node.target] if node.op == "call_module" else None
 
     def _kind(self, node: torch.fx.Node) -> str:
-        """One of producer, groupwise, batchnorm, unary, reshape, cat, join, placeholder, output, other."""
+        """One of producer, groupwise, batchnorm, unary, reshape, cat, join, zeropad, placeholder, output, other."""
         if node.op in ("placeholder", "output", "get_attr"):
             return node.op
         module = self._module(node)
         name = getattr(node.target, "__name__", str(node.target))
         n_inputs = len(_tensor_inputs(node))
+        if isinstance(module, ZeroPadShortcut):
+            if self.call_counts.get(node.target, 0) > 1:
+                raise _Fail(f"shortcut '{node.target}' is called {self.call_counts[node.target]} times")
+            return "zeropad"
         if module is not None:
             stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
             if stateful and self.call_counts.get(node.target, 0) > 1:
@@ -300,7 +355,9 @@ class _Flood:
                 shape = _shape(node.args[0])
                 if shape is not None and not any(pad[2 * (len(shape) - 2):]):
                     return "unary"  # pads spatial dimensions only
-                raise _Fail(f"'{node.name}' (pad) zero-pads the channel dimension (e.g. an option-A shortcut)")
+                raise _Fail(f"'{node.name}' (pad) zero-pads the channel dimension (e.g. an option-A shortcut) by "
+                            "amounts fixed in forward(); write the shortcut as subprune.shortcuts.ZeroPadShortcut "
+                            "to prune through it")
             if node.target is torch.mean and n_inputs == 1:
                 return "mean"
         if node.op == "call_method":
@@ -417,8 +474,29 @@ class _Flood:
                     return
                 before += size
             raise _Fail(f"its channels straddle the inputs of the concatenation {self._describe(node)}")
+        if kind == "zeropad":
+            self._backward_zeropad(node)
+            return
         for source in _tensor_inputs(node):
             self._visit(source, self._through(node, source, self.state[node], kind, forward=False))
+
+    def _backward_zeropad(self, node: torch.fx.Node) -> None:
+        """Output channels of a ZeroPadShortcut: its zero channels, or its input's channels shifted by ``front``."""
+        offset, width, columns = self.state[node]
+        module, (source,) = self._module(node), _tensor_inputs(node)
+        size, end = _shape(source)[1], offset + self.n * width
+        data = (module.front, module.front + size)
+        if end <= data[0] or offset >= data[1]:
+            side = "front" if end <= data[0] else "back"
+            self.zero_pads[(node.target, side)] = ZeroPadRange(node.target, side, self.n * width)
+            return
+        if data[0] <= offset and end <= data[1]:
+            self._visit(source, (offset - data[0], width, columns))
+            return
+        cuts = [b for b in data if offset < b < end]
+        if width != 1 or columns != 1:
+            raise _Fail(f"its channels straddle the zero padding of the shortcut '{node.target}'")
+        raise _Split([b - offset for b in cuts], node.target)
 
     def _through(
         self, node: torch.fx.Node, source: torch.fx.Node, state: tuple[int, int, int], kind: str, forward: bool
@@ -454,6 +532,10 @@ class _Flood:
                 raise _Fail(f"the concatenation {self._describe(node)} reads the same channels twice")
             before = sum(_shape(s)[1] for s in sources[: sources.index(source)])
             return offset + before, width, columns
+        if kind == "zeropad":  # forward only; the backward case is in _backward_zeropad
+            if columns != 1 or len(_shape(source) or ()) != 4:
+                raise _Fail(f"shortcut '{node.target}' reads flattened channels")
+            return offset + self._module(node).front, width, columns
         if kind == "groupwise":
             module = self._module(node)
             groups, c_in, c_out = module.groups, module.in_channels, module.out_channels
@@ -469,25 +551,31 @@ class _Flood:
         raise _Fail(f"unsupported operation {self._describe(node)} on the channels")
 
 
-def _flood_site(graph_module, modules, call_counts, node: torch.fx.Node, coupled: bool):
-    """Flood from a producer node; return (PruningSite, covered modules) or (reason, touched modules)."""
+def _flood_site(graph_module, modules, call_counts, node: torch.fx.Node, coupled: bool,
+                start: int = 0, span: int | None = None):
+    """Flood from output channels ``start .. start + span - 1`` of a producer node.
+
+    Returns (PruningSite, producer ranges, grouped convs) or (reason, touched modules, ()); raises
+    _Split when the channels must be flooded in parts.
+    """
     module = modules[node.target]
     channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-    units, tried, flood = channels, set(), None
+    span = channels if span is None else span
+    units, tried, flood = span, set(), None
     for _ in range(4):
         try:
-            flood = _Flood(graph_module, modules, call_counts, node, units, channels // units)
+            flood = _Flood(graph_module, modules, call_counts, node, units, span // units, start)
             break
         except _Regroup as regroup:
-            if regroup.groups in tried or channels % regroup.groups:
+            if regroup.groups in tried or span % regroup.groups:
                 return (f"grouped convolutions with {regroup.groups} groups do not divide its "
-                        f"{channels} channels evenly"), set()
+                        f"{span} channels evenly"), set(), ()
             tried.add(regroup.groups)
             units = regroup.groups
         except _Fail as fail:
-            return str(fail), set()
+            return str(fail), set(), ()
     if flood is None:
-        return "grouped convolutions with incompatible numbers of groups", set()
+        return "grouped convolutions with incompatible numbers of groups", set(), ()
     producers = list(flood.producers.values())
     others = [p.module for p in producers if p.module != node.target]
     if flood.coupled_by and not coupled:
@@ -495,21 +583,35 @@ def _flood_site(graph_module, modules, call_counts, node: torch.fx.Node, coupled
         return (
             f"its channels are tied to {', '.join(others) or 'themselves'} by the addition/product {joins} "
             "(residual connection or branch join); prune them together with coupled=True"
-        ), set(others) | set(flood.groupwise)
+        ), set(others) | set(flood.groupwise), ()
     if not flood.consumers:
-        return "its channels reach no Linear/Conv2d that could be refit", set()
+        return "its channels reach no Linear/Conv2d that could be refit", set(), ()
     order = {n.target: i for i, n in enumerate(graph_module.graph.nodes) if n.op == "call_module"}
     consumers = sorted(flood.consumers.values(), key=lambda c: order[c.module])
     producers.sort(key=lambda p: order[p.module])
     sliced = sorted(flood.sliced.values(), key=lambda c: order[c.module])
+    name = node.target if span == channels else f"{node.target}[{start}:{start + span}]"
     site = PruningSite(
-        name=node.target, producer=node.target, consumer=consumers[0].module,
+        name=name, producer=node.target, consumer=consumers[0].module,
         batchnorms=tuple(s.module for s in sliced), channels=units,
         group_size=sum(c.span // units * c.kernel for c in consumers),
         producers=tuple(producers), consumers=tuple(consumers), sliced=tuple(sliced),
         groupwise=tuple(sorted(flood.groupwise, key=order.get)), coupled_by=tuple(flood.coupled_by),
+        zero_pads=tuple(sorted(flood.zero_pads.values(), key=lambda z: (order[z.module], z.side))),
     )
-    return site, {p.module for p in producers} | set(flood.groupwise)
+    return site, producers, set(flood.groupwise)
+
+
+def _uncovered(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The (start, span) pieces of 0..size-1 that no range in ``ranges`` covers, in order."""
+    pieces, at = [], 0
+    for start, span in sorted(ranges):
+        if start > at:
+            pieces.append((at, start - at))
+        at = max(at, start + span)
+    if at < size:
+        pieces.append((at, size - at))
+    return pieces
 
 
 def find_sites(
@@ -550,7 +652,8 @@ def find_sites(
 
     sites: list[PruningSite] = []
     skipped: list[SkippedLayer] = []
-    covered: set[str] = set()
+    covered: set[str] = set()  # grouped convolutions carried by a site
+    ranges: dict[str, list[tuple[int, int]]] = {}  # producer -> (start, span) of output channels in sites
     failed: dict[str, str] = {}  # grouped conv -> reason of the site it belongs to
     seen: set[str] = set()
     for node in graph_module.graph.nodes:
@@ -565,14 +668,31 @@ def find_sites(
             continue
         if name in covered or (isinstance(module, nn.Conv2d) and module.groups != 1):
             continue
-        found, touched = _flood_site(graph_module, modules, call_counts, node, coupled)
-        if isinstance(found, str):
-            skipped.append(SkippedLayer(name, found))
-            for other in touched:
-                failed.setdefault(other, f"its channels belong to '{name}', which is skipped: {found}")
-            continue
-        sites.append(found)
-        covered |= touched
+        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        pieces = _uncovered(ranges.get(name, []), channels)
+        while pieces:  # output channels no site holds yet; a ZeroPadShortcut may split them
+            start, span = pieces.pop(0)
+            try:
+                found, touched, grouped = _flood_site(graph_module, modules, call_counts, node, coupled, start, span)
+            except _Split as split:
+                if not coupled:  # the zero channels are only ever tied in by a residual addition
+                    skipped.append(SkippedLayer(name, (
+                        f"its channels are added to the zero-padding shortcut '{split.where}' (a residual "
+                        "connection); prune them together with coupled=True")))
+                    break
+                cuts = [start, *(start + u for u in split.units), start + span]
+                pieces = [(a, b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)] + pieces
+                continue
+            label = name if span == channels else f"{name}[{start}:{start + span}]"
+            if isinstance(found, str):
+                skipped.append(SkippedLayer(label, found))
+                for other in touched:
+                    failed.setdefault(other, f"its channels belong to '{label}', which is skipped: {found}")
+                continue
+            sites.append(found)
+            covered |= grouped
+            for ref in touched:
+                ranges.setdefault(ref.module, []).append((ref.start, ref.span))
     for node in graph_module.graph.nodes:  # grouped convolutions no site carries
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, nn.Conv2d) and module.groups != 1 and node.target not in covered:
@@ -600,13 +720,17 @@ def select_sites(
     if layers is None:
         return list(sites)
     by_name = {s.name: s for s in sites}
-    # Any producer of a coupled site (or an SE expansion conv) selects its whole site.
-    by_producer = {p.module: s for s in sites for p in s.producers}
+    # Any producer of a coupled site (or an SE expansion conv) selects its whole site; a producer whose
+    # channels an option-A shortcut splits into several sites selects them all.
+    by_producer: dict[str, list[PruningSite]] = {}
+    for s in sites:
+        for p in s.producers:
+            by_producer.setdefault(p.module, []).append(s)
     reasons = {s.name: s.reason for s in skipped}
     chosen = []
     for layer in layers:
         if layer in by_name or layer in by_producer:
-            chosen.append(by_name.get(layer) or by_producer[layer])
+            chosen.extend([by_name[layer]] if layer in by_name else by_producer[layer])
         elif layer in reasons:
             raise UnprunableLayerError(f"layer '{layer}' cannot be pruned: {reasons[layer]}")
         else:

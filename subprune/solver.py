@@ -266,10 +266,19 @@ def refit(
     cols = group_columns(keep.to(gram.device), group_size)  # (k g,)
     g64 = gram.to(torch.float64)
     h = (g64 if cross is None else cross.to(torch.float64))[cols] @ weight.to(g64)  # (k g, m)
-    g_ss = g64[cols][:, cols]
-    lam = ridge_value(gram, ridge)
+    return solve_normal_equations(g64[cols][:, cols], h, ridge_value(gram, ridge))
+
+
+def solve_normal_equations(g_ss: Tensor, h: Tensor, lam: float = 0.0) -> Tensor:
+    """W = (G_SS + lam I)^+ H_S for a PSD G_SS (d, d) and H_S (d, m): the least-squares refit.
+
+    Columns whose diagonal entry is numerically zero (dead inputs) get weight
+    exactly 0; the pseudo-inverse drops eigenvalues below ``RTOL`` times the
+    largest diagonal entry. Returns a Tensor of shape (d, m), float64.
+    """
+    g_ss, h = g_ss.to(torch.float64), h.to(torch.float64)
     if lam:
-        g_ss = g_ss + lam * torch.eye(cols.numel(), dtype=g64.dtype, device=g64.device)
+        g_ss = g_ss + lam * torch.eye(g_ss.shape[0], dtype=g_ss.dtype, device=g_ss.device)
     diag = g_ss.diagonal()
     live = diag > RTOL * float(diag.max())  # dead columns (zero input) get weight exactly 0
     solution = torch.zeros_like(h)

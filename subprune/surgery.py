@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from subprune.shortcuts import ZeroPadShortcut
 from subprune.sites import PruningSite
 from subprune.solver import group_columns
 
@@ -45,7 +46,7 @@ def _check_keep(keep: Tensor, n: int, what: str) -> Tensor:
 
 
 def module_config(module: nn.Module) -> dict:
-    """Constructor arguments of a Linear, Conv2d or BatchNorm module (JSON-serialisable)."""
+    """Constructor arguments of a Linear, Conv2d, BatchNorm or ZeroPadShortcut module (JSON-serialisable)."""
     if isinstance(module, nn.Linear):
         return dict(in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None)
     if isinstance(module, nn.Conv2d):
@@ -60,6 +61,8 @@ def module_config(module: nn.Module) -> dict:
             num_features=module.num_features, eps=module.eps, momentum=module.momentum,
             affine=module.affine, track_running_stats=module.track_running_stats,
         )
+    if isinstance(module, ZeroPadShortcut):
+        return dict(stride=module.stride, front=module.front, back=module.back)
     raise TypeError(f"surgery does not handle {type(module).__name__}")
 
 
@@ -67,7 +70,7 @@ def _padding(module: nn.Conv2d) -> str | list[int]:
     return module.padding if isinstance(module.padding, str) else list(module.padding)
 
 
-RESIZABLE = {cls.__name__: cls for cls in (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)}
+RESIZABLE = {cls.__name__: cls for cls in (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, ZeroPadShortcut)}
 
 
 def build_module(type_name: str, config: dict, like: nn.Module | None = None) -> nn.Module:
@@ -184,6 +187,11 @@ class ChannelLayout:
         alive = self._alive.get((module, dim))
         return start if alive is None else int((alive < start).sum())
 
+    def alive(self, module: str, dim: str, size: int) -> Tensor:
+        """Dense indices still held along ``dim`` of ``module`` (``size`` dense units if never cut), (size',)."""
+        alive = self._alive.get((module, dim))
+        return torch.arange(size) if alive is None else alive.clone()
+
     def cut(self, module: str, dim: str, size: int, start: int, span: int, kept: Tensor) -> Tensor:
         """Keep only ``kept`` (sorted, relative to ``start``) of the range [start, start + span).
 
@@ -210,7 +218,7 @@ def prune_site_(
     consumer_weight: Tensor | Mapping[str, Tensor] | None = None,
     layout: ChannelLayout | None = None,
 ) -> None:
-    """Prune one site of ``model`` in place: producers, BatchNorms, grouped convs and consumers.
+    """Prune one site of ``model`` in place: producers, BatchNorms, grouped convs, consumers, zero pads.
 
     Parameters
     ----------
@@ -266,6 +274,12 @@ def prune_site_(
     for name in site.groupwise:
         module = get_module(model, name)
         set_module(model, name, slice_groupwise(module, keep.to(module.weight.device)))
+    for ref in site.zero_pads:  # option-A shortcuts: fewer zero channels (all alike, so only the count matters)
+        module = get_module(model, ref.module)
+        removed = (site.channels - keep.numel()) * (ref.span // site.channels)
+        config = module_config(module)
+        config[ref.side] -= removed
+        set_module(model, ref.module, _new_like(module, **config))
 
 
 @torch.no_grad()

@@ -4,10 +4,18 @@ import pytest
 import torch
 from conftest import make_conv_net, make_mlp
 
-from subprune.baselines import ScoreContext, act_grad_scores, default_loss, greedy_fs_scores, sensitivity_scores
+from subprune.baselines import (
+    ScoreContext,
+    act_grad_scores,
+    default_loss,
+    greedy_fs_scores,
+    sensitivity_scores,
+    weight_norm_scores,
+)
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
 from subprune.evaluate import count_parameters
 from subprune.methods import SiteProblem, sampled_selection
+from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import PruneConfig, prune
 from subprune.sites import PruningSite, find_sites
 from subprune.surgery import prune_model
@@ -178,3 +186,34 @@ def test_greedy_fs_first_steps_match_a_hand_computation():
     assert int((scores["2"] > 0).sum()) == 1
     with pytest.raises(ValueError, match="needs labelled"):
         prune(model, x, PruneConfig(method="layer-greedyfs", progress=False))
+
+
+def test_baseline_scores_read_every_consumer_of_a_site():
+    model = ARCHITECTURES["inception"](0)
+    x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    sites, _ = find_sites(model, x[:2])
+    context = ScoreContext(model, sites, x, labels, default_loss, 8, torch.Generator().manual_seed(0))
+    scores = weight_norm_scores(context)
+    stem = sum(getattr(model, c).weight.detach().abs().sum(dim=(0, 2, 3)) for c in ("b1", "b2a", "b3"))
+    torch.testing.assert_close(scores["stem.0"], stem.double(), rtol=1e-5, atol=0)  # three consumers
+    mix = model.mix.weight.detach()[:, 8:24].abs().sum(dim=(0, 2, 3))  # b2b sits at input 8..23 of "mix"
+    torch.testing.assert_close(scores["b2b"], mix.double(), rtol=1e-5, atol=0)
+    assert {name: s.shape for name, s in act_grad_scores(context).items()} == {s.name: (s.channels,) for s in sites}
+    assert all(0 <= float(s.min()) and float(s.max()) <= 1 for s in sensitivity_scores(context).values())
+    with pytest.raises(ValueError, match="GreedyFS evaluates candidates at one consumer"):
+        greedy_fs_scores(context)
+
+
+def test_baselines_score_and_prune_coupled_option_a_sites():
+    model = ARCHITECTURES["cifar-resnet20"](0)
+    x, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    sites, _ = find_sites(model, x[:2], coupled=True)
+    context = ScoreContext(model, sites, x, labels, default_loss, 8, torch.Generator().manual_seed(0))
+    for score in (weight_norm_scores, act_grad_scores, sensitivity_scores):
+        scores = score(context)
+        assert {n: (v.shape, bool(torch.isfinite(v).all())) for n, v in scores.items()} == {
+            s.name: ((s.channels,), True) for s in sites}
+    result = prune(model, x, PruneConfig(method="weightnorm", keep=0.5, reweight=False, coupled=True, progress=False))
+    assert len(result.sites) == 14 and count_parameters(result.model) < count_parameters(model) / 2
+    with torch.no_grad():
+        assert result.model(x).shape == (8, 10)

@@ -31,6 +31,7 @@ def test_prune_lenet_writes_report_and_reloadable_model(tmp_path, capsys):
         ("conv1", 6, 3), ("conv2", 16, 8), ("fc1", 120, 60), ("fc2", 84, 42)
     ]
     assert all(0 < s["objective"] <= 1 + 1e-9 for s in report["sites"])
+    assert report["joint_refits"] == {}  # every LeNet consumer reads one site
     model = load_pruned(out)  # rebuilt from the registry name saved with it
     assert count_parameters(model) == report["pruned_params"]
     images, labels = load_mnist("test")
@@ -106,6 +107,13 @@ def test_inspect_lists_coupled_groups(capsys):
     assert main(["inspect", "--arch", "resnet18"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "coupled group" not in text and "not prunable: conv1: its channels are tied to" in text
+
+
+def test_inspect_lists_option_a_shortcut_sites(capsys):
+    assert main(["inspect", "--arch", "cifar-resnet20", "--coupled"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "coupled group layers.3.conv2[24:32]: 6 producers" in text and "not prunable: fc:" in text
+    assert "zero-pads" not in text
 
 
 def test_out_refuses_cwd_and_file_parents_before_any_work(tmp_path, monkeypatch, capsys):

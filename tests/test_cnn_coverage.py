@@ -14,12 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from subprune.budgets import ParameterCounter
 from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import PruneConfig, prune
 from subprune.serialization import load_pruned, save_pruned
-from subprune.sites import find_sites
+from subprune.shortcuts import ZeroPadShortcut
+from subprune.sites import ChannelRange, find_sites, select_sites
 from subprune.solver import greedy_select, refit, stack_problems
-from subprune.surgery import consumer_weight_matrix
+from subprune.surgery import consumer_weight_matrix, prune_model
 
 N_CALIB = 24
 
@@ -86,12 +88,14 @@ def test_cut_equals_masked_dense_and_keep_one_reproduces(arch, coupled, inputs):
         torch.testing.assert_close(out, _masked(model, sites, half.sites)(inputs), atol=1e-4, rtol=1e-4)
     assert out.shape == (N_CALIB, 10)
     assert _params(pruned) < _params(model)
+    removed = {}  # producer -> output channels removed, summed over its sites (option-A shortcuts split them)
     for report, site in zip(half.sites, sites, strict=True):
         assert report.kept == max(1, round(site.channels / 2))
-        for ref in site.producers:  # producers hold exactly the kept units
-            module = pruned.get_submodule(ref.module)
-            before = model.get_submodule(ref.module)
-            assert _width(before) - _width(module) == (site.channels - report.kept) * (ref.span // site.channels)
+        for ref in site.producers:
+            cut = (site.channels - report.kept) * (ref.span // site.channels)
+            removed[ref.module] = removed.get(ref.module, 0) + cut
+    for name, count in removed.items():  # producers hold exactly the kept units
+        assert _width(model.get_submodule(name)) - _width(pruned.get_submodule(name)) == count
 
     full = prune(model, inputs, PruneConfig(method="asym", keep=1.0, coupled=coupled, progress=False))
     with torch.no_grad():  # the refit reproduces the consumer inputs on the calibration set
@@ -116,11 +120,77 @@ def test_residual_streams_need_the_coupled_option(inputs):
     assert p.fc.in_features == 64
 
 
-def test_option_a_shortcut_is_reported(inputs):
-    sites, skipped = find_sites(ARCHITECTURES["cifar-resnet20"](0), inputs[:2], coupled=True)
+def test_option_a_shortcuts_are_coupled(inputs):
+    model = ARCHITECTURES["cifar-resnet20"](0)
+    sites, skipped = find_sites(model, inputs[:2], coupled=True)
+    assert [s.name for s in skipped] == ["fc"]
+    stream = {s.name: s for s in sites if s.coupled}
+    # stage 1's channels continue at 8..23 of stage 2 and 24..39 of stage 3; the zero channels are sites too
+    assert [(n, s.channels) for n, s in stream.items()] == [
+        ("conv1", 16), ("layers.3.conv2[0:8]", 8), ("layers.3.conv2[24:32]", 8),
+        ("layers.6.conv2[0:16]", 16), ("layers.6.conv2[48:64]", 16)]
+    ranges = {(p.module, p.start, p.span) for p in stream["conv1"].producers}
+    assert {("layers.2.conv2", 0, 16), ("layers.3.conv2", 8, 16), ("layers.8.conv2", 24, 16)} <= ranges
+    assert stream["conv1"].consumers[-1] == ChannelRange("fc", 24, 16)
+    assert [(z.module, z.side, z.span) for z in stream["layers.3.conv2[24:32]"].zero_pads] == [
+        ("layers.3.downsample", "back", 8)]
+    assert ("layers.6.conv2", 40, 8) in {(p.module, p.start, p.span) for p in stream["layers.3.conv2[24:32]"].producers}
+
+    chosen = select_sites(sites, skipped, ["layers.3.conv2"])  # a producer selects every site holding its channels
+    assert [s.name for s in chosen] == ["conv1", "layers.3.conv2[0:8]", "layers.3.conv2[24:32]"]
+
+    keep = {s.name: 0.5 for s in sites} | {"layers.3.conv2[0:8]": 0.25, "layers.6.conv2[48:64]": 1.0}
+    half = prune(model, inputs, PruneConfig(method="layer", keep=keep, reweight=False, coupled=True, progress=False))
+    pruned = half.model
+    shortcuts = [(m.front, m.back) for m in (pruned.layers[3].downsample, pruned.layers[6].downsample)]
+    assert shortcuts == [(2, 4), (8, 16)]
+    assert (pruned.layers[3].conv2.out_channels, pruned.layers[6].conv2.out_channels, pruned.fc.in_features) == (
+        2 + 8 + 4, 8 + 2 + 8 + 4 + 16, 8 + 2 + 8 + 4 + 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(inputs), _masked(model, sites, half.sites)(inputs), atol=1e-4, rtol=1e-4)
+    assert _params(pruned) < _params(model) / 3
+    asym = prune(model, inputs, PruneConfig(method="asym", keep=0.5, coupled=True, progress=False))
+    assert (asym.model.layers[6].downsample.front, asym.model.layers[6].downsample.back) == (8, 8)
+    assert _params(asym.model) < _params(model) / 3
+
+
+def test_inline_channel_pad_is_reported_and_zero_pad_splits_a_producer():
+    class Inline(nn.Module):  # option A written with F.pad: the pad amounts cannot be rebuilt
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, 2, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            y = self.b(x) + nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    _, skipped = find_sites(Inline(), torch.randn(2, 3, 8, 8), coupled=True)
     reasons = {s.name: s.reason for s in skipped}
-    assert "zero-pads the channel dimension" in reasons["layers.0.conv2"]
-    assert len(sites) == 9  # the block-internal conv1 -> conv2 sites
+    assert "ZeroPadShortcut" in reasons["a"] and "zero-pads the channel dimension" in reasons["b"]
+
+    class Wide(nn.Module):  # the wide producer comes first: its channels are split at the shortcut's zeros
+        def __init__(self):
+            super().__init__()
+            self.b, self.a = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.pad, self.c, self.head = ZeroPadShortcut(1, 3, 1), nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.b(x) + self.pad(torch.relu(self.a(x))))
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.c(y)), 1), 1))
+
+    torch.manual_seed(0)
+    model, x = Wide().eval(), torch.randn(16, 3, 8, 8)
+    sites, skipped = find_sites(model, x[:2], coupled=True)
+    assert [(s.name, s.channels) for s in sites] == [("b[0:3]", 3), ("b[3:7]", 4), ("b[7:8]", 1), ("c", 6)]
+    assert [p.module for p in sites[1].producers] == ["b", "a"] and not sites[1].zero_pads
+    half = prune(model, x, PruneConfig(method="seq", keep=0.5, reweight=False, coupled=True, progress=False))
+    assert (half.model.pad.front, half.model.pad.back, half.model.a.out_channels, half.model.b.out_channels) == (
+        2, 1, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(half.model(x), _masked(model, sites, half.sites)(x), atol=1e-5, rtol=1e-5)
+    _, skipped = find_sites(model, x[:2])
+    assert "coupled=True" in {s.name: s.reason for s in skipped}["b"]
 
 
 def test_depthwise_se_grouped_and_concatenation_sites(inputs):
@@ -161,7 +231,7 @@ def test_stacked_objective_is_the_sum_over_consumers():
         assert float(result.objective[k - 1]) * energy == pytest.approx(kept, rel=1e-9)
 
 
-@pytest.mark.parametrize("arch", ["resnext", "efficientnet-se"])
+@pytest.mark.parametrize("arch", ["resnext", "efficientnet-se", "cifar-resnet20"])
 def test_pruned_grouped_and_depthwise_models_save_and_reload(arch, inputs, tmp_path):
     result = prune(ARCHITECTURES[arch](0), inputs, PruneConfig(method="layer", keep=0.5, coupled=True, progress=False))
     save_pruned(result.model, tmp_path / "run")
@@ -221,3 +291,15 @@ def test_torchvision_style_squeeze_excitation_and_stochastic_depth():
     assert [c.module for c in by["expand"].consumers] == ["fc1", "project"]
     assert [p.module for p in by["stem"].producers] == ["stem", "project"] and by["stem"].coupled
     assert [s.name for s in skipped] == ["head"]
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_parameter_counter_is_exact_for_every_architecture(coupled, inputs):
+    for arch in sorted(ARCHITECTURES):
+        model = ARCHITECTURES[arch](0)
+        sites, _ = find_sites(model, inputs[:2], coupled=coupled)
+        counter = ParameterCounter(model, sites)
+        kept = {s.name: max(1, (s.channels * (1 + i % 3)) // 4) for i, s in enumerate(sites)}
+        pruned = prune_model(model, sites, {name: torch.arange(k) for name, k in kept.items()})
+        assert counter.count(kept) == _params(pruned), arch
+        assert counter.count({}) == _params(model), arch

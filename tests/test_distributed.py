@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from conftest import make_conv_net
 
 from subprune.distributed import all_reduce_statistics, check_same_selection, shard
+from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import PruneConfig, prune
 from subprune.statistics import GramStatistics
 
@@ -18,6 +19,10 @@ WORLD = 2
 
 def _calibration() -> torch.Tensor:
     return torch.randn(96, 1, 14, 14, generator=torch.Generator().manual_seed(1))
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
 
 
 def _config(method: str, **extra) -> PruneConfig:
@@ -45,6 +50,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "state": result.model.state_dict(),
                 "samples": part.shape[0],
             }
+        # A consumer fed by three concatenated branches is refit jointly from all-reduced sums.
+        result = prune(ARCHITECTURES["inception"](0), shard(_images()), _config("seq", distributed=True))
+        results["joint"] = {"refits": result.joint_refits, "state": result.model.state_dict()}
         # Ranks that disagree are caught, on every rank.
         try:
             check_same_selection("probe", torch.tensor([0, 1 + rank]))
@@ -79,6 +87,15 @@ def test_two_processes_select_the_same_channels_as_one(two_process_results, meth
     # Both ranks hold exactly the same pruned model.
     first, second = (r[method]["state"] for r in two_process_results)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_joint_refit_over_two_processes_equals_one(two_process_results):
+    reference = prune(ARCHITECTURES["inception"](0), _images(), _config("seq"))
+    assert list(reference.joint_refits) == ["mix"]
+    for ranked in two_process_results:
+        assert ranked["joint"]["refits"] == pytest.approx(reference.joint_refits, rel=1e-9)
+        torch.testing.assert_close(ranked["joint"]["state"]["mix.weight"], reference.model.mix.weight,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_disagreeing_ranks_are_detected(two_process_results):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from subprune.shortcuts import ZeroPadShortcut
+
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """Conv2d (no bias) -> BatchNorm2d."""
@@ -48,27 +50,25 @@ class VGGBN(nn.Module):
 
 
 class CifarBasicBlock(nn.Module):
-    """ResNet basic block for CIFAR; shortcut "A": stride-2 subsample + zero channels, "B": 1x1 conv + BN."""
+    """ResNet basic block for CIFAR; shortcut "A": stride-2 subsample + zero channels
+    (:class:`~subprune.shortcuts.ZeroPadShortcut`, prunable), "B": 1x1 conv + BN."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
         reshape = stride != 1 or c_in != c_out
         self.downsample = conv_bn(c_in, c_out, 1, stride) if shortcut == "B" and reshape else None
+        if shortcut == "A" and reshape:  # x[:, :, ::stride, ::stride] with zero channels on both sides
+            pad = (c_out - c_in) // 2
+            self.downsample = ZeroPadShortcut(stride, pad, c_out - c_in - pad)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.pad = (c_out - c_in) // 2
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(x)
-        elif self.stride != 1 or self.pad:
-            shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        shortcut = x if self.downsample is None else self.downsample(x)
         return F.relu(out + shortcut)
 
 
