@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import make_conv_net, make_mlp
+from torch import nn
 
 from subprune.baselines import ScoreContext, default_loss, greedy_fs_full_scores, greedy_fs_scores
 from subprune.cli import main
@@ -50,6 +51,27 @@ def test_schedule_steps_the_learning_rate_at_the_milestones():
     assert result.lrs == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025])
     assert finetune(model, x, y, schedule, progress=False).losses == result.losses  # seeded: reproducible
     assert finetune(model, x, y, schedule, seed=1, progress=False).losses != result.losses
+
+
+class _Bias(nn.Module):
+    """Logits (b, 0) for every input: with label 0 the loss gradient on b is always negative."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return torch.stack([self.b.expand(x.shape[0]), torch.zeros(x.shape[0])], dim=1)  # (N, 2)
+
+
+def test_the_optimizer_applies_the_scheduled_learning_rates():
+    # One Adam step per epoch (one batch); with a gradient of constant sign and nearly constant size each step
+    # moves b by about the epoch's learning rate, so b ends near the sum of the scheduled rates.
+    x, y = torch.zeros(8, 1), torch.zeros(8, dtype=torch.long)
+    schedule = FinetuneSchedule(epochs=5, lr=0.01, milestones=(2, 4), gamma=0.5, batch_size=8)
+    result = finetune(_Bias(), x, y, schedule, progress=False)
+    assert float(result.model.b.detach()) == pytest.approx(sum(result.lrs), rel=0.02)  # 0.0325; without steps 0.05
+    assert result.losses[0] > result.losses[-1]
 
 
 def test_batchnorm_trains_on_the_copy_and_ends_in_eval_mode(conv_net, images):
