@@ -1,6 +1,6 @@
 """Plot test accuracy against compression ratio from an accuracy-sweep results file.
 
-Two panels (with and without reweighting), one line per method: the mean over
+Two panels (with and without reweighting, where the results hold both), one line per method: the mean over
 seeds at the mean achieved compression ratio of each target, with a band from
 the lowest to the highest seed. Methods with a global ranking are dashed. When
 the rows were fine-tuned (``accuracy_sweep.py --finetune``), a second row of
@@ -45,11 +45,13 @@ def plot(rows: list[dict], model: str, out: Path) -> None:
     if not rows:
         raise ValueError(f"no rows for model {model!r}")
     metrics = ["pruned_accuracy"] + (["finetuned_accuracy"] if all("finetuned_accuracy" in r for r in rows) else [])
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(14, 4.8 * len(metrics)), sharey=True, squeeze=False)
+    reweights = [rw for rw in (True, False) if any(r["reweight"] == rw for r in rows)]  # panels with data only
+    fig, axes = plt.subplots(len(metrics), len(reweights), figsize=(7 * len(reweights), 4.8 * len(metrics)),
+                             sharey=True, squeeze=False)
     palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "olive", "navy"]
     order = [m for m in METHODS if any(r["method"] == m for r in rows)]
     panels = [(ax, reweight, metric) for metric, line in zip(metrics, axes, strict=True)
-              for ax, reweight in zip(line, (True, False), strict=True)]
+              for ax, reweight in zip(line, reweights, strict=True)]
     for ax, reweight, metric in panels:
         data = curves(rows, reweight, metric)
         for method in order:
@@ -71,7 +73,7 @@ def plot(rows: list[dict], model: str, out: Path) -> None:
         line[0].set_ylabel(f"top-1 test accuracy (%), mean and min-max over {seeds} seeds")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=8, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.87, 1))
+    fig.tight_layout(rect=(0, 0, 1 - 0.13 * 2 / len(reweights), 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
 
