@@ -17,7 +17,8 @@ Scores are computed once, on the dense model, before any site is pruned.
   consumer's pre-activation energy (an energy form of the empirical sensitivity
   of Liebenwein et al., ICLR 2020, "Provable filter pruning").
 * GreedyFS: greedy forward selection by mini-batch loss (Ye et al., ICML 2020,
-  "Good subnetworks provably exist"); uses labels and the per-site budget.
+  "Good subnetworks provably exist"); uses labels and the per-site budget. Its
+  full-data variant draws each step's mini-batch from a large labelled set.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class ScoreContext:
     kept : mapping site name -> int, optional
         The per-site budget, when it is known before scoring (the "Layer"
         methods); methods that build their selection step by step stop there.
+    score_data : (Tensor of shape (M, ...), Tensor of shape (M,)), optional
+        A larger labelled set, preprocessed as the model expects, for scores
+        that evaluate the loss beyond the calibration set (GreedyFS on the full
+        training data).
     """
 
     model: nn.Module
@@ -77,6 +82,7 @@ class ScoreContext:
     batch_size: int
     generator: torch.Generator
     kept: dict[str, int] | None = None
+    score_data: tuple[Tensor, Tensor] | None = None
 
 
 ScoreFn = Callable[[ScoreContext], dict[str, Tensor]]
@@ -227,6 +233,61 @@ def _replace_input(module: nn.Module, replacement: Tensor) -> Iterator[None]:
         handle.remove()
 
 
+def _forward_selection(model: nn.Module, site: PruningSite, k: int, loss_fn: LossFn,
+                       step_batch: Callable[[int], tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """Greedy forward selection at one site; ``step_batch(j)`` gives step j's (inputs, labels, consumer input).
+
+    Returns a Tensor of shape (n,), float64: n - j for the channel chosen at step
+    j (0-based), 0 for channels never chosen.
+    """
+    n, device = site.channels, next(model.parameters()).device
+    consumer = get_module(model, site.consumer)
+    ref = site.consumers[0]
+    if len(site.consumers) != 1 or not (ref.start == 0 and ref.span * ref.kernel == consumer.weight[0].numel()):
+        raise ValueError(
+            f"GreedyFS evaluates candidates at one consumer that reads only the site's channels; site "
+            f"{site.name} has {len(site.consumers)} consumer(s) starting with '{ref.module}' at input "
+            f"{ref.start}: use another method for this model or restrict layers to plain sites"
+        )
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
+    score = torch.zeros(n, dtype=torch.float64)
+    for step in range(k):
+        x, y, a = step_batch(step)
+        rows = a.shape[0]
+        grouped = a.reshape(rows, n, -1)  # (B, n, per-channel values)
+        candidates = (~chosen).nonzero().squeeze(1)  # (c,)
+        chunk = max(1, GREEDY_FS_CHUNK_ELEMENTS // a.numel())
+        losses = []
+        for start in range(0, candidates.numel(), chunk):
+            cand = candidates[start : start + chunk]  # (c,)
+            masks = chosen.expand(cand.numel(), n).clone()
+            masks[torch.arange(cand.numel(), device=device), cand] = True  # (c, n)
+            masked = grouped.unsqueeze(0) * masks[:, None, :, None].to(a.dtype)  # (c, B, n, values)
+            replacement = masked.reshape(cand.numel() * rows, *a.shape[1:])  # (c B, ...)
+            try:
+                with torch.no_grad(), _replace_input(consumer, replacement):
+                    out = model(x)  # (c B, classes)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"GreedyFS cannot evaluate candidates of site {site.name} in one batch: the output of "
+                    f"'{site.consumer}' meets a tensor computed before it ({exc})"
+                ) from exc
+            out = out.reshape(cand.numel(), rows, *out.shape[1:])
+            losses.extend(float(loss_fn(out[i], y)) for i in range(cand.numel()))
+        best = int(candidates[int(torch.tensor(losses).argmin())])
+        chosen[best] = True
+        score[best] = n - step
+    return score
+
+
+def _consumer_input(model: nn.Module, site: PruningSite, x: Tensor) -> Tensor:
+    """The input of ``site``'s consumer when ``model`` runs on ``x`` (the forward stops there)."""
+    store: dict[str, Tensor] = {}
+    with capture_inputs({site.consumer: get_module(model, site.consumer)}, store.__setitem__, site.consumer):
+        run_to_capture(model, x)
+    return store[site.consumer]
+
+
 def greedy_fs_scores(context: ScoreContext) -> dict[str, Tensor]:
     """Greedy forward selection by mini-batch loss, one site at a time on the dense model.
 
@@ -259,50 +320,57 @@ def greedy_fs_scores(context: ScoreContext) -> dict[str, Tensor]:
                for i in range(0, n_samples, context.batch_size)]
     scores = {}
     for site in context.sites:
-        ref = site.consumers[0]
-        reads_all = ref.start == 0 and ref.span * ref.kernel == get_module(model, ref.module).weight[0].numel()
-        if len(site.consumers) != 1 or not reads_all:
-            raise ValueError(
-                f"GreedyFS evaluates candidates at one consumer that reads only the site's channels; site "
-                f"{site.name} has {len(site.consumers)} consumer(s) starting with '{ref.module}' at input "
-                f"{ref.start}: use another method for this model or restrict layers to plain sites"
-            )
-        n = site.channels
-        k = n if context.kept is None else context.kept.get(site.name, n)
-        consumer = get_module(model, site.consumer)
-        cached: list[Tensor] = []  # consumer input of each mini-batch
-        for x, _ in batches:
-            store: dict[str, Tensor] = {}
-            with capture_inputs({site.consumer: consumer}, store.__setitem__, site.consumer):
-                run_to_capture(model, x)
-            cached.append(store[site.consumer])
-        chosen = torch.zeros(n, dtype=torch.bool, device=device)
-        score = torch.zeros(n, dtype=torch.float64)
-        for step in range(k):
-            (x, y), a = batches[step % len(batches)], cached[step % len(batches)]
-            rows = a.shape[0]
-            grouped = a.reshape(rows, n, -1)  # (B, n, per-channel values)
-            candidates = (~chosen).nonzero().squeeze(1)  # (c,)
-            chunk = max(1, GREEDY_FS_CHUNK_ELEMENTS // a.numel())
-            losses = []
-            for start in range(0, candidates.numel(), chunk):
-                cand = candidates[start : start + chunk]  # (c,)
-                masks = chosen.expand(cand.numel(), n).clone()
-                masks[torch.arange(cand.numel(), device=device), cand] = True  # (c, n)
-                masked = grouped.unsqueeze(0) * masks[:, None, :, None].to(a.dtype)  # (c, B, n, values)
-                replacement = masked.reshape(cand.numel() * rows, *a.shape[1:])  # (c B, ...)
-                try:
-                    with torch.no_grad(), _replace_input(consumer, replacement):
-                        out = model(x)  # (c B, classes)
-                except RuntimeError as exc:
-                    raise ValueError(
-                        f"GreedyFS cannot evaluate candidates of site {site.name} in one batch: the output of "
-                        f"'{site.consumer}' meets a tensor computed before it ({exc})"
-                    ) from exc
-                out = out.reshape(cand.numel(), rows, *out.shape[1:])
-                losses.extend(float(context.loss_fn(out[i], y)) for i in range(cand.numel()))
-            best = int(candidates[int(torch.tensor(losses).argmin())])
-            chosen[best] = True
-            score[best] = n - step
-        scores[site.name] = score
+        k = site.channels if context.kept is None else context.kept.get(site.name, site.channels)
+        cached = [_consumer_input(model, site, x) for x, _ in batches]  # consumer input of each mini-batch
+
+        def step_batch(step: int, cached: list[Tensor] = cached) -> tuple[Tensor, Tensor, Tensor]:
+            return (*batches[step % len(batches)], cached[step % len(batches)])
+
+        scores[site.name] = _forward_selection(model, site, k, context.loss_fn, step_batch)
+    return scores
+
+
+def greedy_fs_full_scores(context: ScoreContext) -> dict[str, Tensor]:
+    """Greedy forward selection with a fresh mini-batch of a large labelled set at every step.
+
+    As :func:`greedy_fs_scores`, but step j evaluates the candidates on a new
+    random mini-batch (``batch_size`` samples, without replacement within the
+    batch) drawn from ``context.score_data`` instead of cycling through the few
+    calibration batches: the "full training data" variant of LayerGreedyFS that
+    the paper compares against (El Halabi et al., NeurIPS 2022, Sec. 5; Ye et
+    al., ICML 2020, Alg. 1 draws a new mini-batch per step). The cost is that of
+    :func:`greedy_fs_scores` (one mini-batch per step) whatever the size of the
+    set, so the whole training split can be passed (50,000 MNIST images).
+
+    Returns
+    -------
+    dict site name -> Tensor of shape (n,), float64
+        As :func:`greedy_fs_scores`.
+
+    Raises
+    ------
+    ValueError
+        Without ``context.score_data`` (pass ``score_data=(images, labels)`` to
+        :func:`subprune.pipeline.prune`), or as :func:`greedy_fs_scores`.
+    """
+    if context.score_data is None:
+        raise ValueError("GreedyFS on the full training data needs a labelled evaluation set: pass "
+                         "score_data=(inputs of shape (N, ...), labels of shape (N,)) to prune(), e.g. the "
+                         "whole training split preprocessed as the model expects")
+    images, labels = context.score_data
+    if not isinstance(labels, Tensor) or labels.shape != images.shape[:1]:
+        raise ValueError(f"score_data labels must be a Tensor of shape ({images.shape[0]},), "
+                         f"got {getattr(labels, 'shape', type(labels).__name__)}")
+    model, device = context.model, next(context.model.parameters()).device
+    size = min(context.batch_size, images.shape[0])
+    scores = {}
+    for site in context.sites:
+        k = site.channels if context.kept is None else context.kept.get(site.name, site.channels)
+
+        def step_batch(step: int, site: PruningSite = site) -> tuple[Tensor, Tensor, Tensor]:
+            idx = torch.randperm(images.shape[0], generator=context.generator)[:size]  # (B,)
+            x, y = images[idx].to(device), labels[idx].to(device)
+            return x, y, _consumer_input(model, site, x)
+
+        scores[site.name] = _forward_selection(model, site, k, context.loss_fn, step_batch)
     return scores

@@ -24,6 +24,7 @@ from torch import Tensor
 from subprune.baselines import (
     ScoreFn,
     act_grad_scores,
+    greedy_fs_full_scores,
     greedy_fs_scores,
     random_scores,
     sensitivity_scores,
@@ -147,6 +148,9 @@ class Method:
         instead of using the per-site budget.
     needs_labels : bool
         The method needs the calibration labels and a loss.
+    needs_score_data : bool
+        The method's score evaluates the loss on a separate, larger labelled set
+        (``prune(score_data=...)``; the training split in the CLI and benchmarks).
     """
 
     name: str
@@ -157,6 +161,7 @@ class Method:
     score: ScoreFn | None = None
     global_ranking: bool = False
     needs_labels: bool = False
+    needs_score_data: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -187,6 +192,10 @@ METHODS: dict[str, Method] = {
     "layer-greedyfs": Method("LayerGreedyFS", ranked_selection, sequential=False, asymmetric=False,
                              description="greedy forward selection by mini-batch loss (uses labels) per site",
                              score=greedy_fs_scores, needs_labels=True),
+    "layer-greedyfs-full": Method("LayerGreedyFS-full", ranked_selection, sequential=False, asymmetric=False,
+                                  description="greedy forward selection, a fresh mini-batch of the whole training "
+                                              "split per step (uses labels) per site",
+                                  score=greedy_fs_full_scores, needs_labels=True, needs_score_data=True),
 }
 
 

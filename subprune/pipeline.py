@@ -500,6 +500,7 @@ def prune(
     *,
     labels: Tensor | None = None,
     loss_fn: LossFn | None = None,
+    score_data: tuple[Tensor, Tensor] | None = None,
 ) -> PruneResult:
     """Prune ``model`` with a few hundred unlabeled samples; return a smaller copy.
 
@@ -519,6 +520,10 @@ def prune(
         (``Method.needs_labels``: ActGrad, LayerActGrad).
     loss_fn : callable(outputs, labels) -> scalar Tensor, optional
         The loss for those methods; default cross-entropy summed over the batch.
+    score_data : (Tensor of shape (M, ...), Tensor of shape (M,)), optional
+        A larger labelled set (inputs preprocessed as ``calibration``, labels) for
+        methods whose score evaluates the loss on it (``Method.needs_score_data``:
+        LayerGreedyFS-full takes the whole training split).
 
     Returns
     -------
@@ -530,7 +535,7 @@ def prune(
     ------
     ValueError
         Too few or non-finite calibration samples; bad keep ratios; a method
-        that needs labels got none; an unreachable compression ratio.
+        that needs labels (or ``score_data``) got none; an unreachable compression ratio.
     subprune.sites.TraceError
         The model cannot be traced, or the calibration inputs have the wrong shape.
     subprune.sites.UnprunableLayerError
@@ -541,11 +546,14 @@ def prune(
     config = config or PruneConfig()
     _check_calibration(calibration)
     _check_labels(get_method(config.method), labels, calibration)
+    if get_method(config.method).needs_score_data and score_data is None:
+        raise ValueError(f"method {config.method!r} evaluates the loss on a larger labelled set: pass "
+                         "score_data=(inputs, labels) to prune() (e.g. the whole training split)")
     if config.distributed:
         require_initialized()
     device = resolve_device(config.device, model)
     with MemoryTracker(device) as tracker:
-        result = _prune(model, calibration, config, device, labels, loss_fn)
+        result = _prune(model, calibration, config, device, labels, loss_fn, score_data)
     result.memory = tracker.result
     return result
 
@@ -557,6 +565,7 @@ def _prune(
     device: torch.device,
     labels: Tensor | None,
     loss_fn: LossFn | None,
+    score_data: tuple[Tensor, Tensor] | None = None,
 ) -> PruneResult:
     """:func:`prune` on the compute ``device``, with checked arguments."""
     start_time = time.perf_counter()
@@ -587,7 +596,7 @@ def _prune(
         plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
     if method.score is not None:
         context = ScoreContext(dense, sites, calibration, labels, loss_fn or default_loss, config.batch_size,
-                               generator, None if method.global_ranking else plan)
+                               generator, None if method.global_ranking else plan, score_data)
         scores = method.score(context)
     if method.global_ranking:
         plan = _budget(method, config, dense, sites, plan, layer_stats, scores)

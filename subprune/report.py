@@ -130,6 +130,13 @@ def print_report(report: dict, console: Console | None = None) -> None:
         "test accuracy", f"{report['dense_accuracy']:.2%}", f"{report['pruned_accuracy']:.2%}",
         f"{100 * (report['pruned_accuracy'] - report['dense_accuracy']):+.2f} pp",
     )
+    if "finetuned_accuracy" in report:
+        epochs = report["finetune_schedule"]["epochs"]
+        summary.add_row(
+            f"after fine-tuning ({report['finetune']} data, {report['finetune_samples']:,} images, {epochs} epochs)",
+            "", f"{report['finetuned_accuracy']:.2%}",
+            f"{100 * (report['finetuned_accuracy'] - report['dense_accuracy']):+.2f} pp",
+        )
     summary.add_row(
         "parameters", f"{report['dense_params']:,}", f"{report['pruned_params']:,}",
         f"{report['compression_ratio']:.2f}x smaller",

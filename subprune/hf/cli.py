@@ -49,6 +49,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     unsupported = [flag for flag, given in (
         ("--compression", args.compression is not None), ("--budget", args.budget != "uniform"),
         ("--keep-site", bool(args.keep_site)), ("--coupled", args.coupled), ("--layers", bool(args.layers)),
+        ("--finetune", args.finetune != "none"), ("--finetune-epochs", args.finetune_epochs is not None),
     ) if given]
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)} not supported for hf: models yet; "
