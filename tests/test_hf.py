@@ -272,6 +272,15 @@ def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
     assert measures["reference_perplexity"] == pytest.approx(report["dense_perplexity"], rel=1e-4)
     assert main(["evaluate"]) == 2
 
+    ffn_only = tmp_path / "ffn-only"
+    assert main(["prune", "--model", f"hf:{dense_dir}", "--params", "0.5", "--budget", "curve", "--heads", "1",
+                 "--calib", "8", "--out", str(ffn_only), "--quiet", "--json"]) == 0
+    report = json.loads((ffn_only / "report.json").read_text())
+    assert report["pruned_kinds"] == ["ffn"] and all(s["name"].endswith("ffn") for s in report["sites"])
+    ffn_params = LAYERS * FFN * (2 * HIDDEN + 1)
+    assert report["dense_params"] - ffn_params // 2 - (2 * HIDDEN + 1) < report["pruned_params"]
+    assert report["pruned_params"] <= report["dense_params"] - ffn_params // 2
+
 
 @pytest.mark.parametrize("build", [bert, llama])
 def test_parameter_target_is_met(build, tokens):

@@ -71,7 +71,9 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         raise ValueError(f"--calib {calib} must be between 2 and {len(passages) - HELDOUT} passages")
     calib_text, heldout_text = split_passages(passages, calib, HELDOUT)
     heads, ffn = args.heads, args.ffn
-    if heads is None and ffn is None:
+    if args.params is not None:  # the parameter target replaces the ratios; --heads 1 / --ffn 1 leaves a kind out
+        heads, ffn = (None if ratio == 1 else 0.5 for ratio in (heads, ffn))
+    elif heads is None and ffn is None:
         heads = ffn = args.keep
     config = TransformerPruneConfig(
         method=args.method, heads=heads, ffn=ffn, budget=args.budget, params=args.params,
@@ -90,7 +92,9 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
                                                         sentence_embeddings(result.model, heldout))
     report = {
         "model": args.model, "dataset": dataset, "calibration_samples": calib, "seed": args.seed,
-        "method": config.method, "heads": heads, "ffn": ffn, "budget": config.budget, "params": config.params,
+        "method": config.method, "budget": config.budget, "params": config.params,
+        **({"heads": heads, "ffn": ffn} if config.params is None else
+           {"pruned_kinds": [k for k, r in (("heads", heads), ("ffn", ffn)) if r is not None]}),
         "reweight": config.reweight,
         **measures, "prune_seconds": result.seconds,
         "sites": [dataclasses.asdict(s) for s in result.sites],
