@@ -43,7 +43,7 @@ NOT_CALIBRATION = 256  # the last passages: held out of calibration (and of the 
 
 def run_key(row: dict) -> tuple:
     return (row["method"], row["reweight"], row["removed"], row["calib"], row["seed"], row["budget"],
-            row.get("ridge", 0.0), row.get("norm_weighted", False))
+            row.get("ridge", 0.0))
 
 
 def calibration_text(passages: list[str], n: int, seed: int) -> list[str]:
@@ -66,8 +66,6 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--calib", type=int, default=64, help="calibration passages")
     parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge of the greedy and the refit")
-    parser.add_argument("--norm-weighted", action="store_true",
-                        help="weight output features by the post-LN gain (TransformerPruneConfig.norm_weighted)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -111,14 +109,12 @@ def main() -> None:
                     for method in args.methods:
                         reweight = refit == "yes"
                         row = {"method": method, "reweight": reweight, "removed": removed, "calib": args.calib,
-                               "seed": seed, "budget": budget, "ridge": args.ridge,
-                               "norm_weighted": args.norm_weighted}
+                               "seed": seed, "budget": budget, "ridge": args.ridge}
                         if run_key(row) in done:
                             continue
                         keep = 1.0 - removed
                         config = TransformerPruneConfig(method=method, heads=keep, ffn=keep, reweight=reweight,
-                                                        budget=budget, seed=seed, ridge=args.ridge,
-                                                        norm_weighted=args.norm_weighted)
+                                                        budget=budget, seed=seed, ridge=args.ridge)
                         calibration = tokenize(tokenizer, calibration_text(passages, args.calib, seed),
                                                args.max_length)
                         start = time.perf_counter()
@@ -159,13 +155,11 @@ def markdown_table(rows: list[dict], dense: dict, encoder: bool) -> str:
     lines.append(f"| 0 | - | dense | - | - | - | - | {dense_cells} | {dense['params']:,} | {dense['latency_ms']:.1f} |")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["removed"], r["budget"], r["method"], r.get("norm_weighted", False), not r["reweight"],
-               r.get("ridge", 0.0), r["calib"])
+        key = (r["removed"], r["budget"], r["method"], not r["reweight"], r.get("ridge", 0.0), r["calib"])
         groups.setdefault(key, []).append(r)
-    for (removed, budget, method, weighted, no_refit, ridge, calib), group in sorted(groups.items()):
+    for (removed, budget, method, no_refit, ridge, calib), group in sorted(groups.items()):
         cells = " | ".join(_mean_std([r[key] for r in group], d) for key, _, d in measures)
-        name = TRANSFORMER_METHODS[method].name + (" +LN gain" if weighted else "")
-        lines.append(f"| {removed:.0%} | {budget} | {name} | "
+        lines.append(f"| {removed:.0%} | {budget} | {TRANSFORMER_METHODS[method].name} | "
                      f"{'no' if no_refit else 'yes'} | {ridge:g} | {calib} | {len(group)} | {cells} | "
                      f"{group[0]['params']:,} | "
                      f"{statistics.median(r['latency_ms'] for r in group):.1f} |")

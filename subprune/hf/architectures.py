@@ -53,10 +53,6 @@ class BlockSpec:
         FFN consumer.
     set_heads : callable(attention module, n query heads, head_dim)
         Writes the new head count to the attributes its forward reads.
-    norms : tuple of (str or None, str or None)
-        Post-LN models: the LayerNorm applied right after the residual add of
-        the attention output and of the FFN output (``None``: pre-LN, the sum
-        stays in the residual stream).
     """
 
     layers: str
@@ -66,7 +62,6 @@ class BlockSpec:
     up: tuple[str, ...]
     down: str
     set_heads: Callable[[nn.Module, int, int], None]
-    norms: tuple[str | None, str | None] = (None, None)
 
 
 def _set_bert(attn: nn.Module, n: int, head_dim: int) -> None:
@@ -86,8 +81,7 @@ def _set_nothing(attn: nn.Module, n: int, head_dim: int) -> None:
 
 
 _BERT = BlockSpec("encoder.layer", ("attention.self.query", "attention.self.key", "attention.self.value"),
-                  "attention.output.dense", "attention.self", ("intermediate.dense",), "output.dense", _set_bert,
-                  ("attention.output.LayerNorm", "output.LayerNorm"))
+                  "attention.output.dense", "attention.self", ("intermediate.dense",), "output.dense", _set_bert)
 _LLAMA = BlockSpec("layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
                    "self_attn", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", _set_nothing)
 SPECS: dict[str, BlockSpec] = {
@@ -133,9 +127,6 @@ class TransformerSite:
     attention : str or None
         Full name of the attention module (heads sites only).
     head_dim : int
-    output_norm : str or None
-        Full name of the LayerNorm right after the consumer's residual add
-        (post-LN models), else ``None``.
     """
 
     name: str
@@ -147,7 +138,6 @@ class TransformerSite:
     group_size: int
     attention: str | None = None
     head_dim: int = 0
-    output_norm: str | None = None
 
 
 def model_type(model: nn.Module) -> str:
@@ -226,13 +216,11 @@ def find_transformer_sites(model: nn.Module) -> list[TransformerSite]:
         else:
             q, k, v = (f"{base}.{m}" for m in spec.qkv)
             producers = (Slice(q, 0, rep * head_dim), Slice(k, 0, head_dim), Slice(v, 0, head_dim))
-        attn_norm, ffn_norm = (None if n is None else f"{base}.{n}" for n in spec.norms)
         sites.append(TransformerSite(f"{base}.heads", HEADS, i, f"{base}.{spec.out}", producers, n_groups,
-                                     rep * head_dim, f"{base}.{spec.attention}", head_dim, attn_norm))
+                                     rep * head_dim, f"{base}.{spec.attention}", head_dim))
         down = get_module(block, spec.down)
         sites.append(TransformerSite(f"{base}.ffn", FFN, i, f"{base}.{spec.down}",
-                                     tuple(Slice(f"{base}.{m}", 0, 1) for m in spec.up), in_features(down), 1,
-                                     output_norm=ffn_norm))
+                                     tuple(Slice(f"{base}.{m}", 0, 1) for m in spec.up), in_features(down), 1))
     return sites
 
 

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -76,17 +76,6 @@ class TransformerPruneConfig:
         mu_A W - mu_B,S W'. Without reweighting this is mean-preserving bias
         compensation. Sites whose consumer has no bias are fit without. An
         extension of the paper's objective, off by default.
-    norm_weighted : bool
-        Measure the consumer's output change after the gain of the LayerNorm
-        that follows its residual add (post-LN models: BERT, RoBERTa): output
-        feature j is weighted by |gamma_j| in the selection (every method's
-        view of W) and in the reported f(S), and token t by 1 / sigma_t, the
-        LayerNorm's scale for that token, in the statistics (so in the refit
-        too). Together: the change of the LayerNorm's output to first order. Post-LN encoders carry a few
-        "massive" residual features with near-zero gain (MiniLM's last FFN puts
-        96% of its output energy on three features whose gamma is 0), which
-        otherwise dominate ||A W||^2. No effect on pre-LN models. An extension
-        of the paper's objective, off by default.
     ridge, epsilon, seed
         As in :class:`subprune.PruneConfig`.
     batch_size : int
@@ -102,7 +91,6 @@ class TransformerPruneConfig:
     params: float | None = None
     reweight: bool = True
     intercept: bool = False
-    norm_weighted: bool = False
     ridge: float = 0.0
     epsilon: float = 0.0
     seed: int = 0
@@ -221,7 +209,6 @@ def collect_transformer_statistics(
     batch_size: int = 16,
     progress: bool = False,
     description: str = "calibration",
-    norm_weighted: bool = False,
 ) -> dict[str, tuple[GramStatistics, Tensor]]:
     """Gram statistics and column sums of the consumer inputs of ``sites``, over real tokens.
 
@@ -235,12 +222,6 @@ def collect_transformer_statistics(
         The original model (gives A): asymmetric statistics from paired passes.
     batch_size, progress, description
         Sequences per pass; progress bar.
-    norm_weighted : bool
-        For sites with an ``output_norm`` (post-LN models): weight token t's
-        rows of B and A by 1 / sigma_t, the standard deviation over features of
-        that LayerNorm's input (in ``dense`` when given, else in ``model``), so
-        that G sums the consumer's error as the LayerNorm scales it. Column
-        sums are weighted alike.
 
     Returns
     -------
@@ -248,12 +229,9 @@ def collect_transformer_statistics(
         Rows are the tokens whose attention mask is 1.
     """
     device = next(model.parameters()).device
-    norms = [s.output_norm for s in sites if norm_weighted and s.output_norm is not None]
-    consumers = {n: get_module(model, n) for n in [s.consumer for s in sites] + norms}
-    dense_consumers = {} if dense is None else {n: get_module(dense, n) for n in [s.consumer for s in sites] + norms}
-    stop = None
-    if len(sites) == 1:
-        stop = norms[0] if norms else sites[0].consumer
+    consumers = {s.consumer: get_module(model, s.consumer) for s in sites}
+    dense_consumers = {} if dense is None else {s.consumer: get_module(dense, s.consumer) for s in sites}
+    stop = sites[0].consumer if len(sites) == 1 else None
     stats = {}
     for s in sites:
         d = consumer_weight(consumers[s.consumer]).shape[0]
@@ -271,12 +249,6 @@ def collect_transformer_statistics(
             moments = stats[site.name]
             b = _real_rows(inputs[site.consumer], real, site.name)  # (tokens, d)
             a = None if dense is None else _real_rows(targets[site.consumer], real, site.name)
-            if norm_weighted and site.output_norm is not None:
-                norm_input = _real_rows((inputs if dense is None else targets)[site.output_norm], real, site.name)
-                eps = getattr(consumers[site.output_norm], "eps", 1e-12)
-                scale = norm_input.var(1, unbiased=False).add(eps).rsqrt().unsqueeze(1)  # (tokens, 1): 1 / sigma_t
-                b = b * scale
-                a = None if a is None else a * scale
             moments.gram.update(b, a)
             moments.sum_b += b.sum(0)
             if a is not None:
@@ -322,18 +294,14 @@ def _prune_site(
     gram = stats.gram
     consumer = get_module(work, site.consumer)
     weight = consumer_weight(consumer).to(gram.gram_)  # (d, m)
-    scale = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)  # (m,) output feature weights
-    if config.norm_weighted and site.output_norm is not None:
-        scale = get_module(work, site.output_norm).weight.detach().abs().to(weight)
-    seen = weight * scale  # (d, m): W as the selection and f(S) see it
-    energy = gram.target_energy(seen)
+    energy = gram.target_energy(weight)
     mean = stats.sum_b / max(gram.n_rows_, 1)
-    problem = MomentProblem(gram.gram_, gram.cross_, seen, energy, site.group_size, site.channels,
+    problem = MomentProblem(gram.gram_, gram.cross_, weight, energy, site.group_size, site.channels,
                             mean=mean, rows=gram.n_rows_)
     intercept = config.intercept and consumer.bias is not None
     if intercept:  # covariance form: the objective with a free bias (scores of the baselines stay raw)
-        gram_c, cross_c, energy_c = stats.centred(seen)
-        fit = MomentProblem(gram_c, cross_c, seen, energy_c, site.group_size, site.channels,
+        gram_c, cross_c, energy_c = stats.centred(weight)
+        fit = MomentProblem(gram_c, cross_c, weight, energy_c, site.group_size, site.channels,
                             mean=mean, rows=gram.n_rows_)
     else:
         fit = problem
@@ -352,8 +320,8 @@ def _prune_site(
     if intercept:
         bias = consumer.bias.detach().to(torch.float64) + stats.bias_shift(weight, cols, new_weight)
     elif not config.reweight and config.method in BIAS_COMPENSATED and consumer.bias is not None:
-        bias = consumer.bias.detach().to(torch.float64) + bias_compensation(replace(problem, weight=weight), keep)
-    objective = weights_objective(fit.gram, seen, fit.target_energy, keep, new_weight * scale, site.group_size,
+        bias = consumer.bias.detach().to(torch.float64) + bias_compensation(problem, keep)
+    objective = weights_objective(fit.gram, weight, fit.target_energy, keep, new_weight, site.group_size,
                                   cross=fit.cross)
     cut_site_(work, site, keep, new_weight, bias)
     curve = [] if selection.objective is None else selection.objective.tolist()
@@ -422,7 +390,7 @@ def prune_transformer(
     plan = _plan(sites, config)
     sites = [s for s in sites if s.name in plan]
     generator = torch.Generator().manual_seed(config.seed)
-    common = dict(batch_size=config.batch_size, progress=config.progress, norm_weighted=config.norm_weighted)
+    common = dict(batch_size=config.batch_size, progress=config.progress)
     budgeted = config.budget == "curve" or config.params is not None
     if budgeted and dense is None:
         dense = copy.deepcopy(model).eval()
