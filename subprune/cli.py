@@ -6,7 +6,9 @@
     subprune prune --model lenet --method asym --compression 16 --budget accuracy --held-out 1000
     subprune prune --model lenet --method asym --compression 16 --finetune limited
     subprune inspect --model lenet
+    subprune inspect --model hf:PATH
     subprune evaluate DIR
+    subprune evaluate --model hf:PATH --dataset text:wikipedia
     subprune list
 """
 
@@ -102,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="target compression ratio of whole-network parameters (e.g. 2, 4, 8, 16, 32, 64)")
     p.add_argument("--heads", type=_ratio, default=None, help="hf: models: keep ratio of attention heads")
     p.add_argument("--ffn", type=_ratio, default=None, help="hf: models: keep ratio of FFN neurons")
+    p.add_argument("--params", type=_ratio, default=None,
+                   help="hf: models: keep this fraction of the prunable attention + FFN parameters (global target)")
     p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
                    help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
                         "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
@@ -112,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
     p.add_argument("--coupled", action="store_true",
                    help="also prune channels tied by residual additions, as coupled sites")
-    p.add_argument("--calib", type=int, default=512, help="number of calibration samples (default 512)")
+    p.add_argument("--calib", type=int, default=None,
+                   help="number of calibration samples (default 512; 128 passages for hf: models)")
     p.add_argument("--finetune", default="none", choices=["none", "limited", "full"],
                    help="fine-tune the pruned model with labels (the paper's Adam schedule): on the calibration "
                         "images only (limited) or the whole training split (full); reports accuracy before/after")
@@ -129,15 +134,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("inspect", help="list a model's pruning sites and the layers that cannot be pruned")
-    p.add_argument("--model", default="lenet", choices=sorted(MODELS))
+    p.add_argument("--model", default="lenet", type=_model_name,
+                   help=f"registered model ({', '.join(sorted(MODELS))}) or hf:PATH (transformers)")
+    p.add_argument("--json", action="store_true", help="hf: models: print the description as JSON")
     p.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES),
                    help="inspect a randomly initialised reference CNN instead of a registered model")
     p.add_argument("--coupled", action="store_true",
                    help="also find coupled sites (channels tied by residual additions across producers)")
 
     p = sub.add_parser("evaluate", help="reload a saved pruned model and measure its test accuracy")
-    p.add_argument("directory")
-    p.add_argument("--dataset", default=None, choices=sorted(DATASETS))
+    p.add_argument("directory", nargs="?", default=None, help="a directory written by `subprune prune --out`")
+    p.add_argument("--model", default=None, type=_model_name,
+                   help="hf:PATH: evaluate a transformers model directory (dense or pruned) instead")
+    p.add_argument("--reference", default=None, type=_model_name,
+                   help="hf: models: the dense model to compare with (default: the model in report.json)")
+    p.add_argument("--dataset", default=None, type=_dataset_name)
+    p.add_argument("--json", action="store_true", help="hf: models: print the measures as JSON")
 
     sub.add_parser("list", help="list the registered models and methods")
     return parser
@@ -170,10 +182,12 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
 
         cmd_prune_transformer(args, console)
         return
-    if args.heads is not None or args.ffn is not None:
-        raise ValueError("--heads and --ffn apply to hf: (transformers) models only; use --keep for this model")
+    if args.heads is not None or args.ffn is not None or args.params is not None:
+        raise ValueError("--heads, --ffn and --params apply to hf: (transformers) models only; "
+                         "use --keep or --compression for this model")
     if args.finetune_epochs is not None and args.finetune == "none":
         raise ValueError("--finetune-epochs needs --finetune limited or --finetune full")
+    args.calib = 512 if args.calib is None else args.calib
     if args.threads:
         torch.set_num_threads(args.threads)
     keep = dict(args.keep_site) if args.keep_site else args.keep
@@ -238,6 +252,11 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> None:
+    if args.model.startswith("hf:") and not args.arch:
+        from subprune.hf.cli import cmd_inspect_transformer
+
+        cmd_inspect_transformer(args, console)
+        return
     if args.arch:
         model, title = ARCHITECTURES[args.arch](0), args.arch
         example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -267,6 +286,16 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
+    if (args.model is None) == (args.directory is None):
+        raise ValueError("evaluate needs a saved directory or --model hf:PATH (one of the two)")
+    if args.model is not None or _is_transformers_directory(args.directory):
+        if args.model is not None and not args.model.startswith("hf:"):
+            raise ValueError(f"--model {args.model}: evaluate takes --model hf:PATH only; for a registered model "
+                             "evaluate the directory that `subprune prune --out` wrote")
+        from subprune.hf.cli import cmd_evaluate_transformer
+
+        cmd_evaluate_transformer(args, console)
+        return
     model = load_pruned(args.directory)
     report_path = Path(args.directory) / REPORT_FILE
     saved = json.loads(report_path.read_text()) if report_path.exists() else {}
@@ -281,6 +310,11 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
     recorded = saved.get("finetuned_accuracy", saved.get("pruned_accuracy"))  # the saved model is the fine-tuned one
     if recorded is not None:
         console.print(f"accuracy recorded when it was saved: {recorded:.2%}")
+
+
+def _is_transformers_directory(directory: str) -> bool:
+    """A ``save_pretrained`` directory (config.json), as ``subprune prune --model hf:...`` writes."""
+    return (Path(directory) / "config.json").is_file()
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> None:

