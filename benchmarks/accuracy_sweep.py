@@ -1,11 +1,11 @@
-"""Accuracy of the InChange methods and the baselines on real MNIST models, without fine-tuning.
+"""Accuracy of the InChange methods and the baselines on the registered models, without fine-tuning.
 
 For every model x method x reweighting x target x seed: draw ``--calib``
 training images with the seed (their labels are used only by the methods that
 need them: ActGrad), prune every site to the target (a keep ratio per site, or
 with ``--targets compression`` a compression ratio of whole-network parameters),
-measure top-1 accuracy on the 10k MNIST test set and the achieved compression
-ratio. Rows are appended to a JSON-lines file (one per run, all settings and
+measure top-1 accuracy on the model's test set (the first ``--test-subset`` images
+if given) and the achieved compression ratio. Rows are appended to a JSON-lines file (one per run, all settings and
 metrics); finished runs are skipped when the command is run again. At the end a
 markdown table of mean and std over seeds is printed (and written next to the
 results with ``--table``); ``benchmarks/plot_sweep.py`` draws the results.
@@ -42,7 +42,7 @@ def target_of(row: dict) -> tuple[str, float]:
 
 def run_key(row: dict) -> tuple:
     return (row["model"], row["method"], row["reweight"], target_of(row), row.get("budget", "uniform"),
-            row["seed"], row["calib"], row.get("ridge", 0.0))
+            row["seed"], row["calib"], row.get("ridge", 0.0), row.get("test_subset"))
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -58,7 +58,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         for reweight in (True, False)
         for value in values
         for seed in range(args.seeds)
-        if (model, method, reweight, (args.targets, value), args.budget, seed, args.calib, args.ridge) not in done
+        if (model, method, reweight, (args.targets, value), args.budget, seed, args.calib, args.ridge,
+            args.test_subset) not in done
         and not (args.budget != "uniform" and METHODS[method].global_ranking)  # they rank globally instead
     ]
     cache: dict[str, tuple] = {}
@@ -67,6 +68,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             spec = get_spec(model_name)
             train_x, train_y = load_dataset(spec.dataset, "train")
             test_x, test_y = load_dataset(spec.dataset, "test")
+            if args.test_subset is not None:
+                test_x, test_y = test_x[: args.test_subset], test_y[: args.test_subset]
             dense = load_model(model_name)
             dense_acc = accuracy(dense, test_x, test_y, spec.preprocess)
             cache[model_name] = (spec, train_x, train_y, test_x, test_y, dense, dense_acc)
@@ -83,7 +86,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         row = {
             "model": model_name, "method": method, "reweight": reweight, "target": args.targets,
             "keep": keep, "compression_target": compression, "budget": args.budget, "seed": seed,
-            "calib": args.calib, "ridge": args.ridge, "dense_accuracy": dense_acc,
+            "calib": args.calib, "ridge": args.ridge, "test_subset": args.test_subset, "dense_accuracy": dense_acc,
             "pruned_accuracy": accuracy(result.model, test_x, test_y, spec.preprocess),
             "dense_params": count_parameters(dense), "pruned_params": count_parameters(result.model),
             "prune_seconds": seconds, "objectives": [s.objective for s in result.sites],
@@ -96,12 +99,17 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], calib: int, budget: str = "uniform") -> str:
-    """Markdown: one line per model x method x reweight, columns = targets (mean +- std % over seeds)."""
-    rows = [r for r in rows if r["calib"] == calib and r.get("budget", "uniform") == budget]
+def table(rows: list[dict], calib: int, budget: str = "uniform", test_subset: int | None = None) -> str:
+    """Markdown: one line per model x method x reweight, columns = targets (mean +- std % over seeds).
+
+    Only rows with this ``calib``, ``budget`` and ``test_subset`` (None: the whole test set) are used.
+    """
+    rows = [r for r in rows if r["calib"] == calib and r.get("budget", "uniform") == budget
+            and r.get("test_subset") == test_subset]
     targets = sorted({target_of(r) for r in rows}, key=lambda t: (t[0], -t[1] if t[0] == "keep" else t[1]))
     heads = [f"keep {v}" if kind == "keep" else f"x{v:g}" for kind, v in targets]
-    lines = [
+    lines = [f"Test accuracy on the first {test_subset} test images of each dataset.", ""] if test_subset else []
+    lines += [
         "| model | method | reweight | " + " | ".join(heads) + " |",
         "|---|---|---|" + "---|" * len(targets),
     ]
@@ -144,13 +152,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge of the solver and refit")
+    parser.add_argument("--test-subset", type=int, default=None, metavar="N",
+                        help="measure accuracy on the first N test images only (default: the whole test set)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/core_sweep.jsonl")
     parser.add_argument("--table", default=None, help="also write the markdown table here")
     args = parser.parse_args()
+    if args.test_subset is not None and args.test_subset < 1:
+        parser.error("--test-subset must be >= 1")
     torch.set_num_threads(args.threads)
     rows = sweep(args)
-    text = table(rows, args.calib, args.budget)
+    text = table(rows, args.calib, args.budget, args.test_subset)
     print(text)
     if args.table:
         Path(args.table).write_text(text + "\n")
