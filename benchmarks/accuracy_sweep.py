@@ -157,11 +157,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/core_sweep.jsonl")
     parser.add_argument("--table", default=None, help="also write the markdown table here")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: only tabulate the rows already in --out (all models in it)")
     args = parser.parse_args()
     if args.test_subset is not None and args.test_subset < 1:
         parser.error("--test-subset must be >= 1")
     torch.set_num_threads(args.threads)
-    rows = sweep(args)
+    if args.table_only:
+        rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+    else:
+        rows = sweep(args)
     text = table(rows, args.calib, args.budget, args.test_subset)
     print(text)
     if args.table:
