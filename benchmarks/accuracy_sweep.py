@@ -55,7 +55,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         (model, method, reweight, value, seed)
         for model in args.models
         for method in args.methods
-        for reweight in (True, False)
+        for reweight in {"both": (True, False), "yes": (True,), "no": (False,)}[args.reweight]
         for value in values
         for seed in range(args.seeds)
         if (model, method, reweight, (args.targets, value), args.budget, seed, args.calib, args.ridge,
@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--compressions", nargs="+", type=float, default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--budget", choices=["uniform", "curve"], default="uniform",
                         help="per-site budget of the Layer methods (global baselines rank channels themselves)")
+    parser.add_argument("--reweight", choices=["both", "yes", "no"], default="both",
+                        help="run with reweighting (consumer refit), without, or both")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge of the solver and refit")
