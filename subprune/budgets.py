@@ -52,9 +52,11 @@ class ParameterCounter:
         self.dense = sum(p.numel() for p in model.parameters())
         self._sites = {s.name: s for s in sites}
         roles: dict[str, list] = {}  # module -> [producer site, consumer site]
-        for s in sites:
-            roles.setdefault(s.producer, [None, None])[0] = s.name
-            roles.setdefault(s.consumer, [None, None])[1] = s.name
+        for s in sites:  # every producer and consumer: several for a coupled residual site
+            for producer in [r.module for r in s.producers] or [s.producer]:
+                roles.setdefault(producer, [None, None])[0] = s.name
+            for consumer in [r.module for r in s.consumers] or [s.consumer]:
+                roles.setdefault(consumer, [None, None])[1] = s.name
         # (weight elements per kept (out, in) channel pair, bias per out channel, producer site, consumer site)
         self._modules: list[tuple[int, int, str | None, str | None]] = []
         fixed = self.dense
