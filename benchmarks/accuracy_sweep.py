@@ -1,13 +1,13 @@
-"""Accuracy of the InChange methods and the baselines on real MNIST models, without and with fine-tuning.
+"""Accuracy of the InChange methods and the baselines on the registered models, without and with fine-tuning.
 
 For every model x method x reweighting x target x seed: draw ``--calib``
 training images with the seed (their labels are used only by the methods that
 need them: ActGrad), prune every site to the target (a keep ratio per site, or
 with ``--targets compression`` a compression ratio of whole-network parameters),
-measure top-1 accuracy on the 10k MNIST test set and the achieved compression
-ratio. With ``--finetune limited`` (the calibration images only) or ``full``
-(the whole training split) the pruned model is then fine-tuned with the paper's
-schedule (:func:`subprune.finetune.paper_schedule`) and the row records both
+measure top-1 accuracy on the model's test set (the first ``--test-subset``
+images if given) and the achieved compression ratio. With ``--finetune limited``
+(the calibration images only) or ``full`` (the whole training split) the pruned
+model is then fine-tuned with the paper's schedule (:func:`subprune.finetune.paper_schedule`) and the row records both
 ``pruned_accuracy`` (no fine-tuning) and ``finetuned_accuracy``. Rows are
 appended to a JSON-lines file (one per run, all settings and metrics); finished
 runs are skipped when the command is run again. At the end markdown tables of
@@ -114,15 +114,13 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         row = {
             "model": model_name, "method": method, "reweight": reweight, "target": args.targets,
             "keep": keep, "compression_target": compression, "budget": args.budget, "seed": seed,
-            "calib": args.calib, "ridge": args.ridge, "dense_accuracy": dense_acc,
+            "calib": args.calib, "ridge": args.ridge, "test_subset": args.test_subset, "dense_accuracy": dense_acc,
             "pruned_accuracy": accuracy(result.model, test_x, test_y, spec.preprocess),
             "dense_params": count_parameters(dense), "pruned_params": count_parameters(result.model),
             "prune_seconds": seconds, "objectives": [s.objective for s in result.sites],
             "kept": [s.kept for s in result.sites],
         }
         row["compression_ratio"] = row["dense_params"] / row["pruned_params"]
-        if args.test_subset:
-            row["test_subset"] = args.test_subset
         if args.finetune != "none":
             images, targets = ((train_x[indices], train_y[indices]) if args.finetune == "limited"
                                else (train_x, train_y))
@@ -140,17 +138,19 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict], calib: int, budget: str = "uniform", metric: str = "pruned_accuracy",
-          finetune: str = "none") -> str:
+          finetune: str = "none", test_subset: int | None = None) -> str:
     """Markdown: one line per model x method x reweight, columns = targets (mean +- std % over seeds).
 
     ``metric`` is "pruned_accuracy" (no fine-tuning) or "finetuned_accuracy"; only
-    rows of the fine-tuning mode ``finetune`` are used.
+    rows of the fine-tuning mode ``finetune``, this ``calib``, ``budget`` and
+    ``test_subset`` (None: the whole test set) are used.
     """
     rows = [r for r in rows if r["calib"] == calib and r.get("budget", "uniform") == budget
-            and r.get("finetune", "none") == finetune]
+            and r.get("finetune", "none") == finetune and r.get("test_subset") == test_subset]
     targets = sorted({target_of(r) for r in rows}, key=lambda t: (t[0], -t[1] if t[0] == "keep" else t[1]))
     heads = [f"keep {v}" if kind == "keep" else f"x{v:g}" for kind, v in targets]
-    lines = [
+    lines = [f"Test accuracy on the first {test_subset} test images of each dataset.", ""] if test_subset else []
+    lines += [
         "| model | method | reweight | " + " | ".join(heads) + " |",
         "|---|---|---|" + "---|" * len(targets),
     ]
@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--compressions", nargs="+", type=float, default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--budget", choices=["uniform", "curve"], default="uniform",
                         help="per-site budget of the Layer methods (global baselines rank channels themselves)")
+    parser.add_argument("--reweight", choices=["both", "yes", "no"], default="both",
+                        help="run with reweighting (consumer refit), without, or both")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge of the solver and refit")
@@ -206,13 +208,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/core_sweep.jsonl")
     parser.add_argument("--table", default=None, help="also write the markdown table here")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: only tabulate the rows already in --out (all models in it)")
     args = parser.parse_args()
+    if args.test_subset is not None and args.test_subset < 1:
+        parser.error("--test-subset must be >= 1")
     torch.set_num_threads(args.threads)
-    rows = sweep(args)
-    text = table(rows, args.calib, args.budget, finetune=args.finetune)
+    if args.table_only:
+        rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+    else:
+        rows = sweep(args)
+    text = table(rows, args.calib, args.budget, finetune=args.finetune, test_subset=args.test_subset)
     if args.finetune != "none":
         text = ("### Without fine-tuning\n\n" + text + f"\n\n### After fine-tuning ({args.finetune} data)\n\n"
-                + table(rows, args.calib, args.budget, "finetuned_accuracy", args.finetune))
+                + table(rows, args.calib, args.budget, "finetuned_accuracy", args.finetune, args.test_subset))
     print(text)
     if args.table:
         command = shlex.join(["python", "benchmarks/accuracy_sweep.py", *sys.argv[1:]])

@@ -15,7 +15,7 @@ from subprune.baselines import (
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
 from subprune.evaluate import count_parameters
 from subprune.methods import SiteProblem, sampled_selection
-from subprune.models.cnn import ARCHITECTURES
+from subprune.models.cnn import ARCHITECTURES, CifarResNet
 from subprune.pipeline import PruneConfig, prune
 from subprune.sites import PruningSite, find_sites
 from subprune.surgery import prune_model
@@ -126,6 +126,17 @@ def test_parameter_counter_equals_the_pruned_model():
     keep = {s.name: torch.arange(kept[s.name]) for s in sites}
     assert counter.count(kept) == count_parameters(prune_model(model, sites, keep))
     assert counter.count({}) == count_parameters(model)
+
+
+def test_parameter_counter_counts_every_module_of_coupled_residual_sites():
+    torch.manual_seed(0)
+    model = CifarResNet(n=1, widths=(4, 8, 16), shortcut="B", in_channels=1).eval()
+    sites, _ = find_sites(model, torch.randn(2, 1, 16, 16), coupled=True)
+    assert sum(len(s.producers) > 1 for s in sites) == 3  # stem + block 0, and the two option-B stages
+    counter = ParameterCounter(model, sites)
+    kept = {s.name: s.channels // 2 for s in sites}
+    keep = {s.name: torch.arange(kept[s.name]) for s in sites}
+    assert counter.count(kept) == count_parameters(prune_model(model, sites, keep))
 
 
 @pytest.mark.parametrize("compression", [2, 4, 8, 16])

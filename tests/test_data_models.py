@@ -12,7 +12,7 @@ from torch import nn
 from subprune import data
 from subprune.data import calibration_indices, load_dataset, load_mnist
 from subprune.evaluate import accuracy, count_flops, count_parameters, measure_latency
-from subprune.models import MODELS, LeNet, get_spec, load_model
+from subprune.models import MODELS, LeNet, fmnist, get_spec, load_model
 from subprune.models.third_party import package_file
 
 
@@ -89,7 +89,7 @@ def test_calibration_indices() -> None:
             calibration_indices(50_000, n, seed=0)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [n for n, s in MODELS.items() if s.dataset == "mnist"])
 def test_pretrained_model_accuracy_and_fx(name: str, mnist_test_head) -> None:
     images, labels = mnist_test_head
     spec = get_spec(name)
@@ -100,6 +100,47 @@ def test_pretrained_model_accuracy_and_fx(name: str, mnist_test_head) -> None:
     x = spec.preprocess(images[:16])
     with torch.no_grad():
         assert torch.equal(traced(x), model(x))
+
+
+# Accuracy on the first 1,000 Fashion-MNIST test images, measured: vgg11-bn-fmnist 0.933, resnet-fmnist 0.939.
+FASHION_MIN_ACCURACY = {"vgg11-bn-fmnist": 0.92, "resnet-fmnist": 0.93}
+
+
+@pytest.fixture(scope="module")
+def fashion_test_head() -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        images, labels = data.load_fashion_mnist("test")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (`make fashion-mnist`)")
+    return images[:1000], labels[:1000]
+
+
+@pytest.mark.parametrize("name", [n for n, s in MODELS.items() if s.dataset == "fashion-mnist"])
+def test_fashion_model_accuracy_and_fx(name: str, fashion_test_head) -> None:
+    images, labels = fashion_test_head
+    spec = get_spec(name)
+    model = load_model(name)
+    assert not model.training
+    assert accuracy(model, images, labels, spec.preprocess) >= FASHION_MIN_ACCURACY[name]
+    traced = torch.fx.symbolic_trace(model)
+    x = spec.preprocess(images[:16])
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+
+
+def test_fashion_models_shape_and_missing_checkpoint(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    assert set(FASHION_MIN_ACCURACY) == {n for n, s in MODELS.items() if s.dataset == "fashion-mnist"}
+    # VGG11 / 4: convs 16-32-64-64-128x4 (3x3, no bias) + BN, then 128*3*3 -> 256 -> 10.
+    convs = 9 * (1 * 16 + 16 * 32 + 32 * 64 + 64 * 64 + 64 * 128 + 3 * 128 * 128)
+    bns = 2 * (16 + 32 + 64 + 64 + 4 * 128)
+    assert count_parameters(MODELS["vgg11-bn-fmnist"].build()) == convs + bns + 1152 * 256 + 256 + 2570
+    resnet = MODELS["resnet-fmnist"].build()
+    assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in resnet.modules()) == 2  # option B
+    with torch.no_grad():
+        assert resnet.eval()(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    monkeypatch.setattr(fmnist, "CHECKPOINT_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"scripts/train_fmnist\.py --model resnet-fmnist"):
+        load_model("resnet-fmnist")
 
 
 def test_unknown_model_name() -> None:

@@ -1,4 +1,4 @@
-"""Model definitions and a registry of pretrained MNIST classifiers.
+"""Model definitions and a registry of pretrained MNIST and Fashion-MNIST classifiers.
 
 Each entry of :data:`MODELS` is a :class:`ModelSpec` that says how to build the
 architecture, where its weights come from, and how to turn dataset images in
@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from subprune.models.fmnist import FMNIST_ARCHITECTURES, fmnist_weights
 from subprune.models.lenet import LeNet
 from subprune.models.third_party import (
     AdvertorchLeNet5,
@@ -117,6 +118,22 @@ MODELS: dict[str, ModelSpec] = {
             weights=ccexam_mnistnet_weights,
             preprocess=ccexam_normalize,
             description="ccexam MNISTNet (conv 32-64, fc 128-10), normalised inputs",
+        ),
+        ModelSpec(
+            name="vgg11-bn-fmnist",
+            dataset="fashion-mnist",
+            build=FMNIST_ARCHITECTURES["vgg11-bn-fmnist"],
+            weights=fmnist_weights("vgg11-bn-fmnist"),
+            preprocess=identity,
+            description="VGG11-BN at width / 4 (conv 16-...-128, fc 256-10), 3 pools, trained here",
+        ),
+        ModelSpec(
+            name="resnet-fmnist",
+            dataset="fashion-mnist",
+            build=FMNIST_ARCHITECTURES["resnet-fmnist"],
+            weights=fmnist_weights("resnet-fmnist"),
+            preprocess=identity,
+            description="CIFAR ResNet-20 (widths 16-32-64, option-B shortcuts), trained here",
         ),
     )
 }

@@ -49,6 +49,50 @@ class VGGBN(nn.Module):
         return self.classifier(self.features(x))
 
 
+VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+"""VGG11 (configuration "A" of Simonyan & Zisserman 2015): output channels of each 3x3 conv, "M" = 2x2 max-pool."""
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm: [conv3x3-BN-ReLU | max-pool] per ``config`` entry, then a one-hidden-layer classifier.
+
+    Parameters
+    ----------
+    config : sequence of int or "M"
+        Conv output channels (before dividing by ``width_divisor``) and max-pool positions,
+        e.g. :data:`VGG11_CONFIG`.
+    width_divisor : int, default 1
+        Every conv width is ``c // width_divisor``.
+    in_channels : int, default 3
+    hidden : int, default 512
+        Width of the classifier's hidden Linear layer.
+    pool : int, default 1
+        The features are average-pooled to ``pool x pool`` and flattened before the classifier.
+    classes : int, default 10
+    """
+
+    def __init__(self, config=VGG11_CONFIG, width_divisor: int = 1, in_channels: int = 3, hidden: int = 512,
+                 pool: int = 1, classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for entry in config:
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            w = entry // width_divisor
+            layers += [*conv_bn(c, w), nn.ReLU(inplace=True)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(c * pool * pool, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
 class CifarBasicBlock(nn.Module):
     """ResNet basic block for CIFAR; shortcut "A": stride-2 subsample + zero channels
     (:class:`~subprune.shortcuts.ZeroPadShortcut`, prunable), "B": 1x1 conv + BN."""
