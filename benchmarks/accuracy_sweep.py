@@ -191,8 +191,6 @@ def main() -> None:
     parser.add_argument("--compressions", nargs="+", type=float, default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--budget", choices=["uniform", "curve"], default="uniform",
                         help="per-site budget of the Layer methods (global baselines rank channels themselves)")
-    parser.add_argument("--reweight", choices=["both", "yes", "no"], default="both",
-                        help="run with reweighting (consumer refit), without, or both")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--ridge", type=float, default=0.0, help="relative ridge of the solver and refit")
