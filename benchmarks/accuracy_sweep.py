@@ -40,7 +40,7 @@ from subprune.data import calibration_indices, load_dataset
 from subprune.evaluate import accuracy, count_parameters
 from subprune.finetune import finetune, paper_schedule
 from subprune.methods import METHODS
-from subprune.models import get_spec, load_model
+from subprune.models import MODELS, get_spec, load_model
 from subprune.pipeline import PruneConfig, prune
 
 METHOD_NAMES = {key: m.name for key, m in METHODS.items()}
@@ -71,10 +71,32 @@ def schedule_of(args: argparse.Namespace, model: str):
     return dataclasses.replace(schedule, epochs=epochs, milestones=milestones)
 
 
+def read_rows(path: Path, repair: bool = False) -> list[dict]:
+    """The rows of a results file; a last line cut short by an interrupted run is dropped (and, with
+    ``repair``, removed from the file so that new rows are appended after the last complete one)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    rows = []
+    for number, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise SystemExit(f"{path}: line {number + 1} is not JSON; fix or remove it, then resume") from None
+            print(f"{path}: dropping the incomplete last line (an interrupted run); it will be redone")
+            if repair:
+                path.write_text("".join(lines[:-1]))
+            return rows
+    if repair and lines and not lines[-1].endswith("\n"):
+        path.write_text("".join(lines) + "\n")
+    return rows
+
+
 def sweep(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    rows = read_rows(out, repair=True)
     done = {run_key(r) for r in rows}
     values = args.keeps if args.targets == "keep" else args.compressions
     reweights = {"both": (True, False), "yes": (True,), "no": (False,)}[args.reweight]
@@ -211,9 +233,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.test_subset is not None and args.test_subset < 1:
         parser.error("--test-subset must be >= 1")
+    if any(c < 1 for c in args.compressions) or any(not 0 < k <= 1 for k in args.keeps):
+        parser.error("--compressions must be >= 1 and --keeps in (0, 1]")
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; available: {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
     if args.table_only:
-        rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+        rows = read_rows(Path(args.out))
     else:
         rows = sweep(args)
     text = table(rows, args.calib, args.budget, finetune=args.finetune, test_subset=args.test_subset)

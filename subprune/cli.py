@@ -200,7 +200,10 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         progress=not args.quiet, coupled=args.coupled,
     )
     spec = get_spec(args.model)
-    dataset = args.dataset or spec.dataset
+    if args.dataset is not None and args.dataset != spec.dataset:
+        raise ValueError(f"model {args.model} was trained on {spec.dataset}, not {args.dataset}: its accuracy on "
+                         f"{args.dataset} means nothing; drop --dataset or use --dataset {spec.dataset}")
+    dataset = spec.dataset
     train_x, train_y = load_dataset(dataset, "train")
     test_x, test_y = load_dataset(dataset, "test")
     if not MIN_CALIBRATION_SAMPLES <= args.calib <= train_x.shape[0]:

@@ -465,13 +465,14 @@ def _prune_one_site(
     keep = selection.keep
     if config.distributed:
         check_same_selection(site.name, keep)
-    rows = min(s.n_rows_ for s in stats)
-    if rows < keep.numel() * max(system.group_sizes):
-        log.warning(
-            "site %s: %d calibration rows for %d refit columns: the refit interpolates the calibration "
-            "set and f(S) overstates what is kept; use more samples or a ridge",
-            site.name, rows, keep.numel() * max(system.group_sizes),
-        )
+    for ref, stat, g in zip(site.consumers, stats, system.group_sizes, strict=True):
+        rows, columns = stat.n_rows_, keep.numel() * g
+        if rows < 2 * columns:  # least squares near or past interpolation (the double-descent peak at rows = columns)
+            log.warning(
+                "site %s, consumer %s: %d calibration rows for %d refit columns: the refit (nearly) interpolates "
+                "the calibration set and f(S) overstates what is kept; use more samples or a ridge (--ridge 0.1)",
+                site.name, ref.module, rows, columns,
+            )
     new_weights, kept_energy = {}, 0.0
     parts = zip(site.consumers, stats, system.weights, system.group_sizes, system.energies, strict=True)
     for ref, stat, w, g, e in parts:

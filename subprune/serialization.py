@@ -16,11 +16,13 @@ the weights strictly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -33,6 +35,26 @@ WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_permissions(path: Path) -> None:
+    """Give ``path`` (and, for a directory, everything under it) the permissions a plain write would.
+
+    ``tempfile`` creates private files (0600) and directories (0700); the
+    published output should instead follow the user's umask, like any file.
+    """
+    mask = _umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for item in path.rglob("*"):
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
@@ -41,6 +63,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+        _publish_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -128,14 +151,28 @@ def save_pruned(
         See :func:`check_target`.
     """
     target = check_target(directory, overwrite, tuple(extra_json or ()))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_directory(target) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         write_json_atomic(tmp / ARCHITECTURE_FILE, architecture(model, base_model))
         for name, obj in (extra_json or {}).items():
             write_json_atomic(tmp / name, obj)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty sibling directory of ``target``; on success it replaces ``target`` as a whole.
+
+    The files written into the yielded directory get the permissions of a plain
+    write (the umask). If the block raises (or is interrupted), the temporary
+    directory is removed and ``target`` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        _publish_permissions(tmp)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
@@ -146,7 +183,6 @@ def save_pruned(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

@@ -1,6 +1,9 @@
 """The command line on the real LeNet and MNIST: report.json, reload, refusals."""
 
 import json
+import logging
+import os
+import stat
 
 import pytest
 
@@ -37,6 +40,10 @@ def test_prune_lenet_writes_report_and_reloadable_model(tmp_path, capsys):
     images, labels = load_mnist("test")
     assert accuracy(model, images, labels) == report["pruned_accuracy"]
     assert main(["evaluate", str(out)]) == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (out, *out.iterdir()):  # published with the umask, not tempfile's private 0700/0600
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~mask, path
 
 
 @pytest.mark.parametrize(
@@ -64,6 +71,7 @@ def test_argument_errors(argv, message, capsys):
         (["prune", "--method", "actgrad", "--budget", "accuracy", "--held-out", "0", "--quiet"], "--held-out 0"),
         (["prune", "--method", "actgrad", "--budget", "curve", "--calib", "16", "--quiet"], "sets its own budget"),
         (["prune", "--compression", "5000", "--calib", "16", "--quiet"], "cannot be reached"),
+        (["prune", "--model", "lenet", "--dataset", "fashion-mnist", "--quiet"], "was trained on mnist"),
     ],
 )
 def test_library_errors_are_clear(argv, message, capsys):
@@ -136,3 +144,15 @@ def test_bad_threads_and_corrupt_save_give_one_line_errors(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_near_interpolating_refit_warns_naming_the_consumer(caplog):
+    """128 rows for conv2 -> fc1's 125 refit columns (keep 5 of 16, 25 columns each): least squares at the
+    double-descent peak. The warning names the site and the consumer and suggests a ridge."""
+    with caplog.at_level(logging.WARNING, logger="subprune"):
+        assert main(["prune", "--model", "lenet", "--method", "layer", "--keep-site", "conv2=0.3125",
+                     "--layers", "conv2", "--calib", "128", "--quiet"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "refit columns" in r.getMessage()]
+    assert warned == ["site conv2, consumer fc1: 128 calibration rows for 125 refit columns: the refit (nearly) "
+                      "interpolates the calibration set and f(S) overstates what is kept; use more samples or a "
+                      "ridge (--ridge 0.1)"]

@@ -56,10 +56,20 @@ def test_tiny_lenet_sweep_writes_rows_resumes_and_tabulates(tmp_path, monkeypatc
         def no_prune(*args, **kwargs):
             raise AssertionError("a finished run was pruned again")
 
+        real_prune = sweep.prune
         monkeypatch.setattr(sweep, "prune", no_prune)  # the second invocation must resume, not redo
         _run(sweep, monkeypatch, argv)
         assert [json.loads(line) for line in out.read_text().splitlines()] == rows
         assert table.read_text() == first
+
+        lines = out.read_text().splitlines(keepends=True)  # an interrupted write leaves half of the last row
+        out.write_text("".join(lines[:3]) + lines[3][:40])
+        calls = []
+        monkeypatch.setattr(sweep, "prune", lambda *args, **kwargs: calls.append(1) or real_prune(*args, **kwargs))
+        _run(sweep, monkeypatch, argv)  # drops the half row and redoes exactly that run
+        resumed = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(calls) == 1 and resumed[:3] == [json.loads(line) for line in lines[:3]]
+        assert {sweep.run_key(r) for r in resumed} == {sweep.run_key(r) for r in rows}
     finally:
         torch.set_num_threads(threads)
     capsys.readouterr()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 import torch
@@ -256,6 +257,14 @@ def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
     reloaded = load_pruned(out, transformers.AutoModelForCausalLM)
     assert sum(p.numel() for p in reloaded.parameters()) == report["pruned_params"]
     assert main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "mnist", "--quiet"]) == 2
+    assert not list(tmp_path.glob(".pruned.*"))  # the atomic save left no temporary directory
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (out, out / "config.json", out / "model.safetensors", out / "report.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~mask, path
+    for bad in (["--heads", "1", "--ffn", "1"], ["--heads", "0.75"]):  # nothing to prune / ratios --params overrides
+        assert main(["prune", "--model", f"hf:{dense_dir}", "--params", "0.5", *bad, "--calib", "8", "--quiet"]) == 2
+    assert "--params" in capsys.readouterr().err
 
     capsys.readouterr()
     assert main(["inspect", "--model", f"hf:{out}", "--json"]) == 0

@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.table import Table
 
 from subprune.evaluate import count_parameters
-from subprune.serialization import write_json_atomic
 
 TEXT_DATASETS = ("text:wikipedia",)
 HELDOUT = 128
@@ -73,6 +72,11 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     calib_text, heldout_text = split_passages(passages, calib, HELDOUT)
     heads, ffn = args.heads, args.ffn
     if args.params is not None:  # the parameter target replaces the ratios; --heads 1 / --ffn 1 leaves a kind out
+        if any(ratio not in (None, 1) for ratio in (heads, ffn)):
+            raise ValueError("--params sets the keep ratios of heads and FFN itself; give --heads 1 or --ffn 1 only "
+                             "to leave that kind out, or drop --params to set the ratios with --heads/--ffn")
+        if heads == 1 and ffn == 1:
+            raise ValueError("--params with --heads 1 and --ffn 1 leaves nothing to prune; drop one of them")
         heads, ffn = (None if ratio == 1 else 0.5 for ratio in (heads, ffn))
     elif heads is None and ffn is None:
         heads = ffn = args.keep
@@ -101,8 +105,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         "sites": [dataclasses.asdict(s) for s in result.sites],
     }
     if args.out:
-        save_pruned(result.model, args.out, tokenizer)
-        write_json_atomic(Path(args.out) / REPORT_FILE, report)
+        save_pruned(result.model, args.out, tokenizer, extra_json={REPORT_FILE: report})
     if args.json:
         print(json.dumps(report, indent=2))
         return report

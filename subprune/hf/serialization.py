@@ -24,12 +24,18 @@ from torch import nn
 
 from subprune.hf.architectures import HEADS, find_transformer_sites, widths
 from subprune.hf.architectures import prune_transformer_site_ as cut_site_
+from subprune.serialization import atomic_directory, write_json_atomic
 
 WIDTHS_KEY = "subprune_widths"
 
 
-def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a (pruned) transformers model with ``save_pretrained`` and record its widths.
+def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
+                extra_json: dict[str, dict] | None = None) -> Path:
+    """Write a (pruned) transformers model with ``save_pretrained`` and record its widths, atomically.
+
+    Everything is written into a temporary sibling directory that then replaces
+    ``directory`` as a whole (:func:`subprune.serialization.atomic_directory`):
+    a failure or an interruption leaves no half-written output.
 
     Parameters
     ----------
@@ -38,23 +44,26 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, tokenizer=None) 
     directory : path-like
     tokenizer : optional
         Saved next to the model when given.
+    extra_json : dict file name -> object, optional
+        More JSON files written in the same atomic step (e.g. ``report.json``).
 
     Returns
     -------
     Path
         The directory.
     """
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     record = widths(model)
-    model.save_pretrained(directory)
-    config_file = directory / "config.json"
-    config = json.loads(config_file.read_text())
-    config[WIDTHS_KEY] = record
-    tmp = config_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_file)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        config_file = tmp / "config.json"
+        config = json.loads(config_file.read_text())
+        config[WIDTHS_KEY] = record
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            write_json_atomic(tmp / name, obj)
     return directory
 
 
