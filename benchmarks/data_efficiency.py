@@ -21,9 +21,10 @@ from accuracy_sweep import METHOD_NAMES, sweep
 from subprune.methods import METHODS
 
 
-def efficiency_table(rows: list[dict], calibs: list[int], compression: float) -> str:
+def efficiency_table(rows: list[dict], calibs: list[int], compression: float, test_subset: int | None = None) -> str:
     """Markdown table of accuracy (%) per calibration size."""
-    rows = [r for r in rows if r.get("compression_target") == compression and r["calib"] in calibs]
+    rows = [r for r in rows if r.get("compression_target") == compression and r["calib"] in calibs
+            and r.get("test_subset") == test_subset and r.get("finetune", "none") == "none"]
     lines = [
         f"Compression target x{compression:g} (whole-network parameters), mean ± std over seeds, no fine-tuning.",
         "",
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--compression", type=float, default=8.0)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ridge", type=float, default=0.0)
+    parser.add_argument("--test-subset", type=int, default=None, metavar="N",
+                        help="measure accuracy on the first N test images only (recorded in each row)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/data_efficiency_lenet.jsonl")
     parser.add_argument("--table", default=None, help="also write the markdown table here")
@@ -63,10 +66,11 @@ def main() -> None:
         sweep_args = argparse.Namespace(
             models=args.models, methods=args.methods, targets="compression", keeps=[],
             compressions=[args.compression], budget="uniform", seeds=args.seeds, calib=calib,
-            ridge=args.ridge, out=args.out,
+            ridge=args.ridge, out=args.out, reweight="both", finetune="none", finetune_epochs=None,
+            test_subset=args.test_subset,
         )
         rows = sweep(sweep_args)  # returns every row of the file, old and new
-    text = efficiency_table(rows, args.calibs, args.compression)
+    text = efficiency_table(rows, args.calibs, args.compression, args.test_subset)
     print(text)
     if args.table:
         Path(args.table).write_text(text + "\n")

@@ -77,3 +77,20 @@ def test_tiny_lenet_sweep_writes_rows_resumes_and_tabulates(tmp_path, monkeypatc
         png = tmp_path / "sweep.png"
         _run(_load("plot_sweep"), monkeypatch, [str(out), "--model", "lenet", "--out", str(png)])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_data_efficiency_sweep_runs_on_the_sweep_harness(tmp_path, monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "efficiency.jsonl"
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports accuracy_sweep next to it
+    try:
+        _run(_load("data_efficiency"), monkeypatch, [
+            "--models", "lenet", "--methods", "asym", "--calibs", "64", "256", "--compression", "8", "--seeds", "1",
+            "--test-subset", "500", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["calib"], r["reweight"]) for r in rows) == [(64, False), (64, True), (256, False), (256, True)]
+    assert all(r["test_subset"] == 500 and 8 <= r["compression_ratio"] <= 9.2 for r in rows)
+    table = capsys.readouterr().out
+    assert "| lenet | AsymInChange | yes |" in table and "64 samples | 256 samples" in table
