@@ -75,6 +75,8 @@ def build_report(result: PruneResult, measures: dict, settings: dict) -> dict:
     """
     cfg = result.config
     keep = dict(cfg.keep) if isinstance(cfg.keep, dict) else cfg.keep
+    if cfg.compression is not None:
+        keep = None  # the compression target sets the keep ratios; each site's kept count is in "sites"
     report = {
         **settings,
         "method": cfg.method,
