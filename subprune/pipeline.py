@@ -376,7 +376,8 @@ def _check_labels(method: Method, labels: Tensor | None, calibration: Tensor) ->
         return
     if labels is None:
         names = ", ".join(k for k, m in METHODS.items() if not m.needs_labels)
-        raise ValueError(f"method {method.name} needs labelled calibration data (it uses the loss's gradient): "
+        raise ValueError(f"method {method.name} needs labelled calibration data (it evaluates the loss or its "
+                         f"gradient): "
                          f"pass labels=<Tensor of shape (N,)> to prune(), or use a method that needs no labels: "
                          f"{names}")
     if not isinstance(labels, Tensor) or labels.shape[:1] != calibration.shape[:1]:

@@ -134,8 +134,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
     )
     if "finetuned_accuracy" in report:
         epochs = report["finetune_schedule"]["epochs"]
+        epochs = f"{epochs} epoch" + ("s" if epochs != 1 else "")
         summary.add_row(
-            f"after fine-tuning ({report['finetune']} data, {report['finetune_samples']:,} images, {epochs} epochs)",
+            f"after fine-tuning ({report['finetune']} data, {report['finetune_samples']:,} images, {epochs})",
             "", f"{report['finetuned_accuracy']:.2%}",
             f"{100 * (report['finetuned_accuracy'] - report['dense_accuracy']):+.2f} pp",
         )
