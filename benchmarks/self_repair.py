@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from subprune.hf.models import load_minilm
 from subprune.hf.prune import TRANSFORMER_METHODS, TransformerPruneConfig, prune_transformer
 from subprune.hf.text import split_passages, tokenize, wikipedia_passages
+from subprune.statistics import capture_inputs
 
 
 def _run(model, tokens, pre: dict, post: list[str]) -> dict:
@@ -53,17 +54,9 @@ def _run(model, tokens, pre: dict, post: list[str]) -> dict:
 
 
 def _inputs(model, tokens, names: list[str]) -> dict:
-    inputs, handles = {}, []
-    for name in names:
-        def keep(module, args, kwargs, name=name):
-            inputs[name] = args[0].detach()
-        handles.append(model.get_submodule(name).register_forward_pre_hook(keep, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(**tokens)
-    finally:
-        for h in handles:
-            h.remove()
+    inputs: dict = {}
+    with torch.no_grad(), capture_inputs({name: model.get_submodule(name) for name in names}, inputs.__setitem__):
+        model(**tokens)
     return inputs
 
 
