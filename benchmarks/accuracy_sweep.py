@@ -126,7 +126,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         indices = calibration_indices(train_x.shape[0], args.calib, seed)
         calibration = spec.preprocess(train_x[indices])
         labels = train_y[indices] if METHODS[method].needs_labels else None
-        keep, compression = (value, None) if args.targets == "keep" else (1.0, value)
+        keep, compression = (value, None) if args.targets == "keep" else (None, value)
         config = PruneConfig(method=method, keep=keep, compression=compression, budget=args.budget,
                              reweight=reweight, seed=seed, ridge=args.ridge, progress=False)
         score_data = (spec.preprocess(train_x), train_y) if METHODS[method].needs_score_data else None

@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="hf: models: the dense model to compare with (default: the model in report.json)")
     p.add_argument("--dataset", default=None, type=_dataset_name)
     p.add_argument("--json", action="store_true", help="hf: models: print the measures as JSON")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (>= 1)")
 
     sub.add_parser("list", help="list the registered models and methods")
     return parser
@@ -190,7 +191,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     args.calib = 512 if args.calib is None else args.calib
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep = dict(args.keep_site) if args.keep_site else args.keep
+    keep = dict(args.keep_site) if args.keep_site else None if args.compression is not None else args.keep
     config = PruneConfig(
         method=args.method, keep=keep, compression=args.compression,
         budget="uniform" if args.budget == "accuracy" else args.budget,
@@ -291,6 +292,8 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> None:
 def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
     if (args.model is None) == (args.directory is None):
         raise ValueError("evaluate needs a saved directory or --model hf:PATH (one of the two)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.model is not None or _is_transformers_directory(args.directory):
         if args.model is not None and not args.model.startswith("hf:"):
             raise ValueError(f"--model {args.model}: evaluate takes --model hf:PATH only; for a registered model "

@@ -53,10 +53,12 @@ class PruneConfig:
     method : str
         A key of :data:`subprune.methods.METHODS`: "layer", "seq", "asym" or a
         baseline ("random", "weightnorm", "layer-actgrad", ...).
-    keep : float or mapping site name -> float
+    keep : float or mapping site name -> float, optional
         Keep ratio in (0, 1]: the fraction of each site's channels kept
         (at least one). A mapping gives per-site ratios; sites it does not name
-        are not pruned. Ignored when ``compression`` is given.
+        are not pruned. Default 0.5 when ``compression`` is not given; giving
+        both raises ValueError (the keep ratios then come from the target and
+        ``keep`` stays None).
     compression : float, optional
         Target compression ratio of whole-network parameters (dense / pruned,
         >= 1) instead of a keep ratio: the uniform keep ratio, the global
@@ -106,7 +108,7 @@ class PruneConfig:
     """
 
     method: str = "asym"
-    keep: float | Mapping[str, float] = 0.5
+    keep: float | Mapping[str, float] | None = None
     compression: float | None = None
     budget: str = "uniform"
     reweight: bool = True
@@ -126,7 +128,12 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        ratios = self.keep.values() if isinstance(self.keep, Mapping) else [self.keep]
+        if self.keep is not None and self.compression is not None:
+            raise ValueError("give either keep ratios or a compression ratio, not both: the compression target "
+                             "chooses the keep ratios (PruneConfig(compression=4) or PruneConfig(keep=0.25))")
+        if self.keep is None and self.compression is None:
+            object.__setattr__(self, "keep", 0.5)
+        ratios = [] if self.keep is None else self.keep.values() if isinstance(self.keep, Mapping) else [self.keep]
         for ratio in ratios:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
                 raise ValueError(f"keep ratio {ratio!r} is out of range: it must be in (0, 1]")
@@ -135,8 +142,6 @@ class PruneConfig:
                 1 <= self.compression < math.inf
             ):
                 raise ValueError(f"compression={self.compression!r} must be a finite ratio >= 1 (dense / pruned)")
-            if isinstance(self.keep, Mapping):
-                raise ValueError("give either per-site keep ratios or a compression ratio, not both")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget={self.budget!r} is unknown; choose one of {', '.join(BUDGETS)}")
         if self.budget != "uniform" and METHODS[self.method].global_ranking:
@@ -581,7 +586,7 @@ def _prune(
         all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device),
                                         coupled=config.coupled)
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
-    plan = _plan(sites, config.keep)
+    plan = _plan(sites, 1.0 if config.keep is None else config.keep)  # None: the compression target decides
     sites = [s for s in sites if s.name in plan]
     if not sites:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "no Linear/Conv2d layers"

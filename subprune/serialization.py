@@ -211,7 +211,12 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
     for name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} is missing: not a model saved by subprune")
-    spec = json.loads((directory / ARCHITECTURE_FILE).read_text())
+    try:
+        spec = json.loads((directory / ARCHITECTURE_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{directory / ARCHITECTURE_FILE} is not valid JSON ({exc}): the save is damaged; "
+                         "prune the model again") from exc
+    spec = spec if isinstance(spec, dict) else {}
     if spec.get("format") != FORMAT:
         raise ValueError(f"{directory / ARCHITECTURE_FILE} has format {spec.get('format')!r}, expected {FORMAT}")
     if model is None:

@@ -130,3 +130,7 @@ def test_save_reload_identical_and_atomic(tmp_path, conv_net, images, monkeypatc
         load_pruned(tmp_path)
     with pytest.raises(ValueError, match="no registered base model"):
         load_pruned(out)
+    # a damaged architecture.json is named in the error
+    (out / "architecture.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match="architecture.json is not valid JSON"):
+        load_pruned(out, model=make_conv_net())
