@@ -215,6 +215,9 @@ class PruneResult:
     ``joint_refits`` maps every consumer that several sites feed (and that was
     refit once more on all its kept columns, :mod:`subprune.joint_refit`) to f
     of that refit; the ``objective`` of those sites is their own refit's.
+    ``unselected`` names the pruning sites that were found but left dense
+    because ``config.layers`` or a per-site ``keep`` mapping did not name them
+    (``skipped`` holds the layers that cannot be pruned at all).
     """
 
     model: nn.Module
@@ -224,6 +227,7 @@ class PruneResult:
     seconds: float
     memory: PeakMemory | None = None
     joint_refits: dict[str, float] = field(default_factory=dict)
+    unselected: list[str] = field(default_factory=list)
 
 
 def _check_calibration(calibration: Tensor) -> None:
@@ -588,6 +592,7 @@ def _prune(
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
     plan = _plan(sites, 1.0 if config.keep is None else config.keep)  # None: the compression target decides
     sites = [s for s in sites if s.name in plan]
+    unselected = [s.name for s in all_sites if s.name not in plan]
     if not sites:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "no Linear/Conv2d layers"
         log.warning("nothing to prune: no pruning site was found or selected (%s)", reasons)
@@ -642,4 +647,4 @@ def _prune(
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)
     return PruneResult(work, reports, skipped, config, time.perf_counter() - start_time,
-                       joint_refits={} if joint is None else joint.results_)
+                       joint_refits={} if joint is None else joint.results_, unselected=unselected)

@@ -114,6 +114,7 @@ def build_report(result: PruneResult, measures: dict, settings: dict) -> dict:
         "coupled": cfg.coupled,
         "joint_refits": dict(result.joint_refits),
         "skipped": [asdict(s) for s in result.skipped],
+        "unselected": list(result.unselected),
     }
     return report
 
@@ -166,4 +167,6 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console.print(sites)
     for s in report["skipped"]:
         console.print(f"[dim]not pruned: {s['name']}: {s['reason']}[/dim]")
+    for name in report.get("unselected", []):
+        console.print(f"[dim]not pruned: {name}: not selected (--layers or --keep-site)[/dim]")
     console.print(f"pruning took {report['prune_seconds']:.2f} s")

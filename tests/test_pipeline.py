@@ -157,5 +157,7 @@ def test_per_site_keep_and_layer_restriction(conv_net, images):
     result = prune(conv_net, images, PruneConfig(method="seq", keep={"fc1": 0.25, "conv2": 0.5}, progress=False))
     assert [(s.name, s.kept) for s in result.sites] == [("conv2", 4), ("fc1", 5)]
     assert result.model.conv1.out_channels == 6 and result.model.fc2.out_features == 12
+    assert result.unselected == ["conv1", "fc2"]
     result = prune(conv_net, images, PruneConfig(method="layer", keep=0.5, layers=("fc2",), progress=False))
     assert [s.name for s in result.sites] == ["fc2"]
+    assert result.unselected == ["conv1", "conv2", "fc1"]
