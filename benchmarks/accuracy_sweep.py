@@ -209,8 +209,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--targets", choices=["keep", "compression"], default="keep",
                         help="sweep keep ratios per site (--keeps) or whole-network compression ratios")
-    parser.add_argument("--keeps", nargs="+", type=float, default=[0.75, 0.5, 0.25, 0.1])
-    parser.add_argument("--compressions", nargs="+", type=float, default=[2, 4, 8, 16, 32, 64])
+    parser.add_argument("--keeps", nargs="+", type=float, default=None, help="default 0.75 0.5 0.25 0.1")
+    parser.add_argument("--compressions", nargs="+", type=float, default=None, help="default 2 4 8 16 32 64")
     parser.add_argument("--budget", choices=["uniform", "curve"], default="uniform",
                         help="per-site budget of the Layer methods (global baselines rank channels themselves)")
     parser.add_argument("--seeds", type=int, default=5)
@@ -233,6 +233,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.test_subset is not None and args.test_subset < 1:
         parser.error("--test-subset must be >= 1")
+    if args.compressions is not None and args.targets != "compression":
+        parser.error("--compressions needs --targets compression (the default target is keep ratios, --keeps)")
+    if args.keeps is not None and args.targets != "keep":
+        parser.error("--keeps applies to --targets keep only; use --compressions with --targets compression")
+    args.keeps = args.keeps or [0.75, 0.5, 0.25, 0.1]
+    args.compressions = args.compressions or [2, 4, 8, 16, 32, 64]
     if any(c < 1 for c in args.compressions) or any(not 0 < k <= 1 for k in args.keeps):
         parser.error("--compressions must be >= 1 and --keeps in (0, 1]")
     unknown = sorted(set(args.models) - set(MODELS))

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(see `subprune list`); actgrad methods use the training labels; "
                         f"{', '.join(HF_BASELINES)} are for hf: models")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1]")
+    target.add_argument("--keep", type=_ratio, default=0.5, help="keep ratio of every site, in (0, 1] (default 0.5)")
     target.add_argument("--keep-site", type=_site_ratio, action="append", metavar="NAME=RATIO",
                         help="per-site keep ratio (repeatable); sites not named are not pruned")
     target.add_argument("--compression", type=_compression, default=None,
@@ -109,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
                    help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
                         "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
-    p.add_argument("--held-out", type=int, default=1000,
-                   help="training images (disjoint from the calibration set) for --budget accuracy")
+    p.add_argument("--held-out", type=int, default=None,
+                   help="training images (disjoint from the calibration set) for --budget accuracy (default 1000)")
     p.add_argument("--cache", default=None, help="cache directory of --budget accuracy (default ~/.cache/subprune)")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
@@ -188,6 +188,20 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
                          "use --keep or --compression for this model")
     if args.finetune_epochs is not None and args.finetune == "none":
         raise ValueError("--finetune-epochs needs --finetune limited or --finetune full")
+    if args.method in HF_BASELINES:
+        raise ValueError(f"--method {args.method} is for hf: (transformers) models only; for this model choose "
+                         "one of " + ", ".join(METHODS))
+    if args.held_out is not None and args.budget != "accuracy":
+        raise ValueError("--held-out applies only to --budget accuracy; drop it or add --budget accuracy")
+    args.held_out = 1000 if args.held_out is None else args.held_out
+    if args.layers is not None and not [s for s in args.layers.split(",") if s.strip()]:
+        raise ValueError("--layers names no layer; give comma-separated producer names (see `subprune inspect`) "
+                         "or drop it to prune every site")
+    if args.keep_site:
+        names = [name for name, _ in args.keep_site]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"--keep-site names {', '.join(repeated)} more than once; give each site one ratio")
     args.calib = 512 if args.calib is None else args.calib
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,14 +258,14 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         report.update(finetune=args.finetune, finetune_samples=int(images.shape[0]),
                       finetune_schedule=dataclasses.asdict(schedule), finetune_losses=tuned.losses,
                       finetuned_accuracy=accuracy(pruned, test_x, test_y, spec.preprocess))
-    if args.out:
-        save_pruned(pruned, args.out, base_model=args.model, extra_json={REPORT_FILE: report},
-                    overwrite=args.overwrite)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(report, console)
-        if args.out:
+    if args.out:  # last, so that an interruption before it leaves nothing and "nothing was saved" is true
+        save_pruned(pruned, args.out, base_model=args.model, extra_json={REPORT_FILE: report},
+                    overwrite=args.overwrite)
+        if not args.json:
             console.print(f"saved the pruned model and {REPORT_FILE} to {args.out}")
 
 
@@ -304,10 +318,18 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
         return
     model = load_pruned(args.directory)
     report_path = Path(args.directory) / REPORT_FILE
-    saved = json.loads(report_path.read_text()) if report_path.exists() else {}
+    try:
+        saved = json.loads(report_path.read_text()) if report_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{report_path} is not valid JSON ({exc}): the save is damaged; prune again") from exc
+    saved = saved if isinstance(saved, dict) else {}
     name = saved.get("model")
     preprocess = get_spec(name).preprocess if name in MODELS else None
-    dataset = args.dataset or saved.get("dataset") or (get_spec(name).dataset if name in MODELS else None)
+    own = saved.get("dataset") or (get_spec(name).dataset if name in MODELS else None)
+    if args.dataset is not None and own is not None and args.dataset != own:
+        raise ValueError(f"{args.directory} holds a model trained on {own}, not {args.dataset}: its accuracy on "
+                         f"{args.dataset} means nothing; drop --dataset or use --dataset {own}")
+    dataset = args.dataset or own
     if dataset is None:
         raise ValueError("the save names no dataset: pass --dataset")
     test_x, test_y = load_dataset(dataset, "test")
@@ -334,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``subprune`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: wide tables instead of 80 columns
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
     commands = {"prune": cmd_prune, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "list": cmd_list}
     try:

@@ -155,6 +155,8 @@ class PruneConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.layers is not None:
             layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+            if not layers:
+                raise ValueError("layers=() names no layer: give producer names, or None to prune every site")
             object.__setattr__(self, "layers", layers)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
@@ -245,11 +247,15 @@ def _check_calibration(calibration: Tensor) -> None:
 _kept_count = kept_channels
 
 
-def _plan(sites: list[PruningSite], keep: float | Mapping[str, float]) -> dict[str, int]:
-    """Channels to keep per site name."""
+def _plan(sites: list[PruningSite], keep: float | Mapping[str, float], found: set[str] = frozenset()) -> dict[str, int]:
+    """Channels to keep per site name (``found``: every site of the model, selected by ``layers`` or not)."""
     if not isinstance(keep, Mapping):
         return {s.name: _kept_count(keep, s.channels) for s in sites}
     names = {s.name for s in sites}
+    excluded = sorted((set(keep) - names) & set(found))
+    if excluded:
+        raise ValueError(f"keep names sites {excluded} that layers= (CLI --layers) leaves out; add them to "
+                         "layers or drop them from keep")
     unknown = sorted(set(keep) - names)
     if unknown:
         raise ValueError(f"keep names unknown sites {unknown}; the sites are {sorted(names)}")
@@ -475,12 +481,15 @@ def _prune_one_site(
     keep = selection.keep
     if config.distributed:
         check_same_selection(site.name, keep)
+    # a refit, or greedy's own refits: least squares near or past interpolation (double-descent peak at rows = columns)
+    least_squares = config.reweight or selection.objective is not None
     for ref, stat, g in zip(site.consumers, stats, system.group_sizes, strict=True):
         rows, columns = stat.n_rows_, keep.numel() * g
-        if rows < 2 * columns:  # least squares near or past interpolation (the double-descent peak at rows = columns)
+        if least_squares and rows < 2 * columns:
             log.warning(
                 "site %s, consumer %s: %d calibration rows for %d refit columns: the refit (nearly) interpolates "
-                "the calibration set and f(S) overstates what is kept; use more samples or a ridge (--ridge 0.1)",
+                "the calibration set and f(S) overstates what is kept; use more samples or a ridge "
+                "(PruneConfig(ridge=0.1), CLI --ridge 0.1)",
                 site.name, ref.module, rows, columns,
             )
     new_weights, kept_energy = {}, 0.0
@@ -590,7 +599,8 @@ def _prune(
         all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device),
                                         coupled=config.coupled)
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
-    plan = _plan(sites, 1.0 if config.keep is None else config.keep)  # None: the compression target decides
+    plan = _plan(sites, 1.0 if config.keep is None else config.keep,  # None: the compression target decides
+                 found={s.name for s in all_sites})
     sites = [s for s in sites if s.name in plan]
     unselected = [s.name for s in all_sites if s.name not in plan]
     if not sites:

@@ -33,6 +33,7 @@ from subprune.surgery import RESIZABLE, build_module, get_module, module_config,
 FORMAT = "subprune-pruned-v1"
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
+_SIZE_KEYS = frozenset({"in_features", "out_features", "in_channels", "out_channels", "num_features"})
 
 
 def _umask() -> int:
@@ -148,8 +149,14 @@ def save_pruned(
     Raises
     ------
     FileExistsError, ValueError
-        See :func:`check_target`.
+        See :func:`check_target`; ValueError also for an ``extra_json`` name
+        that is a path (not a plain file name) or one of the save's own files.
     """
+    for name in extra_json or ():
+        if not isinstance(name, str) or name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"extra_json name {name!r} must be a plain file name inside the save, not a path")
+        if name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
+            raise ValueError(f"extra_json name {name!r} would replace the save's own {name}; choose another name")
     target = check_target(directory, overwrite, tuple(extra_json or ()))
     with atomic_directory(target) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -203,22 +210,29 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
     Raises
     ------
     FileNotFoundError
-        If the directory lacks the saved files.
+        If the directory does not exist or lacks the saved files.
     ValueError
-        If the files are not a subprune save, or no architecture is known.
+        If the files are not a subprune save, are damaged (unreadable JSON or
+        weights, sizes larger than the dense model's, weights that do not fit
+        the architecture; the message names the file), or no architecture is known.
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist or is not a directory: pass the folder that "
+                                "`subprune prune --out` or save_pruned wrote")
     for name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} is missing: not a model saved by subprune")
+    arch_file, weights_file = directory / ARCHITECTURE_FILE, directory / WEIGHTS_FILE
     try:
-        spec = json.loads((directory / ARCHITECTURE_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{directory / ARCHITECTURE_FILE} is not valid JSON ({exc}): the save is damaged; "
-                         "prune the model again") from exc
+        spec = json.loads(arch_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{arch_file} is not valid JSON ({exc}): the save is damaged; prune the model again") from exc
     spec = spec if isinstance(spec, dict) else {}
     if spec.get("format") != FORMAT:
-        raise ValueError(f"{directory / ARCHITECTURE_FILE} has format {spec.get('format')!r}, expected {FORMAT}")
+        raise ValueError(f"{arch_file} has format {spec.get('format')!r}, expected {FORMAT}")
+    if not isinstance(spec.get("modules"), dict):
+        raise ValueError(f"{arch_file} has no 'modules' mapping: the save is damaged; prune the model again")
     if model is None:
         if not spec.get("base_model"):
             raise ValueError("the save names no registered base model: pass an instance of the original model")
@@ -227,11 +241,25 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
         model = get_spec(spec["base_model"]).build()
     else:
         model = copy.deepcopy(model)
-    for name, entry in spec["modules"].items():
-        current = get_module(model, name)
-        if type(current).__name__ != entry["type"]:
-            raise ValueError(f"module '{name}' is a {type(current).__name__}, the save has a {entry['type']}")
-        if module_config(current) != entry["config"]:
-            set_module(model, name, build_module(entry["type"], entry["config"], like=current))
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    try:
+        state = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
+        raise ValueError(f"{weights_file} cannot be read ({exc}): the save is damaged; prune the model again") from exc
+    try:
+        for name, entry in spec["modules"].items():
+            current = get_module(model, name)
+            if type(current).__name__ != entry["type"]:
+                raise ValueError(f"module '{name}' is a {type(current).__name__}, the save has a {entry['type']}")
+            dense = module_config(current)
+            for key in _SIZE_KEYS.intersection(entry["config"]):
+                value = entry["config"][key]
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[key]:
+                    raise ValueError(f"module '{name}' has {key}={value!r}; a pruned size lies in 1..{dense[key]}")
+            if dense != entry["config"]:
+                set_module(model, name, build_module(entry["type"], entry["config"], like=current))
+        model.load_state_dict(state, strict=True)
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        detail = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{arch_file} does not match the model or {WEIGHTS_FILE} ({type(exc).__name__}: "
+                         f"{detail}): the save is damaged or was made from another model; prune it again") from exc
     return model.eval()

@@ -130,7 +130,46 @@ def test_save_reload_identical_and_atomic(tmp_path, conv_net, images, monkeypatc
         load_pruned(tmp_path)
     with pytest.raises(ValueError, match="no registered base model"):
         load_pruned(out)
-    # a damaged architecture.json is named in the error
+    # extra files may not escape the save or replace its own files
+    for name in ("../evil.json", "sub/x.json", "architecture.json", "model.safetensors"):
+        with pytest.raises(ValueError, match="extra_json name"):
+            save_pruned(result.model, tmp_path / "other", extra_json={name: {}})
+    assert not (tmp_path / "evil.json").exists() and not (tmp_path / "other").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pruned(tmp_path / "nowhere")
+
+
+def _damage(out, edit):
+    spec = json.loads((out / "architecture.json").read_text())
+    edit(spec)
+    (out / "architecture.json").write_text(json.dumps(spec))
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [(lambda s: s["modules"]["fc1"]["config"].update(out_features=10**7), "out_features=10000000"),
+     (lambda s: s["modules"]["fc1"]["config"].update(in_features=-5), "in_features=-5"),
+     (lambda s: s["modules"]["fc1"]["config"].update(bias=False), "does not match"),
+     (lambda s: s["modules"].pop("fc1"), "does not match"),
+     (lambda s: s.update(modules=[]), "no 'modules' mapping")],
+)
+def test_damaged_save_names_the_file(tmp_path, conv_net, images, edit, match):
+    result = prune(conv_net, images, PruneConfig(method="layer", keep=0.5, progress=False))
+    out = save_pruned(result.model, tmp_path / "pruned")
+    _damage(out, edit)
+    with pytest.raises(ValueError, match=match) as info:
+        load_pruned(out, model=make_conv_net())
+    assert "architecture.json" in str(info.value)
+
+
+def test_damaged_files_are_named(tmp_path, conv_net, images):
+    result = prune(conv_net, images, PruneConfig(method="layer", keep=0.5, progress=False))
+    out = save_pruned(result.model, tmp_path / "pruned")
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[:20])
+    with pytest.raises(ValueError, match="model.safetensors cannot be read"):
+        load_pruned(out, model=make_conv_net())
+    (out / "model.safetensors").write_bytes(weights)
     (out / "architecture.json").write_text('{"format": ')
     with pytest.raises(ValueError, match="architecture.json is not valid JSON"):
         load_pruned(out, model=make_conv_net())

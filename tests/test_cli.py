@@ -40,6 +40,9 @@ def test_prune_lenet_writes_report_and_reloadable_model(tmp_path, capsys):
     images, labels = load_mnist("test")
     assert accuracy(model, images, labels) == report["pruned_accuracy"]
     assert main(["evaluate", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--dataset", "fashion-mnist"]) == 2
+    assert "trained on mnist, not fashion-mnist" in " ".join(capsys.readouterr().err.split())
     mask = os.umask(0o022)
     os.umask(mask)
     for path in (out, *out.iterdir()):  # published with the umask, not tempfile's private 0700/0600
@@ -72,6 +75,12 @@ def test_argument_errors(argv, message, capsys):
         (["prune", "--method", "actgrad", "--budget", "curve", "--calib", "16", "--quiet"], "sets its own budget"),
         (["prune", "--compression", "5000", "--calib", "16", "--quiet"], "cannot be reached"),
         (["prune", "--model", "lenet", "--dataset", "fashion-mnist", "--quiet"], "was trained on mnist"),
+        (["prune", "--method", "wanda", "--quiet"], "--method wanda is for hf: (transformers) models only"),
+        (["prune", "--held-out", "100", "--quiet"], "--held-out applies only to --budget accuracy"),
+        (["prune", "--layers", " , ", "--quiet"], "--layers names no layer"),
+        (["prune", "--keep-site", "conv2=0.5", "--keep-site", "conv2=0.25", "--quiet"], "names conv2 more than once"),
+        (["prune", "--layers", "conv1", "--keep-site", "conv2=0.5", "--calib", "16", "--quiet"],
+         "keep names sites ['conv2'] that layers= (CLI --layers) leaves out"),
     ],
 )
 def test_library_errors_are_clear(argv, message, capsys):
@@ -156,4 +165,9 @@ def test_near_interpolating_refit_warns_naming_the_consumer(caplog):
     warned = [r.getMessage() for r in caplog.records if "refit columns" in r.getMessage()]
     assert warned == ["site conv2, consumer fc1: 128 calibration rows for 125 refit columns: the refit (nearly) "
                       "interpolates the calibration set and f(S) overstates what is kept; use more samples or a "
-                      "ridge (--ridge 0.1)"]
+                      "ridge (PruneConfig(ridge=0.1), CLI --ridge 0.1)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="subprune"):  # no least squares at all: no warning
+        assert main(["prune", "--model", "lenet", "--method", "layer-weightnorm", "--keep-site", "conv2=0.3125",
+                     "--layers", "conv2", "--calib", "128", "--no-reweight", "--quiet"]) == 0
+    assert not [r for r in caplog.records if "refit columns" in r.getMessage()]

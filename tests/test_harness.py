@@ -94,3 +94,16 @@ def test_data_efficiency_sweep_runs_on_the_sweep_harness(tmp_path, monkeypatch, 
     assert all(r["test_subset"] == 500 and 8 <= r["compression_ratio"] <= 9.2 for r in rows)
     table = capsys.readouterr().out
     assert "| lenet | AsymInChange | yes |" in table and "64 samples | 256 samples" in table
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["--compressions", "4"], "--compressions needs --targets compression"),
+     (["--targets", "compression", "--keeps", "0.5"], "--keeps applies to --targets keep only"),
+     (["--targets", "compression", "--compressions", "0.5"], "--compressions must be >= 1")],
+)
+def test_sweep_refuses_ignored_or_bad_targets(argv, message, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _run(_load("accuracy_sweep"), monkeypatch, [*argv, "--out", str(tmp_path / "x.jsonl")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
