@@ -44,7 +44,21 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def default_loss(outputs: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy summed over the batch (per-sample gradients keep their scale)."""
+    """Cross-entropy summed over the batch (per-sample gradients keep their scale).
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` are not integer class indices in 0..outputs.shape[1] - 1
+        (pass your own ``loss_fn`` to :func:`subprune.pipeline.prune` for other targets).
+    """
+    if labels.is_floating_point() or labels.is_complex() or labels.ndim != 1:
+        raise ValueError(f"the default loss (cross-entropy) needs integer class labels of shape (N,), got "
+                         f"{str(labels.dtype).removeprefix('torch.')} of shape {tuple(labels.shape)}; "
+                         "pass class indices or your own loss_fn")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= outputs.shape[-1]):
+        raise ValueError(f"labels range over {int(labels.min())}..{int(labels.max())} but the model has "
+                         f"{outputs.shape[-1]} outputs; pass class indices in 0..{outputs.shape[-1] - 1}")
     return F.cross_entropy(outputs, labels, reduction="sum")
 
 

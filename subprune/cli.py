@@ -55,7 +55,8 @@ def _compression(text: str) -> float:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"compression ratio {text!r} is not a number") from exc
     if not 1 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"compression ratio {value} must be >= 1 (dense / pruned parameters)")
+        raise argparse.ArgumentTypeError(f"compression ratio {value} must be a finite number >= 1 "
+                                         "(dense / pruned parameters)")
     return value
 
 
@@ -124,9 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=_epochs, default=None, metavar="N",
                    help="override the schedule's epochs (paper: 10 for lenet, 20 otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and stochastic greedy")
-    p.add_argument("--epsilon", type=float, default=0.0, help="stochastic greedy epsilon in [0, 1)")
-    p.add_argument("--ridge", type=float, default=0.0, help="relative ridge (times mean diag of G)")
-    p.add_argument("--batch-size", type=int, default=128, help="calibration batch size")
+    p.add_argument("--epsilon", type=_bounded("--epsilon", 0, 1), default=0.0,
+                   help="stochastic greedy epsilon in [0, 1)")
+    p.add_argument("--ridge", type=_bounded("--ridge", 0), default=0.0, help="relative ridge (times mean diag of G)")
+    p.add_argument("--batch-size", type=_bounded("--batch-size", 1, integer=True), default=128,
+                   help="calibration batch size")
     p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (>= 1)")
     p.add_argument("--out", default=None, help="directory for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-subprune --out directory")
@@ -154,6 +157,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list the registered models and methods")
     return parser
+
+
+def _bounded(flag: str, low: float, high: float = float("inf"), integer: bool = False, open_high: bool = True):
+    """An argparse type: a finite number >= low and below high (<= high with open_high=False)."""
+    def parse(text: str) -> float | int:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError as exc:
+            kind = "an integer" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not {kind}") from exc
+        if not (low <= value < high if open_high else low <= value <= high) or value == float("inf"):
+            upper = "" if high == float("inf") else f" and {'<' if open_high else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"{flag} {value} must be a finite number >= {low}{upper}")
+        return value
+    return parse
 
 
 def _threads(text: str) -> int:

@@ -216,13 +216,18 @@ def trace(model: nn.Module, example_input: Tensor) -> torch.fx.GraphModule:
             "control flow on tensor values or shapes cannot be traced; move such checks "
             "out of forward()"
         ) from exc
-    try:
+    try:  # a plain forward first: its error names the real cause, without ShapeProp's printed traceback
         with torch.no_grad():
-            ShapeProp(graph_module).propagate(example_input)
+            model(example_input)
     except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
-            f"the model does not run on inputs of shape {tuple(example_input.shape)}: {exc}"
+            f"the model does not run on samples of shape {tuple(example_input.shape[1:])} and dtype "
+            f"{str(example_input.dtype).removeprefix('torch.')} ({detail}); pass calibration inputs "
+            "preprocessed as the model expects, with the batch along dim 0"
         ) from exc
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(example_input)
     return graph_module
 
 

@@ -70,8 +70,10 @@ def test_nan_activations_name_the_layer(images):
 
 def test_wrong_shapes_and_untraceable_models(conv_net, images):
     state = _state(conv_net)
-    with pytest.raises(TraceError, match="does not run on inputs of shape"):
+    with pytest.raises(TraceError, match=r"does not run on samples of shape \(3, 14, 14\) and dtype float32"):
         prune(conv_net, torch.randn(8, 3, 14, 14))
+    with pytest.raises(TraceError, match="dtype float64"):
+        prune(conv_net, images.double())
     _assert_unchanged(conv_net, state)
 
     class Branchy(nn.Module):

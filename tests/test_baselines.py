@@ -58,6 +58,12 @@ def test_actgrad_refuses_unlabeled_data_and_matches_a_hand_computation():
         prune(model, x, PruneConfig(method="actgrad", progress=False))
     with pytest.raises(ValueError, match="one label per calibration sample"):
         prune(model, x, PruneConfig(method="layer-actgrad", progress=False), labels=torch.zeros(3, dtype=torch.long))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="labels range over 0..63 but the model has 3 outputs"):
+        prune(model, x, PruneConfig(method="actgrad", progress=False), labels=torch.arange(64) % 100)
+    with pytest.raises(ValueError, match="needs integer class labels"):
+        prune(model, x, PruneConfig(method="actgrad", progress=False), labels=torch.zeros(64))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(4))
     _, context = _context(model, x, labels)
     scores = act_grad_scores(context)

@@ -56,6 +56,10 @@ def test_prune_lenet_writes_report_and_reloadable_model(tmp_path, capsys):
         (["prune", "--keep", "1.5"], "out of range"),
         (["prune", "--model", "resnet9000"], "invalid choice"),
         (["prune", "--keep-site", "fc1"], "NAME=RATIO"),
+        (["prune", "--epsilon", "1"], "--epsilon 1.0 must be a finite number >= 0 and < 1"),
+        (["prune", "--ridge", "nan"], "--ridge nan must be a finite number >= 0"),
+        (["prune", "--batch-size", "0"], "--batch-size 0 must be a finite number >= 1"),
+        (["prune", "--compression", "inf"], "must be a finite number >= 1"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
