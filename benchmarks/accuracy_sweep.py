@@ -246,6 +246,8 @@ def main() -> None:
         parser.error(f"unknown models {unknown}; available: {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
     if args.table_only:
+        if not Path(args.out).is_file():
+            parser.error(f"--out {args.out} does not exist: --table-only tabulates an existing results file")
         rows = read_rows(Path(args.out))
     else:
         rows = sweep(args)

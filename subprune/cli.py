@@ -340,8 +340,10 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
         saved = json.loads(report_path.read_text()) if report_path.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{report_path} is not valid JSON ({exc}): the save is damaged; prune again") from exc
-    saved = saved if isinstance(saved, dict) else {}
-    name = saved.get("model")
+    if not isinstance(saved, dict) or not isinstance(saved.get("dataset", ""), str):
+        raise ValueError(f"{report_path} is not a subprune report (a JSON object with a dataset name): the save is "
+                         "damaged; prune again, or delete the file and pass --dataset")
+    name = saved.get("model") or _base_model(Path(args.directory))
     preprocess = get_spec(name).preprocess if name in MODELS else None
     own = saved.get("dataset") or (get_spec(name).dataset if name in MODELS else None)
     if args.dataset is not None and own is not None and args.dataset != own:
@@ -356,6 +358,11 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
     recorded = saved.get("finetuned_accuracy", saved.get("pruned_accuracy"))  # the saved model is the fine-tuned one
     if recorded is not None:
         console.print(f"accuracy recorded when it was saved: {recorded:.2%}")
+
+
+def _base_model(directory: Path) -> str | None:
+    """The registered model named in a save's architecture.json (already validated by load_pruned)."""
+    return json.loads((directory / "architecture.json").read_text()).get("base_model")
 
 
 def _is_transformers_directory(directory: str) -> bool:

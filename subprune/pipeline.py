@@ -133,6 +133,8 @@ class PruneConfig:
                              "chooses the keep ratios (PruneConfig(compression=4) or PruneConfig(keep=0.25))")
         if self.keep is None and self.compression is None:
             object.__setattr__(self, "keep", 0.5)
+        if isinstance(self.keep, Mapping) and not self.keep:
+            raise ValueError("keep={} names no site: give {site name: keep ratio}, one keep ratio, or compression=")
         ratios = [] if self.keep is None else self.keep.values() if isinstance(self.keep, Mapping) else [self.keep]
         for ratio in ratios:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:

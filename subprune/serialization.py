@@ -153,7 +153,7 @@ def save_pruned(
         that is a path (not a plain file name) or one of the save's own files.
     """
     for name in extra_json or ():
-        if not isinstance(name, str) or name in (".", "..") or Path(name).name != name or "\\" in name:
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
             raise ValueError(f"extra_json name {name!r} must be a plain file name inside the save, not a path")
         if name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
             raise ValueError(f"extra_json name {name!r} would replace the save's own {name}; choose another name")
@@ -236,8 +236,11 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
     if model is None:
         if not spec.get("base_model"):
             raise ValueError("the save names no registered base model: pass an instance of the original model")
-        from subprune.models import get_spec
+        from subprune.models import MODELS, get_spec
 
+        if spec["base_model"] not in MODELS:
+            raise ValueError(f"{arch_file} names base model {spec['base_model']!r}, which is not registered here "
+                             f"({', '.join(MODELS)}); pass an instance of the original model")
         model = get_spec(spec["base_model"]).build()
     else:
         model = copy.deepcopy(model)

@@ -133,7 +133,7 @@ def test_save_reload_identical_and_atomic(tmp_path, conv_net, images, monkeypatc
     with pytest.raises(ValueError, match="no registered base model"):
         load_pruned(out)
     # extra files may not escape the save or replace its own files
-    for name in ("../evil.json", "sub/x.json", "architecture.json", "model.safetensors"):
+    for name in ("../evil.json", "sub/x.json", "", "architecture.json", "model.safetensors"):
         with pytest.raises(ValueError, match="extra_json name"):
             save_pruned(result.model, tmp_path / "other", extra_json={name: {}})
     assert not (tmp_path / "evil.json").exists() and not (tmp_path / "other").exists()
@@ -154,6 +154,7 @@ def _damage(out, edit):
      (lambda s: s["modules"]["fc1"]["config"].update(bias=False), "does not match"),
      (lambda s: s["modules"].pop("fc1"), "does not match"),
      (lambda s: s.update(modules=[]), "no 'modules' mapping")],
+
 )
 def test_damaged_save_names_the_file(tmp_path, conv_net, images, edit, match):
     result = prune(conv_net, images, PruneConfig(method="layer", keep=0.5, progress=False))

@@ -181,6 +181,8 @@ def test_bad_targets_and_budgets_are_refused():
     assert PruneConfig().keep == 0.5 and PruneConfig(compression=4).keep is None
     with pytest.raises(ValueError, match="names no layer"):
         PruneConfig(layers=())
+    with pytest.raises(ValueError, match="names no site"):
+        PruneConfig(keep={})
     with pytest.raises(ValueError, match="compression=0.5"):
         PruneConfig(compression=0.5)
     with pytest.raises(ValueError, match="cannot be reached"):

@@ -43,6 +43,14 @@ def test_prune_lenet_writes_report_and_reloadable_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(out), "--dataset", "fashion-mnist"]) == 2
     assert "trained on mnist, not fashion-mnist" in " ".join(capsys.readouterr().err.split())
+    (out / "report.json").unlink()  # without the report the dataset comes from the registered base model
+    assert main(["evaluate", str(out)]) == 0
+    assert "on mnist" in capsys.readouterr().out
+    arch = json.loads((out / "architecture.json").read_text())
+    (out / "architecture.json").write_text(json.dumps({**arch, "base_model": "nosuch"}))
+    assert main(["evaluate", str(out)]) == 2
+    assert "architecture.json names base model 'nosuch'" in " ".join(capsys.readouterr().err.split())
+    (out / "architecture.json").write_text(json.dumps(arch))
     mask = os.umask(0o022)
     os.umask(mask)
     for path in (out, *out.iterdir()):  # published with the umask, not tempfile's private 0700/0600

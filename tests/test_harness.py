@@ -100,7 +100,8 @@ def test_data_efficiency_sweep_runs_on_the_sweep_harness(tmp_path, monkeypatch, 
     "argv,message",
     [(["--compressions", "4"], "--compressions needs --targets compression"),
      (["--targets", "compression", "--keeps", "0.5"], "--keeps applies to --targets keep only"),
-     (["--targets", "compression", "--compressions", "0.5"], "--compressions must be >= 1")],
+     (["--targets", "compression", "--compressions", "0.5"], "--compressions must be >= 1"),
+     (["--table-only"], "does not exist: --table-only tabulates an existing results file")],
 )
 def test_sweep_refuses_ignored_or_bad_targets(argv, message, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
