@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
+from train_lenet import save_atomically  # scripts/ is on sys.path when this script runs
 
 from subprune.data import load_fashion_mnist
 from subprune.evaluate import accuracy, count_parameters
@@ -71,21 +69,6 @@ def train(name: str, epochs: int, seed: int, batch_size: int = 128, lr: float = 
     return model
 
 
-def save_atomically(model: nn.Module, path: Path, name: str) -> None:
-    """Write the model's state dict as safetensors to ``path`` via a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"model": name, "dataset": "fashion-mnist"})
-        os.chmod(tmp, 0o644)  # mkstemp creates the file as 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=sorted(FMNIST_ARCHITECTURES))
@@ -100,7 +83,7 @@ def main() -> None:
     start = time.perf_counter()
     model = train(args.model, args.epochs or DEFAULT_EPOCHS[args.model], args.seed)
     out = args.out or checkpoint_path(args.model)
-    save_atomically(model, out, args.model)
+    save_atomically(model, out, {"model": args.model, "dataset": "fashion-mnist"})
     print(f"saved {out} after {time.perf_counter() - start:.1f} s")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from subprune.data import load_mnist
 from subprune.evaluate import accuracy
@@ -59,14 +60,14 @@ def train(epochs: int, seed: int, batch_size: int = 128, lr: float = 1e-3) -> Le
     return model.eval()
 
 
-def save_atomically(model: LeNet, path: Path) -> None:
-    """Write the model's state dict as safetensors to ``path`` via a temporary file."""
+def save_atomically(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's state dict as safetensors to ``path`` via a temporary file (also used by train_fmnist)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"model": "LeNet", "dataset": "mnist"})
+        save_file(tensors, tmp, metadata=metadata or {"model": "LeNet", "dataset": "mnist"})
         os.chmod(tmp, 0o644)  # mkstemp creates the file as 0600
         os.replace(tmp, path)
     except BaseException:
