@@ -159,16 +159,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bounded(flag: str, low: float, high: float = float("inf"), integer: bool = False, open_high: bool = True):
-    """An argparse type: a finite number >= low and below high (<= high with open_high=False)."""
+def _bounded(flag: str, low: float, high: float = float("inf"), integer: bool = False):
+    """An argparse type: a number in [low, high), so finite and not NaN, named by its flag in errors."""
     def parse(text: str) -> float | int:
         try:
             value = int(text) if integer else float(text)
         except ValueError as exc:
             kind = "an integer" if integer else "a number"
             raise argparse.ArgumentTypeError(f"{flag} {text!r} is not {kind}") from exc
-        if not (low <= value < high if open_high else low <= value <= high) or value == float("inf"):
-            upper = "" if high == float("inf") else f" and {'<' if open_high else '<='} {high}"
+        if not low <= value < high:
+            upper = "" if high == float("inf") else f" and < {high}"
             raise argparse.ArgumentTypeError(f"{flag} {value} must be a finite number >= {low}{upper}")
         return value
     return parse
