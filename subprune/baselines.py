@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from subprune.calibration import Batch, Calibration, as_calibration, forward
 from subprune.sites import ChannelRange, PruningSite
 from subprune.statistics import capture_inputs, run_to_capture
 from subprune.surgery import consumer_weight_matrix, get_module
@@ -72,7 +73,9 @@ class ScoreContext:
         The dense model, in eval mode.
     sites : list of PruningSite
         The sites to score.
-    calibration : Tensor of shape (N, ...)
+    calibration : Calibration
+        The calibration batches (:class:`subprune.calibration.Calibration`; a
+        Tensor of shape (N, ...) or any form ``as_calibration`` takes is converted).
     labels : Tensor of shape (N,) or None
         Class labels of the calibration samples (only for methods that need them).
     loss_fn : callable(outputs, labels) -> scalar Tensor
@@ -90,13 +93,16 @@ class ScoreContext:
 
     model: nn.Module
     sites: list[PruningSite]
-    calibration: Tensor
+    calibration: Calibration
     labels: Tensor | None
     loss_fn: LossFn
     batch_size: int
     generator: torch.Generator
     kept: dict[str, int] | None = None
     score_data: tuple[Tensor, Tensor] | None = None
+
+    def __post_init__(self) -> None:  # a Tensor (or any form as_calibration takes) becomes a Calibration
+        object.__setattr__(self, "calibration", as_calibration(self.calibration, self.model))
 
 
 ScoreFn = Callable[[ScoreContext], dict[str, Tensor]]
@@ -163,15 +169,14 @@ def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
     model, device = context.model, next(context.model.parameters()).device
     consumers = {ref.module: get_module(model, ref.module) for s in context.sites for ref in s.consumers}
     totals = {s.name: torch.zeros(s.channels, dtype=torch.float64) for s in context.sites}
-    n = context.calibration.shape[0]
-    for start in range(0, n, context.batch_size):
-        x = context.calibration[start : start + context.batch_size].to(device)
-        y = context.labels[start : start + context.batch_size].to(device)
-        if x.is_floating_point():
-            x = x.detach().requires_grad_(True)  # activations need gradients even with frozen weights
+    n = len(context.calibration)
+    for batch in context.calibration.with_labels(context.labels).batches(context.batch_size, device):
+        y = batch.labels
+        batch = Batch(tuple(_grad_leaf(a) for a in batch.args),
+                      {k: _grad_leaf(v) for k, v in batch.kwargs.items()})  # activations need gradients, frozen or not
         inputs: dict[str, Tensor] = {}
         with torch.enable_grad(), capture_inputs(consumers, inputs.__setitem__, detach=False):
-            loss = context.loss_fn(model(x), y)
+            loss = context.loss_fn(batch.run(model), y)
             names = list(inputs)
             grads = torch.autograd.grad(loss, [inputs[c] for c in names], allow_unused=True)
         grad_of = dict(zip(names, grads, strict=True))
@@ -185,6 +190,13 @@ def act_grad_scores(context: ScoreContext) -> dict[str, Tensor]:
             if taylor.ndim:
                 totals[s.name] += taylor.abs().sum(dim=0).cpu()  # (n,)
     return {name: total / n for name, total in totals.items()}
+
+
+def _grad_leaf(value):
+    """A floating Tensor input as a leaf that requires grad; anything else unchanged."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.detach().requires_grad_(True)
+    return value
 
 
 def sensitivity_scores(context: ScoreContext) -> dict[str, Tensor]:
@@ -209,11 +221,10 @@ def sensitivity_scores(context: ScoreContext) -> dict[str, Tensor]:
             s.channels, s.consumer_group_size(ref), -1)
         for s in context.sites for ref in s.consumers
     }  # (n, g_j, m_j)
-    for start in range(0, context.calibration.shape[0], context.batch_size):
-        x = context.calibration[start : start + context.batch_size].to(device)
+    for x in context.calibration.batches(context.batch_size, device):
         inputs: dict[str, Tensor] = {}
         with torch.no_grad(), capture_inputs(consumers, inputs.__setitem__, detach=False):
-            model(x)
+            x.run(model)
         for s in context.sites:
             energy = torch.zeros((), dtype=torch.float64)  # (N, n) once summed over the site's consumers
             for ref in s.consumers:
@@ -280,7 +291,7 @@ def _forward_selection(model: nn.Module, site: PruningSite, k: int, loss_fn: Los
             replacement = masked.reshape(cand.numel() * rows, *a.shape[1:])  # (c B, ...)
             try:
                 with torch.no_grad(), _replace_input(consumer, replacement):
-                    out = model(x)  # (c B, classes)
+                    out = forward(model, x)  # (c B, classes)
             except RuntimeError as exc:
                 raise ValueError(
                     f"GreedyFS cannot evaluate candidates of site {site.name} in one batch: the output of "
@@ -328,10 +339,8 @@ def greedy_fs_scores(context: ScoreContext) -> dict[str, Tensor]:
     if context.labels is None:
         raise ValueError("GreedyFS needs the labels of the calibration samples")
     model, device = context.model, next(context.model.parameters()).device
-    n_samples = context.calibration.shape[0]
-    batches = [(context.calibration[i : i + context.batch_size].to(device),
-                context.labels[i : i + context.batch_size].to(device))
-               for i in range(0, n_samples, context.batch_size)]
+    batches = [(b, b.labels) for b in context.calibration.with_labels(context.labels).batches(context.batch_size,
+                                                                                              device)]
     scores = {}
     for site in context.sites:
         k = site.channels if context.kept is None else context.kept.get(site.name, site.channels)

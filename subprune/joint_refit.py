@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from subprune.calibration import as_calibration
 from subprune.devices import offload_modules
 from subprune.sites import PruningSite
 from subprune.solver import group_columns, ridge_value, solve_normal_equations
@@ -78,7 +79,7 @@ class JointRefit:
         The dense model (needed unless ``sequential and not asymmetric``).
     sequential, asymmetric : bool
         The method's flags (:class:`subprune.methods.Method`).
-    calibration : Tensor of shape (N, ...)
+    calibration : Calibration or Tensor of shape (N, ...)
     ridge : float
         Relative ridge (times mean(diag G)), as for the per-site refit.
     batch_size, chunk_bytes, device, offload, distributed
@@ -92,7 +93,7 @@ class JointRefit:
     """
 
     def __init__(self, sites: list[PruningSite], dense: nn.Module | None, sequential: bool, asymmetric: bool,
-                 calibration: Tensor, ridge: float, *, batch_size: int, chunk_bytes: int,
+                 calibration, ridge: float, *, batch_size: int, chunk_bytes: int,
                  device: torch.device, offload: bool = False, distributed: bool = False, **_unused) -> None:
         kernels = {ref.module: ref.kernel for s in sites for ref in s.consumers}
         self.groups = [_Group(c, kernels[c], names) for c, names in shared_consumers(sites).items()]
@@ -100,7 +101,7 @@ class JointRefit:
         self.from_dense = not sequential
         if dense is None and not self.snapshot and self.groups:
             raise ValueError("the joint refit needs the dense model for this method")
-        self.dense, self.calibration, self.ridge = dense, calibration, ridge
+        self.dense, self.calibration, self.ridge = dense, as_calibration(calibration), ridge
         self.batch_size, self.chunk_bytes, self.device = batch_size, chunk_bytes, device
         self.offload, self.distributed = offload, distributed
         self.results_: dict[str, float] = {}
@@ -147,8 +148,7 @@ class JointRefit:
         source = reference if self.from_dense else work
         models = [source] if self.from_dense else [work, reference]
         with offload_modules(models, self.device) if self.offload else contextlib.nullcontext():
-            for start in range(0, self.calibration.shape[0], self.batch_size):
-                batch = self.calibration[start : start + self.batch_size].to(self.device)
+            for batch in self.calibration.batches(self.batch_size, self.device):
                 if self.from_dense:
                     inputs, _ = capture_paired(source, None, {name: ref_module}, {},
                                                lambda mod, b=batch: run_to_capture(mod, b), name)

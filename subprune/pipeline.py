@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from subprune.baselines import LossFn, ScoreContext, default_loss
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
+from subprune.calibration import Calibration, as_calibration, check_module
 from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
 from subprune.distributed import all_reduce_statistics, check_same_selection, require_initialized
 from subprune.joint_refit import JointRefit
@@ -234,16 +235,14 @@ class PruneResult:
     unselected: list[str] = field(default_factory=list)
 
 
-def _check_calibration(calibration: Tensor) -> None:
-    if not isinstance(calibration, Tensor):
-        raise TypeError(f"calibration must be a Tensor of inputs, got {type(calibration).__name__}")
-    if calibration.ndim < 2 or calibration.shape[0] < MIN_CALIBRATION_SAMPLES:
+def _check_calibration(calibration: Calibration) -> None:
+    tensors = calibration.head(1).tensors()
+    if len(calibration) < MIN_CALIBRATION_SAMPLES or not tensors or tensors[0].ndim < 1:
         raise ValueError(
-            f"too few calibration samples: got shape {tuple(calibration.shape)}, need a batch "
-            f"of at least {MIN_CALIBRATION_SAMPLES} samples along dim 0 (a few hundred is typical)"
+            f"too few calibration samples: got {len(calibration)} ({calibration.describe()}), need at least "
+            f"{MIN_CALIBRATION_SAMPLES} samples along dim 0 (a few hundred is typical)"
         )
-    if calibration.is_floating_point() and not torch.isfinite(calibration).all():
-        raise ValueError("calibration inputs hold NaN or infinite values")
+    calibration.check_finite()
 
 
 _kept_count = kept_channels
@@ -276,7 +275,7 @@ def _site_rows(module: nn.Module, x: Tensor, ref: ChannelRange, start: int, chun
 def collect_site_statistics(
     model: nn.Module,
     sites: list[PruningSite],
-    calibration: Tensor,
+    calibration,
     *,
     dense: nn.Module | None = None,
     layout: ChannelLayout | None = None,
@@ -296,8 +295,8 @@ def collect_site_statistics(
     model : nn.Module
         The model being pruned (gives B).
     sites : list of PruningSite
-    calibration : Tensor of shape (N, ...)
-        Unlabeled inputs.
+    calibration : Calibration, or any form :func:`subprune.calibration.as_calibration` takes
+        Unlabeled inputs (a Tensor of shape (N, ...), batches, ...).
     dense : nn.Module, optional
         The original model (gives A): when given, the statistics are asymmetric,
         from paired forward passes on the same batch.
@@ -333,6 +332,7 @@ def collect_site_statistics(
     input is read. Hooks are removed when done; the models are not changed.
     """
     device = resolve_device(device, model)
+    calibration = as_calibration(calibration, model)
     names = {ref.module for s in sites for ref in s.consumers}
     consumers = {name: get_module(model, name) for name in names}
     stop = sites[0].consumers[-1].module if len(sites) == 1 else None
@@ -344,11 +344,11 @@ def collect_site_statistics(
         for s in sites
     }
     dense_consumers = {} if dense is None else {name: get_module(dense, name) for name in names}
-    batches = range(0, calibration.shape[0], batch_size)
+    batches = calibration.batches(batch_size, device)
     models = [model] if dense is None else [model, dense]
     with offload_modules(models, device) if offload else contextlib.nullcontext():
-        for start in tqdm(batches, desc=description, disable=not progress, leave=False):
-            batch = calibration[start : start + batch_size].to(device)
+        for batch in tqdm(batches, desc=description, disable=not progress, leave=False,
+                          total=calibration.n_batches(batch_size)):
             inputs, targets = capture_paired(
                 model, dense, consumers, dense_consumers, lambda m, b=batch: run_to_capture(m, b), stop
             )
@@ -372,7 +372,7 @@ def collect_site_statistics(
 
 
 def collect_statistics(
-    model: nn.Module, sites: list[PruningSite], calibration: Tensor, **kwargs
+    model: nn.Module, sites: list[PruningSite], calibration, **kwargs
 ) -> dict[str, GramStatistics]:
     """As :func:`collect_site_statistics` for sites with one consumer: one GramStatistics per site.
 
@@ -388,18 +388,15 @@ def collect_statistics(
     return {name: values[0] for name, values in stats.items()}
 
 
-def _check_labels(method: Method, labels: Tensor | None, calibration: Tensor) -> None:
+def _check_labels(method: Method, calibration: Calibration) -> None:
     if not method.needs_labels:
         return
-    if labels is None:
+    if calibration.labels is None:
         names = ", ".join(k for k, m in METHODS.items() if not m.needs_labels)
         raise ValueError(f"method {method.name} needs labelled calibration data (it evaluates the loss or its "
                          f"gradient): "
-                         f"pass labels=<Tensor of shape (N,)> to prune(), or use a method that needs no labels: "
-                         f"{names}")
-    if not isinstance(labels, Tensor) or labels.shape[:1] != calibration.shape[:1]:
-        raise ValueError(f"labels must be a Tensor with one label per calibration sample "
-                         f"({calibration.shape[0]}), got {getattr(labels, 'shape', type(labels).__name__)}")
+                         f"pass labels=<Tensor of shape (N,)> to prune() or (inputs, labels) batches, or use a "
+                         f"method that needs no labels: {names}")
 
 
 @dataclass
@@ -517,12 +514,13 @@ def _prune_one_site(
 
 def prune(
     model: nn.Module,
-    calibration: Tensor,
+    calibration,
     config: PruneConfig | None = None,
     *,
     labels: Tensor | None = None,
     loss_fn: LossFn | None = None,
     score_data: tuple[Tensor, Tensor] | None = None,
+    concrete_args: Mapping | None = None,
 ) -> PruneResult:
     """Prune ``model`` with a few hundred unlabeled samples; return a smaller copy.
 
@@ -532,20 +530,27 @@ def prune(
         A trained model, traceable by torch.fx. Not modified: pruning works on a
         deep copy, on ``config.device`` (default: the model's own device) or, with
         ``config.offload``, in host memory.
-    calibration : Tensor of shape (N, ...)
-        Unlabeled inputs, preprocessed as the model expects. N >= 2; the paper
-        uses 512.
+    calibration : Tensor of shape (N, ...), ndarray, Dataset, DataLoader, list of batches, dict, or Calibration
+        Inputs preprocessed as the model expects, N >= 2 samples in all (the
+        paper uses 512). Batches may be Tensors (``model(x)``), tuples
+        (``model(*batch)``; an ``(inputs, labels)`` pair gives the labels) or
+        dicts (``model(**batch)``); see :func:`subprune.calibration.as_calibration`.
     config : PruneConfig, optional
         Method, keep ratios, reweighting, layers; defaults to AsymInChange at 0.5.
     labels : Tensor of shape (N,), optional
         Labels of the calibration samples, used only by methods that need them
-        (``Method.needs_labels``: ActGrad, LayerActGrad).
+        (``Method.needs_labels``: ActGrad, LayerActGrad); overrides labels the batches carry.
     loss_fn : callable(outputs, labels) -> scalar Tensor, optional
         The loss for those methods; default cross-entropy summed over the batch.
     score_data : (Tensor of shape (M, ...), Tensor of shape (M,)), optional
         A larger labelled set (inputs preprocessed as ``calibration``, labels) for
         methods whose score evaluates the loss on it (``Method.needs_score_data``:
         LayerGreedyFS-full takes the whole training split).
+    concrete_args : dict parameter name -> value, optional
+        ``forward`` arguments fixed while the graph is traced (torch.fx
+        ``concrete_args``). By default every argument the batches do not give
+        as a Tensor is fixed to its given or default value, so
+        ``forward(x, mask=None)`` is traced without a mask.
 
     Returns
     -------
@@ -555,6 +560,9 @@ def prune(
 
     Raises
     ------
+    TypeError
+        ``model`` is TorchScript or a ``torch.compile`` wrapper (pass the
+        original module), or the calibration data is of no supported form.
     ValueError
         Too few or non-finite calibration samples; bad keep ratios; a method
         that needs labels (or ``score_data``) got none; an unreachable compression ratio.
@@ -566,8 +574,11 @@ def prune(
         NaN or infinite activations reach a consumer.
     """
     config = config or PruneConfig()
+    check_module(model)
+    calibration = as_calibration(calibration, model, labels=labels, concrete_args=concrete_args,
+                                 batch_size=config.batch_size)
     _check_calibration(calibration)
-    _check_labels(get_method(config.method), labels, calibration)
+    _check_labels(get_method(config.method), calibration)
     if get_method(config.method).needs_score_data and score_data is None:
         raise ValueError(f"method {config.method!r} evaluates the loss on a larger labelled set: pass "
                          "score_data=(inputs, labels) to prune() (e.g. the whole training split)")
@@ -575,17 +586,16 @@ def prune(
         require_initialized()
     device = resolve_device(config.device, model)
     with MemoryTracker(device) as tracker:
-        result = _prune(model, calibration, config, device, labels, loss_fn, score_data)
+        result = _prune(model, calibration, config, device, loss_fn, score_data)
     result.memory = tracker.result
     return result
 
 
 def _prune(
     model: nn.Module,
-    calibration: Tensor,
+    calibration: Calibration,
     config: PruneConfig,
     device: torch.device,
-    labels: Tensor | None,
     loss_fn: LossFn | None,
     score_data: tuple[Tensor, Tensor] | None = None,
 ) -> PruneResult:
@@ -598,7 +608,7 @@ def _prune(
     dense = copy.deepcopy(model).to(storage).eval() if needs_dense else None
 
     with offload_modules([work], device) if config.offload else contextlib.nullcontext():
-        all_sites, skipped = find_sites(work, calibration[:MIN_CALIBRATION_SAMPLES].to(device),
+        all_sites, skipped = find_sites(work, calibration.head(MIN_CALIBRATION_SAMPLES, device),
                                         coupled=config.coupled)
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
     plan = _plan(sites, 1.0 if config.keep is None else config.keep,  # None: the compression target decides
@@ -619,8 +629,8 @@ def _prune(
     if not method.global_ranking:  # the budget comes first; the scores may use it (GreedyFS stops at k)
         plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
     if method.score is not None:
-        context = ScoreContext(dense, sites, calibration, labels, loss_fn or default_loss, config.batch_size,
-                               generator, None if method.global_ranking else plan, score_data)
+        context = ScoreContext(dense, sites, calibration, calibration.labels, loss_fn or default_loss,
+                               config.batch_size, generator, None if method.global_ranking else plan, score_data)
         scores = method.score(context)
     if method.global_ranking:
         plan = _budget(method, config, dense, sites, plan, layer_stats, scores)

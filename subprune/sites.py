@@ -41,6 +41,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from subprune.calibration import Batch, check_module
 from subprune.shortcuts import ZeroPadShortcut
 
 PRODUCERS = (nn.Linear, nn.Conv2d)
@@ -199,36 +200,64 @@ class SkippedLayer:
     reason: str
 
 
-def trace(model: nn.Module, example_input: Tensor) -> torch.fx.GraphModule:
+def trace(model: nn.Module, example_input: Tensor | Batch) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` and record tensor shapes from ``example_input``.
+
+    ``example_input`` is a Tensor (``model(x)``) or a :class:`subprune.calibration.Batch`
+    (several inputs); ``forward`` arguments it does not give as Tensors are
+    fixed while tracing (torch.fx ``concrete_args``, see :mod:`subprune.calibration`).
 
     Raises
     ------
+    TypeError
+        If ``model`` is TorchScript or a ``torch.compile`` wrapper, or the
+        example does not fit ``forward``'s signature.
     TraceError
         If torch.fx cannot trace the model (data-dependent control flow) or the
         example input does not fit the model.
     """
+    check_module(model)
+    batch = example_input if isinstance(example_input, Batch) else Batch((example_input,))
+    concrete, values = batch.trace_arguments(model)
     try:
-        graph_module = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+        graph_module = torch.fx.GraphModule(model, _Tracer().trace(model, concrete_args=concrete or None),
+                                            type(model).__name__)
     except Exception as exc:  # torch.fx raises many types; re-raise one with the fix
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {exc}. Models with Python "
             "control flow on tensor values or shapes cannot be traced; move such checks "
-            "out of forward()"
+            "out of forward(), or fix the inputs they depend on with concrete_args={name: value}"
         ) from exc
     try:  # a plain forward first: its error names the real cause, without ShapeProp's printed traceback
         with torch.no_grad():
-            model(example_input)
+            batch.run(model)
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
-            f"the model does not run on samples of shape {tuple(example_input.shape[1:])} and dtype "
-            f"{str(example_input.dtype).removeprefix('torch.')} ({detail}); pass calibration inputs "
+            f"the model does not run on {_shapes(batch)} ({detail}); pass calibration inputs "
             "preprocessed as the model expects, with the batch along dim 0"
         ) from exc
-    with torch.no_grad():
-        ShapeProp(graph_module).propagate(example_input)
+    propagation = ShapeProp(graph_module)
+    propagation.extra_traceback = False
+    try:
+        with torch.no_grad():
+            propagation.propagate(*values)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} does not run on {_shapes(batch)} although the model does "
+            f"({detail}): an input changes the control flow; fix it while tracing with "
+            "prune(..., concrete_args={name: value})"
+        ) from exc
     return graph_module
+
+
+def _shapes(batch: Batch) -> str:
+    """``samples of shape (1, 28, 28) and dtype float32`` for one input, the batch's description otherwise."""
+    if len(batch.args) == 1 and not batch.kwargs and isinstance(batch.args[0], Tensor):
+        x = batch.args[0]
+        return f"samples of shape {tuple(x.shape[1:])} and dtype {str(x.dtype).removeprefix('torch.')}"
+    return f"the calibration inputs ({batch.describe()})"
 
 
 class _Tracer(torch.fx.Tracer):

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from subprune.calibration import forward
+
 # Unfolded patches of one chunk are kept below this many bytes (float64).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
@@ -280,10 +282,13 @@ def capture_paired(
     return inputs, targets
 
 
-def run_to_capture(model: nn.Module, batch: Tensor) -> None:
-    """Run ``model(batch)`` under no_grad, treating :class:`StopForward` as the normal end."""
+def run_to_capture(model: nn.Module, batch) -> None:
+    """Run ``model(batch)`` (a Tensor or a :class:`subprune.calibration.Batch`) under no_grad.
+
+    :class:`StopForward` is treated as the normal end.
+    """
     with torch.no_grad():
         try:
-            model(batch)
+            forward(model, batch)
         except StopForward:
             pass

@@ -84,9 +84,11 @@ def build_module(type_name: str, config: dict, like: nn.Module | None = None) ->
 
 
 def _new_like(module: nn.Module, **changes) -> nn.Module:
-    """A module of the same type, dtype and device with some constructor arguments changed."""
+    """A module of the same type, dtype, device and ``requires_grad`` with some constructor arguments changed."""
     new = build_module(type(module).__name__, {**module_config(module), **changes}, like=module)
     new.train(module.training)
+    for name, param in new.named_parameters(recurse=False):  # frozen weights stay frozen
+        param.requires_grad_(getattr(module, name).requires_grad)
     return new
 
 
