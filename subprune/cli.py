@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from subprune.models import MODELS, get_spec, load_model
 from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import MIN_CALIBRATION_SAMPLES, PruneConfig, prune
 from subprune.report import build_report, compare_models, print_report
-from subprune.serialization import REPORT_FILE, check_target, load_pruned, save_pruned
+from subprune.saving import SaveInterrupted
+from subprune.serialization import REPORT_FILE, check_target, load_pruned, save_pruned, state_bytes
 from subprune.sites import find_sites
 
 
@@ -110,27 +112,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
                    help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
                         "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
-    p.add_argument("--held-out", type=int, default=None,
+    p.add_argument("--held-out", type=_bounded("--held-out", 1, integer=True), default=None,
                    help="training images (disjoint from the calibration set) for --budget accuracy (default 1000)")
     p.add_argument("--cache", default=None, help="cache directory of --budget accuracy (default ~/.cache/subprune)")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
     p.add_argument("--coupled", action="store_true",
                    help="also prune channels tied by residual additions, as coupled sites")
-    p.add_argument("--calib", type=int, default=None,
+    p.add_argument("--calib", type=_bounded("--calib", 1, integer=True), default=None,
                    help="number of calibration samples (default 512; 128 passages for hf: models)")
     p.add_argument("--finetune", default="none", choices=["none", "limited", "full"],
                    help="fine-tune the pruned model with labels (the paper's Adam schedule): on the calibration "
                         "images only (limited) or the whole training split (full); reports accuracy before/after")
-    p.add_argument("--finetune-epochs", type=_epochs, default=None, metavar="N",
+    p.add_argument("--finetune-epochs", type=_bounded("--finetune-epochs", 1, integer=True), default=None, metavar="N",
                    help="override the schedule's epochs (paper: 10 for lenet, 20 otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and stochastic greedy")
+    p.add_argument("--seed", type=_bounded("--seed", 0, 2**63, integer=True), default=0,
+                   help="seed of the calibration draw and stochastic greedy")
     p.add_argument("--epsilon", type=_bounded("--epsilon", 0, 1), default=0.0,
                    help="stochastic greedy epsilon in [0, 1)")
     p.add_argument("--ridge", type=_bounded("--ridge", 0), default=0.0, help="relative ridge (times mean diag of G)")
     p.add_argument("--batch-size", type=_bounded("--batch-size", 1, integer=True), default=128,
                    help="calibration batch size")
-    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (>= 1)")
+    p.add_argument("--threads", type=_bounded("--threads", 1, integer=True), default=None,
+                   help="torch CPU threads (>= 1)")
     p.add_argument("--out", default=None, help="directory for the pruned model and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-subprune --out directory")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of tables")
@@ -153,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="hf: models: the dense model to compare with (default: the model in report.json)")
     p.add_argument("--dataset", default=None, type=_dataset_name)
     p.add_argument("--json", action="store_true", help="hf: models: print the measures as JSON")
-    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (>= 1)")
+    p.add_argument("--threads", type=_bounded("--threads", 1, integer=True), default=None,
+                   help="torch CPU threads (>= 1)")
 
     sub.add_parser("list", help="list the registered models and methods")
     return parser
@@ -168,24 +173,11 @@ def _bounded(flag: str, low: float, high: float = float("inf"), integer: bool = 
             kind = "an integer" if integer else "a number"
             raise argparse.ArgumentTypeError(f"{flag} {text!r} is not {kind}") from exc
         if not low <= value < high:
+            kind = "an integer" if integer else "a finite number"
             upper = "" if high == float("inf") else f" and < {high}"
-            raise argparse.ArgumentTypeError(f"{flag} {value} must be a finite number >= {low}{upper}")
+            raise argparse.ArgumentTypeError(f"{flag} {value} must be {kind} >= {low}{upper}")
         return value
     return parse
-
-
-def _threads(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {value}")
-    return value
-
-
-def _epochs(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--finetune-epochs must be >= 1, got {value}")
-    return value
 
 
 def _check_out(directory: str | None, overwrite: bool) -> None:
@@ -250,6 +242,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     indices, held_out = drawn[: args.calib], drawn[args.calib :]  # the same calibration set with or without
     calibration = spec.preprocess(train_x[indices])
     model = load_model(args.model)
+    if args.out:  # before any calibration: room for a save of up to the dense model's size
+        check_target(args.out, args.overwrite, (REPORT_FILE,), expected_bytes=state_bytes(model))
     labels = train_y[indices] if METHODS[args.method].needs_labels else None
     settings = {"model": args.model, "dataset": dataset, "calibration_samples": args.calib, "seed": args.seed}
     if args.budget == "accuracy":
@@ -283,6 +277,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     if args.out:  # last, so that an interruption before it leaves nothing and "nothing was saved" is true
         save_pruned(pruned, args.out, base_model=args.model, extra_json={REPORT_FILE: report},
                     overwrite=args.overwrite)
+        args.saved_to = args.out
         if not args.json:
             console.print(f"saved the pruned model and {REPORT_FILE} to {args.out}")
 
@@ -379,15 +374,22 @@ def cmd_list(args: argparse.Namespace, console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``subprune`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: wide tables instead of 80 columns
+    args = argparse.Namespace()
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
     commands = {"prune": cmd_prune, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "list": cmd_list}
     try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        console = Console(width=None if sys.stdout.isatty() else 200)  # piped: wide tables instead of 80 columns
         commands[args.command](args, console)
+    except SaveInterrupted as exc:  # Ctrl-C inside the save: it says whether the save was finished or rolled back
+        errors.print(str(exc), markup=False)
+        return 130
     except KeyboardInterrupt:
-        errors.print("interrupted: nothing was saved", markup=False)
+        saved = getattr(args, "saved_to", None)
+        out = getattr(args, "out", None)
+        errors.print(f"interrupted after saving: {saved} holds the complete new save" if saved else
+                     "interrupted: nothing was saved" + (f" ({out} is as before)" if out else ""), markup=False)
         return 130
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
         errors.print(f"error: {exc}", markup=False)
@@ -398,5 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``subprune`` console command: :func:`main`, then an exit that a late Ctrl-C cannot turn into a traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # in the few steps after main's own handler: the command had finished
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C during the interpreter's exit (atexit hooks) is ignored
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from subprune import validation
 from subprune.calibration import as_calibration
 from subprune.devices import offload_modules
 from subprune.sites import PruningSite
@@ -172,7 +173,7 @@ class JointRefit:
                 torch.distributed.all_reduce(tensor)
         if int(n_rows) < d:
             log.warning("joint refit of %s: %d calibration rows for %d refit columns: the refit interpolates the "
-                        "calibration set; use more samples or a ridge", name, int(n_rows), d)
+                        "calibration set; %s", name, int(n_rows), d, validation.interpolation_advice(self.ridge))
         weight = solve_normal_equations(gram, cross, ridge_value(gram, self.ridge))  # (d, m)
         kept_energy = 2 * float((weight * cross).sum()) - float((weight * (gram @ weight)).sum())
         self.results_[name] = kept_energy / float(energy) if float(energy) > 0 else 0.0

@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from subprune import validation
 from subprune.baselines import LossFn, ScoreContext, default_loss
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
 from subprune.calibration import Calibration, as_calibration, check_module
@@ -127,42 +127,58 @@ class PruneConfig:
     coupled: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        """Check every field once; numpy/torch scalars become plain numbers (TypeError names other types)."""
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("method", validation.choice("method", self.method, list(METHODS)))
         if self.keep is not None and self.compression is not None:
             raise ValueError("give either keep ratios or a compression ratio, not both: the compression target "
                              "chooses the keep ratios (PruneConfig(compression=4) or PruneConfig(keep=0.25))")
         if self.keep is None and self.compression is None:
-            object.__setattr__(self, "keep", 0.5)
-        if isinstance(self.keep, Mapping) and not self.keep:
-            raise ValueError("keep={} names no site: give {site name: keep ratio}, one keep ratio, or compression=")
-        ratios = [] if self.keep is None else self.keep.values() if isinstance(self.keep, Mapping) else [self.keep]
-        for ratio in ratios:
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-                raise ValueError(f"keep ratio {ratio!r} is out of range: it must be in (0, 1]")
+            put("keep", 0.5)
+        if isinstance(self.keep, Mapping):
+            if not self.keep:
+                raise ValueError("keep={} names no site: give {site name: keep ratio}, one keep ratio, or "
+                                 "compression=")
+            bad = [k for k in self.keep if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"keep names sites by their names (str), got {type(bad[0]).__name__} {bad[0]!r}")
+            put("keep", {k: _keep_ratio(f"keep ratio {k}", v) for k, v in self.keep.items()})
+        elif self.keep is not None:
+            put("keep", _keep_ratio("keep ratio", self.keep))
         if self.compression is not None:
-            if isinstance(self.compression, bool) or not isinstance(self.compression, (int, float)) or not (
-                1 <= self.compression < math.inf
-            ):
-                raise ValueError(f"compression={self.compression!r} must be a finite ratio >= 1 (dense / pruned)")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget={self.budget!r} is unknown; choose one of {', '.join(BUDGETS)}")
+            put("compression", validation.real("compression", self.compression, 1))
+        put("budget", validation.choice("budget", self.budget, BUDGETS))
         if self.budget != "uniform" and METHODS[self.method].global_ranking:
             raise ValueError(f"method {self.method!r} ranks channels globally and sets its own budget; "
                              "use budget='uniform' or its Layer variant")
-        if not 0 <= self.epsilon < 1:
-            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1)")
-        if self.ridge < 0 or not math.isfinite(self.ridge):
-            raise ValueError(f"ridge={self.ridge} must be a finite number >= 0")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        put("epsilon", validation.real("epsilon", self.epsilon, 0, 1, high_open=True))
+        put("ridge", validation.real("ridge", self.ridge, 0))
+        put("batch_size", validation.integer("batch_size", self.batch_size, 1))
+        put("seed", validation.integer("seed", self.seed, 0))
+        put("chunk_bytes", validation.integer("chunk_bytes", self.chunk_bytes, 1))
+        for name in ("reweight", "progress", "offload", "distributed", "coupled"):
+            put(name, validation.flag(name, getattr(self, name)))
+        validation.device("device", self.device)  # kept as given (a name stays a name in reports)
         if self.layers is not None:
-            layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+            layers = (self.layers,) if isinstance(self.layers, str) else self.layers
+            layers = tuple(layers) if isinstance(layers, Iterable) else layers
+            if not isinstance(layers, tuple) or not all(isinstance(n, str) for n in layers):
+                raise TypeError(f"layers must be producer names (a str or a tuple of str), got "
+                                f"{type(self.layers).__name__} {self.layers!r}")
             if not layers:
                 raise ValueError("layers=() names no layer: give producer names, or None to prune every site")
-            object.__setattr__(self, "layers", layers)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+            put("layers", tuple(layers))
+        put("precision", validation.choice("precision", self.precision, PRECISIONS))
+
+
+def _keep_ratio(name: str, value) -> float:
+    """A keep ratio in (0, 1] as a float (the messages keep the words "out of range" for every bad number)."""
+    try:
+        return validation.real(name, value, 0, 1, low_open=True)
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is out of range: it must be in (0, 1]") from None
 
 
 @dataclass
@@ -237,6 +253,8 @@ class PruneResult:
 
 def _check_calibration(calibration: Calibration) -> None:
     tensors = calibration.head(1).tensors()
+    for tensor in tensors:
+        validation.tensor("calibration", tensor)  # (not on the meta device)
     if len(calibration) < MIN_CALIBRATION_SAMPLES or not tensors or tensors[0].ndim < 1:
         raise ValueError(
             f"too few calibration samples: got {len(calibration)} ({calibration.describe()}), need at least "
@@ -487,9 +505,8 @@ def _prune_one_site(
         if least_squares and rows < 2 * columns:
             log.warning(
                 "site %s, consumer %s: %d calibration rows for %d refit columns: the refit (nearly) interpolates "
-                "the calibration set and f(S) overstates what is kept; use more samples or a ridge "
-                "(PruneConfig(ridge=0.1), CLI --ridge 0.1)",
-                site.name, ref.module, rows, columns,
+                "the calibration set and f(S) overstates what is kept; %s",
+                site.name, ref.module, rows, columns, validation.interpolation_advice(config.ridge),
             )
     new_weights, kept_energy = {}, 0.0
     parts = zip(site.consumers, stats, system.weights, system.group_sizes, system.energies, strict=True)
@@ -573,11 +590,20 @@ def prune(
     subprune.statistics.NonFiniteActivationError
         NaN or infinite activations reach a consumer.
     """
+    if config is not None and not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be a PruneConfig (e.g. PruneConfig(keep=0.5)), got {type(config).__name__}")
     config = config or PruneConfig()
     check_module(model)
+    validation.module("model", model)  # (not on the meta device)
     calibration = as_calibration(calibration, model, labels=labels, concrete_args=concrete_args,
                                  batch_size=config.batch_size)
     _check_calibration(calibration)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable(outputs, labels) -> scalar Tensor, got {type(loss_fn).__name__}")
+    if score_data is not None and (not isinstance(score_data, (tuple, list)) or len(score_data) != 2
+                                   or not all(isinstance(t, Tensor) for t in score_data)):
+        raise TypeError("score_data must be a pair (inputs Tensor, labels Tensor), got "
+                        f"{type(score_data).__name__}")
     _check_labels(get_method(config.method), calibration)
     if get_method(config.method).needs_score_data and score_data is None:
         raise ValueError(f"method {config.method!r} evaluates the loss on a larger labelled set: pass "

@@ -8,67 +8,59 @@ BatchNorm modules rebuilt smaller. ``save_pruned`` writes
   and the name of the base model in the registry (if it has one);
 * any extra JSON files (the CLI's ``report.json``);
 
-into a temporary folder beside the target and renames it into place, so a
-failure leaves either the old folder or the new one, never a half-written one.
-``load_pruned`` rebuilds the base architecture, resizes the modules and loads
-the weights strictly.
+into a temporary folder beside the target and swaps it into place with the
+crash-safe protocol of :mod:`subprune.saving` (also used by the transformers
+save), so a failure, a kill or Ctrl-C leaves either the old save or the new one,
+never a half-written one. ``load_pruned`` reads one complete version, checks
+every module of ``architecture.json`` against the dense model before building
+anything, rebuilds the base architecture, resizes the modules and loads the
+weights strictly. See ``docs/saving.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
+from subprune import validation
+from subprune.saving import atomic_directory, check_destination, current_version, publish_permissions, read_version
 from subprune.surgery import RESIZABLE, build_module, get_module, module_config, set_module
+
+__all__ = ["atomic_directory", "check_target", "load_pruned", "save_pruned", "write_json_atomic"]
 
 FORMAT = "subprune-pruned-v1"
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "architecture.json"
 _SIZE_KEYS = frozenset({"in_features", "out_features", "in_channels", "out_channels", "num_features"})
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _publish_permissions(path: Path) -> None:
-    """Give ``path`` (and, for a directory, everything under it) the permissions a plain write would.
-
-    ``tempfile`` creates private files (0600) and directories (0700); the
-    published output should instead follow the user's umask, like any file.
-    """
-    mask = _umask()
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-    if path.is_dir():
-        for item in path.rglob("*"):
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+_PRUNED_KEYS = _SIZE_KEYS | {"groups", "front", "back"}  # what pruning may change; every other key stays dense
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``obj`` as JSON to the single file ``path``: a temporary file, fsync, then ``os.replace``."""
     path = Path(path)
+    text = json.dumps(obj, indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        _publish_permissions(Path(tmp))
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict as saved: parameter and buffer counts x dtype sizes."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def architecture(model: nn.Module, base_model: str | None = None) -> dict:
@@ -85,20 +77,28 @@ REPORT_FILE = "report.json"
 SAVED_FILES = frozenset({WEIGHTS_FILE, ARCHITECTURE_FILE, REPORT_FILE})
 
 
-def check_target(directory: str | os.PathLike, overwrite: bool = False, extra_names: tuple[str, ...] = ()) -> Path:
-    """Refuse a save target that would destroy something the user owns; return it resolved.
+def check_target(directory: str | os.PathLike, overwrite: bool = False, extra_names: tuple[str, ...] = (),
+                 expected_bytes: int | None = None) -> Path:
+    """Refuse a save target that would destroy something the user owns or cannot be written; return it resolved.
 
     A target may be new, an empty directory, or a previous save (holding only
-    the files subprune writes). Anything else needs ``overwrite=True``.
+    the files subprune writes). Anything else needs ``overwrite=True``. The
+    target must also be writable and not a mount point, and, given
+    ``expected_bytes``, its filesystem must have that much space free
+    (:func:`subprune.saving.check_destination`). Run before any work.
 
     Raises
     ------
     FileExistsError
         The target or one of its parents is a file, or the target holds other files.
     ValueError
-        The target is the current working directory or one of its parents.
+        The target is the current working directory or one of its parents, or a mount point.
+    PermissionError, OSError
+        The target's directory is not writable, or has too little free space.
     """
-    target = Path(directory).resolve()
+    directory = validation.path("directory", directory)
+    overwrite = validation.flag("overwrite", overwrite)
+    target = directory.resolve()
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
         raise ValueError(f"cannot save into {directory}: it is (or contains) the current directory; name a new folder")
@@ -116,7 +116,26 @@ def check_target(directory: str | os.PathLike, overwrite: bool = False, extra_na
                 f"{directory} holds files not written by subprune ({listed}); choose another directory, "
                 "or pass overwrite=True (CLI: --overwrite) to replace it as a whole"
             )
+    check_destination(target, expected_bytes)
     return target
+
+
+def _json_texts(extra_json, spec: dict) -> dict[str, str]:
+    """Every JSON file of the save, serialised before anything is written (a bad object fails first)."""
+    if extra_json is not None and not isinstance(extra_json, dict):
+        raise TypeError(f"extra_json must be a dict of file name -> JSON object, got {type(extra_json).__name__}")
+    for name in extra_json or ():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"extra_json name {name!r} must be a plain file name inside the save, not a path")
+        if name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
+            raise ValueError(f"extra_json name {name!r} would replace the save's own {name}; choose another name")
+    texts = {}
+    for name, obj in {ARCHITECTURE_FILE: spec, **(extra_json or {})}.items():
+        try:
+            texts[name] = json.dumps(obj, indent=2, allow_nan=True) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"extra_json[{name!r}] cannot be written as JSON ({exc})") from exc
+    return texts
 
 
 def save_pruned(
@@ -127,6 +146,10 @@ def save_pruned(
     overwrite: bool = False,
 ) -> Path:
     """Save a (pruned) model atomically to ``directory``.
+
+    The files are written into a temporary sibling, fsync-ed and swapped into
+    place (:func:`subprune.saving.atomic_directory`): after a crash, a kill or
+    Ctrl-C, ``directory`` holds the previous save or the new one, complete.
 
     Parameters
     ----------
@@ -148,52 +171,71 @@ def save_pruned(
 
     Raises
     ------
-    FileExistsError, ValueError
+    TypeError
+        ``model`` is not an nn.Module, ``directory`` not a path, an object of
+        ``extra_json`` not JSON-serialisable.
+    FileExistsError, ValueError, PermissionError, OSError
         See :func:`check_target`; ValueError also for an ``extra_json`` name
         that is a path (not a plain file name) or one of the save's own files.
+    subprune.saving.SaveInterrupted
+        Ctrl-C: the message and ``.saved`` say whether the save was finished or rolled back.
     """
-    for name in extra_json or ():
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise ValueError(f"extra_json name {name!r} must be a plain file name inside the save, not a path")
-        if name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
-            raise ValueError(f"extra_json name {name!r} would replace the save's own {name}; choose another name")
-    target = check_target(directory, overwrite, tuple(extra_json or ()))
-    with atomic_directory(target) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        write_json_atomic(tmp / ARCHITECTURE_FILE, architecture(model, base_model))
-        for name, obj in (extra_json or {}).items():
-            write_json_atomic(tmp / name, obj)
+    model = validation.module("model", model)
+    if base_model is not None and not isinstance(base_model, str):
+        raise TypeError(f"base_model must be a registered model name (str) or None, got {type(base_model).__name__}")
+    texts = _json_texts(extra_json, architecture(model, base_model))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    target = check_target(directory, overwrite, tuple(extra_json or ()), expected_bytes=size)
+    weights = save(state, metadata={"format": FORMAT})
+    with atomic_directory(target, expected_bytes=size) as tmp:
+        (tmp / WEIGHTS_FILE).write_bytes(weights)
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
     return target
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty sibling directory of ``target``; on success it replaces ``target`` as a whole.
+def _check_module_entry(name: str, entry, current: nn.Module, arch_file: Path) -> dict | None:
+    """The saved config of module ``name`` checked against its dense version; None when it is the dense one.
 
-    The files written into the yielded directory get the permissions of a plain
-    write (the umask). If the block raises (or is interrupted), the temporary
-    directory is removed and ``target`` is left as it was.
+    Pruning changes only sizes (at most the dense ones, at least 1), the groups
+    of a grouped conv and the zero channels of a shortcut; kernel, stride,
+    padding, dilation, eps, momentum and flags stay those of the dense model.
+    Checked before any module is built, so a damaged file cannot make the
+    loader allocate more than the dense model.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        _publish_permissions(tmp)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "previous")
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    where = f"{arch_file}: module '{name}'"
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise ValueError(f"{where} has no 'config' mapping: the save is damaged; prune the model again")
+    if type(current).__name__ != entry.get("type"):
+        raise ValueError(f"{where} is a {type(current).__name__} in the model, the save has a {entry.get('type')!r}: "
+                         "the save was made from another model")
+    config, dense = entry["config"], module_config(current)
+    if set(config) != set(dense):
+        extra, missing = sorted(set(config) - set(dense)), sorted(set(dense) - set(config))
+        raise ValueError(f"{where} has keys {extra} it should not have and lacks {missing}: the save is damaged")
+    for key, value in config.items():
+        if key in _PRUNED_KEYS:
+            low = 0 if key in ("front", "back") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= dense[key]:
+                raise ValueError(f"{where} has {key}={value!r}; a pruned {key} lies in {low}..{dense[key]} "
+                                 "(the dense model's): the save is damaged or was made from another model")
+        elif value != dense[key] or type(value) is not type(dense[key]):
+            raise ValueError(f"{where} has {key}={value!r}, the dense model {dense[key]!r}; pruning never changes "
+                             f"{key}: the save is damaged or was made from another model")
+    groups = config.get("groups")
+    if groups is not None and (config["in_channels"] % groups or config["out_channels"] % groups):
+        raise ValueError(f"{where} has groups={groups}, which does not divide in_channels={config['in_channels']} "
+                         f"and out_channels={config['out_channels']}: the save is damaged")
+    return None if config == dense else config
 
 
 def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Reload a model saved by :func:`save_pruned`.
+
+    One complete version is read even while another save replaces the
+    directory, and a save left half-swapped by a crash is completed first
+    (:func:`subprune.saving.read_version`).
 
     Parameters
     ----------
@@ -209,23 +251,33 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
 
     Raises
     ------
+    TypeError
+        ``directory`` is not a path or ``model`` not an nn.Module.
     FileNotFoundError
         If the directory does not exist or lacks the saved files.
     ValueError
         If the files are not a subprune save, are damaged (unreadable JSON or
-        weights, sizes larger than the dense model's, weights that do not fit
-        the architecture; the message names the file), or no architecture is known.
+        weights, sizes larger than the dense model's, kernel, stride, padding,
+        groups or eps other than the dense model's, weights that do not fit the
+        architecture; the message names the file), or no architecture is known.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
+    directory = validation.path("directory", directory)
+    if model is not None:
+        model = validation.module("model", model)
+    if not current_version(directory).is_dir():  # (mid-swap, the directory itself is briefly absent)
         raise FileNotFoundError(f"{directory} does not exist or is not a directory: pass the folder that "
                                 "`subprune prune --out` or save_pruned wrote")
-    for name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing: not a model saved by subprune")
+
+    def read(path: Path) -> tuple[dict, bytes]:
+        for name in (WEIGHTS_FILE, ARCHITECTURE_FILE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: not a model saved by subprune")
+        return (path / ARCHITECTURE_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes()
+
+    arch_bytes, weights = read_version(directory, read)
     arch_file, weights_file = directory / ARCHITECTURE_FILE, directory / WEIGHTS_FILE
     try:
-        spec = json.loads(arch_file.read_text())
+        spec = json.loads(arch_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{arch_file} is not valid JSON ({exc}): the save is damaged; prune the model again") from exc
     spec = spec if isinstance(spec, dict) else {}
@@ -238,28 +290,28 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
             raise ValueError("the save names no registered base model: pass an instance of the original model")
         from subprune.models import MODELS, get_spec
 
-        if spec["base_model"] not in MODELS:
+        if not isinstance(spec["base_model"], str) or spec["base_model"] not in MODELS:
             raise ValueError(f"{arch_file} names base model {spec['base_model']!r}, which is not registered here "
                              f"({', '.join(MODELS)}); pass an instance of the original model")
         model = get_spec(spec["base_model"]).build()
     else:
         model = copy.deepcopy(model)
+    changes = {}
+    for name, entry in spec["modules"].items():  # every module checked before any is built
+        try:
+            current = get_module(model, name)
+        except ValueError as exc:
+            raise ValueError(f"{arch_file}: {exc}: the save was made from another model") from None
+        config = _check_module_entry(name, entry, current, arch_file)
+        if config is not None:
+            changes[name] = (entry["type"], config, current)
     try:
-        state = load_file(str(weights_file))
+        state = load(weights)
     except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
         raise ValueError(f"{weights_file} cannot be read ({exc}): the save is damaged; prune the model again") from exc
     try:
-        for name, entry in spec["modules"].items():
-            current = get_module(model, name)
-            if type(current).__name__ != entry["type"]:
-                raise ValueError(f"module '{name}' is a {type(current).__name__}, the save has a {entry['type']}")
-            dense = module_config(current)
-            for key in _SIZE_KEYS.intersection(entry["config"]):
-                value = entry["config"][key]
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= dense[key]:
-                    raise ValueError(f"module '{name}' has {key}={value!r}; a pruned size lies in 1..{dense[key]}")
-            if dense != entry["config"]:
-                set_module(model, name, build_module(entry["type"], entry["config"], like=current))
+        for name, (type_name, config, current) in changes.items():
+            set_module(model, name, build_module(type_name, config, like=current))
         model.load_state_dict(state, strict=True)
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__

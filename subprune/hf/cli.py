@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from subprune.evaluate import count_parameters
+from subprune.saving import check_destination
 
 TEXT_DATASETS = ("text:wikipedia",)
 HELDOUT = 128
@@ -65,6 +66,8 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     if dataset not in TEXT_DATASETS:
         raise ValueError(f"--dataset {dataset} cannot calibrate a transformers model; use one of {TEXT_DATASETS}")
     model, tokenizer = load_transformer(model_path(args.model))
+    if args.out:  # before any calibration: room for a save of up to the dense model's size
+        check_destination(args.out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
     passages = wikipedia_passages()
     if not 2 <= calib <= len(passages) - HELDOUT:
@@ -106,6 +109,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     }
     if args.out:
         save_pruned(result.model, args.out, tokenizer, extra_json={REPORT_FILE: report})
+        args.saved_to = args.out
     if args.json:
         print(json.dumps(report, indent=2))
         return report

@@ -46,6 +46,9 @@ def load_transformer(path: str | os.PathLike, causal_lm: bool | None = None) -> 
     ------
     FileNotFoundError
         If ``path`` has no config.json.
+    ValueError
+        If the weights do not match config.json (missing, unexpected or
+        mis-shaped keys): the model would run with randomly initialised weights.
     """
     transformers = require_transformers()
     path = Path(path)
@@ -60,9 +63,31 @@ def load_transformer(path: str | os.PathLike, causal_lm: bool | None = None) -> 
     if is_pruned_directory(path):
         model = load_pruned(path, auto)
     else:
-        model = auto.from_pretrained(path, local_files_only=True).eval()
+        model = _from_pretrained(auto, path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
+
+
+def _key(entry) -> str:
+    return entry if isinstance(entry, str) else entry[0]  # mismatched keys come as (name, shape, shape)
+
+
+def _from_pretrained(auto, path: Path) -> nn.Module:
+    """``auto.from_pretrained(path)``, refused unless every weight of the config is loaded and nothing else."""
+    try:
+        model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # no weights file, shapes that do not fit the config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: the weights cannot be loaded with its config.json ({first}); point to a "
+                         "directory written by save_pretrained") from exc
+    problems = [f"{len(keys)} {kind} (e.g. {', '.join(sorted(str(_key(k)) for k in keys)[:3])})" for kind, keys in (
+        ("missing", info.get("missing_keys") or ()), ("unexpected", info.get("unexpected_keys") or ()),
+        ("mis-shaped", info.get("mismatched_keys") or ())) if keys]
+    if problems:
+        raise ValueError(f"{path}: the weights do not match config.json: {'; '.join(problems)} keys; the model "
+                         "would run with randomly initialised weights. Point to the directory its weights were "
+                         "saved with (save_pretrained), or fix config.json")
+    return model.eval()
 
 
 def load_minilm() -> tuple[nn.Module, object]:

@@ -21,12 +21,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from subprune import validation
 from subprune.hf.architectures import FFN, HEADS, TransformerSite, consumer_weight, find_transformer_sites
 from subprune.hf.architectures import prune_transformer_site_ as cut_site_
 from subprune.hf.baselines import BASELINES, BIAS_COMPENSATED, MomentProblem, bias_compensation
 from subprune.hf.budget import TransformerParameterCounter, transformer_budget
 from subprune.methods import METHODS, Method
-from subprune.pipeline import SiteReport
+from subprune.pipeline import SiteReport, _keep_ratio
 from subprune.solver import group_columns, refit, ridge_value, weights_objective
 from subprune.solver_factored import greedy_select_factored
 from subprune.statistics import GramStatistics, StopForward, capture_paired
@@ -98,26 +99,33 @@ class TransformerPruneConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in TRANSFORMER_METHODS:
-            raise ValueError(f"method={self.method!r} is unknown; choose one of {', '.join(TRANSFORMER_METHODS)}")
-        ratios = [("heads", self.heads), ("ffn", self.ffn)] + list((self.keep or {}).items())
-        for label, ratio in ratios:
-            if ratio is None and label in ("heads", "ffn"):
-                continue
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-                raise ValueError(f"keep ratio {label}={ratio!r} is out of range: it must be in (0, 1]")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget={self.budget!r} is unknown; choose one of {', '.join(BUDGETS)}")
-        if self.params is not None and (isinstance(self.params, bool) or not 0 < self.params <= 1):
-            raise ValueError(f"params={self.params!r} must be in (0, 1]: the fraction of prunable parameters kept")
+        """Check every field once; numpy/torch scalars become plain numbers (TypeError names other types)."""
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("method", validation.choice("method", self.method, list(TRANSFORMER_METHODS)))
+        for name in ("heads", "ffn"):
+            if getattr(self, name) is not None:
+                put(name, _keep_ratio(f"keep ratio {name}", getattr(self, name)))
+        if self.keep is not None:
+            if not isinstance(self.keep, Mapping) or not all(isinstance(k, str) for k in self.keep):
+                raise TypeError(f"keep must map site names (str) to keep ratios, got {type(self.keep).__name__}")
+            put("keep", {k: _keep_ratio(f"keep ratio {k}", v) for k, v in self.keep.items()})
+        put("budget", validation.choice("budget", self.budget, BUDGETS))
+        if self.params is not None:
+            try:
+                put("params", validation.real("params", self.params, 0, 1, low_open=True))
+            except ValueError:
+                raise ValueError(f"params={self.params!r} must be in (0, 1]: the fraction of prunable parameters "
+                                 "kept") from None
         if self.params is not None and self.keep is not None:
             raise ValueError("give either per-site keep ratios (keep) or a parameter target (params), not both")
-        if not 0 <= self.epsilon < 1:
-            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1)")
-        if self.ridge < 0 or not math.isfinite(self.ridge):
-            raise ValueError(f"ridge={self.ridge} must be a finite number >= 0")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        put("epsilon", validation.real("epsilon", self.epsilon, 0, 1, high_open=True))
+        put("ridge", validation.real("ridge", self.ridge, 0))
+        put("batch_size", validation.integer("batch_size", self.batch_size, 1))
+        put("seed", validation.integer("seed", self.seed, 0))
+        for name in ("reweight", "intercept", "progress"):
+            put(name, validation.flag(name, getattr(self, name)))
 
 
 @dataclass
@@ -176,6 +184,9 @@ def check_calibration(calibration: Mapping[str, Tensor]) -> None:
         raise TypeError("calibration must be a dict with 'input_ids' (N, T) and optionally 'attention_mask' (N, T), "
                         "e.g. the output of subprune.hf.text.tokenize")
     ids = calibration["input_ids"]
+    for name, value in calibration.items():
+        if isinstance(value, Tensor):
+            validation.tensor(f"calibration[{name!r}]", value)
     if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] < 2:
         raise ValueError(f"calibration input_ids must be a (N, T) tensor with N >= 2, got {getattr(ids, 'shape', ids)}")
     mask = calibration.get("attention_mask")
@@ -309,8 +320,9 @@ def _prune_site(
                               generator)
     keep = selection.keep
     if gram.n_rows_ < keep.numel() * site.group_size:
-        log.warning("site %s: %d calibration tokens for %d refit columns: the refit interpolates",
-                    site.name, gram.n_rows_, keep.numel() * site.group_size)
+        log.warning("site %s: %d calibration tokens for %d refit columns: the refit interpolates; %s",
+                    site.name, gram.n_rows_, keep.numel() * site.group_size,
+                    validation.interpolation_advice(config.ridge))
     bias = None
     cols = group_columns(keep.to(weight.device), site.group_size)
     if config.reweight:
@@ -380,6 +392,9 @@ def prune_transformer(
     ValueError
         Bad keep ratios or calibration shapes.
     """
+    model = validation.module("model", model)
+    if config is not None and not isinstance(config, TransformerPruneConfig):
+        raise TypeError(f"config must be a TransformerPruneConfig, got {type(config).__name__}")
     config = config or TransformerPruneConfig()
     check_calibration(calibration)
     start_time = time.perf_counter()
