@@ -58,7 +58,7 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
-_SPACE_MARGIN = 1 << 20  # bytes beyond the tensors: JSON files, headers, directory blocks
+_SPACE_MARGIN = 64 << 10  # bytes beyond the tensors (JSON files, headers, directory blocks), plus 2 %
 
 T = TypeVar("T")
 
@@ -195,6 +195,17 @@ def _release(fd: int | None) -> None:
         os.close(fd)
 
 
+def _remove_version(path: Path) -> None:
+    """Remove a replaced save once no reader holds it (readers take a shared flock, :func:`read_version`)."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = _hold(path)
+    try:
+        _remove(path)
+    finally:
+        _release(fd)
+
+
 def _is_held(path: Path) -> bool:
     """True when a live process holds the flock of ``path`` (a save in progress)."""
     if fcntl is None:
@@ -271,10 +282,12 @@ def _recover_journal(target: Path, old: Path) -> str:
         _remove(old)
         return f"removed {old.name}: a swap that had not started (rolled back)"
     if os.path.lexists(target):
+        _remove_version(previous)
         _remove(old)
         return f"removed {old.name}: the previous save of a swap that had finished"
     if new is not None and new.is_dir():
         os.rename(new, target)
+        _remove_version(previous)
         outcome = f"completed the interrupted swap of {target.name} (the new save from {new.name})"
     else:  # no journal (an older subprune) or no new version: put the previous save back
         os.rename(previous, target)
@@ -337,47 +350,44 @@ def current_version(target: str | os.PathLike) -> Path:
     return target
 
 
-def read_version(target: str | os.PathLike, read: Callable[[Path], T], attempts: int = 5) -> T:
+def read_version(target: str | os.PathLike, read: Callable[[Path], T], attempts: int = 20) -> T:
     """Run ``read(path)`` on one complete version of ``target``, pinned by a directory file descriptor.
 
     Dead strays are recovered first where the filesystem allows it. On Linux
-    ``path`` is ``/proc/self/fd/N``: every file opened through it belongs to
-    the same save even if a concurrent save swaps ``target`` meanwhile. If the
-    read fails while the version was replaced (its files removed), it is
-    retried on the new version.
+    ``path`` is ``/proc/self/fd/N`` and the version is held with a shared
+    flock: a concurrent save may swap ``target`` meanwhile, but removes the
+    replaced version only once no reader holds it, so every file read belongs
+    to the same complete save. Elsewhere ``path`` is the version's path.
 
     Raises
     ------
     FileNotFoundError
         If ``target`` holds no save; whatever ``read`` raises on a complete version.
+    OSError
+        If the target was replaced ``attempts`` times while a reader tried to pin it.
     """
     target = Path(target)
     with contextlib.suppress(OSError):
         recover(target)
-    for attempt in range(attempts):
+    for _ in range(attempts):
         version = current_version(target)
+        fd = os.open(version, os.O_RDONLY | _O_DIRECTORY)  # FileNotFoundError: no save
         try:
-            fd = os.open(version, os.O_RDONLY | _O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
-            if attempt + 1 < attempts and current_version(target) != version:
-                continue
-            raise
-        try:
-            pinned = Path(f"/proc/self/fd/{fd}")
+            if fcntl is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_SH)
             identity = os.fstat(fd)
             try:
-                return read(pinned if pinned.is_dir() else version)
-            except (OSError, ValueError):
-                try:
-                    now = os.stat(current_version(target))
-                    replaced = (now.st_dev, now.st_ino) != (identity.st_dev, identity.st_ino)
-                except OSError:
-                    replaced = True
-                if attempt + 1 == attempts or not replaced:
-                    raise
+                now = os.stat(current_version(target))
+            except OSError:
+                continue
+            if (now.st_dev, now.st_ino) != (identity.st_dev, identity.st_ino):
+                continue  # replaced (and maybe being removed) before it was pinned: pin the new one
+            pinned = Path(f"/proc/self/fd/{fd}")
+            return read(pinned if pinned.is_dir() else version)
         finally:
             os.close(fd)
-    raise AssertionError("unreachable")
+    raise OSError(f"{target} was replaced {attempts} times while it was being opened; try again")
 
 
 # --- checks before work ---------------------------------------------------------------------------------------------
@@ -420,12 +430,14 @@ def check_destination(target: str | os.PathLike, expected_bytes: int | None = No
     while not base.exists() and base != base.parent:
         base = base.parent
     try:
-        os.rmdir(tempfile.mkdtemp(dir=base, prefix=tmp_prefix(target.name)))
+        probe = tempfile.mkdtemp(dir=base, prefix=tmp_prefix(target.name))
     except OSError as exc:
         raise PermissionError(f"cannot write a save at {target}: {base} is not writable ({exc.strerror}); "
                               "choose a writable directory") from None
+    with contextlib.suppress(FileNotFoundError):  # (a concurrent save's recovery may have removed it already)
+        os.rmdir(probe)
     if expected_bytes is not None:
-        need, free = int(expected_bytes) + _SPACE_MARGIN, shutil.disk_usage(base).free
+        need, free = int(expected_bytes * 1.02) + _SPACE_MARGIN, shutil.disk_usage(base).free
         if free < need:
             raise OSError(f"not enough free space for the save at {target}: it needs about {_mb(need)} (parameters "
                           f"x dtype size), the filesystem of {base} has {_mb(free)} free; free some space or choose "
@@ -451,7 +463,7 @@ def _swap_exchange(tmp: Path, target: Path) -> bool:
         raise
     _fsync(target.parent, directory=True)
     if previous is not None:
-        _remove(previous)
+        _remove_version(previous)
     return True
 
 
@@ -478,6 +490,8 @@ def _swap_journal(tmp: Path, target: Path) -> None:
             os.rename(tmp, target)
         _fsync(target.parent, directory=True)
     finally:
+        if (old / PREVIOUS).is_dir():
+            _remove_version(old / PREVIOUS)
         _remove(old)
         _release(lock)
 
@@ -526,12 +540,20 @@ def atomic_directory(target: str | os.PathLike, *, expected_bytes: int | None = 
     target = Path(os.path.realpath(target))
     if os.path.lexists(target) and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; choose another path")
-    check_destination(target, expected_bytes)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
-    with _parent_lock(target.parent):
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=tmp_prefix(target.name)))
-        lock = _hold(tmp)
+    try:
+        check_destination(target, expected_bytes)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover(target)
+        with _parent_lock(target.parent), _sigint_deferred() as sigint:
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=tmp_prefix(target.name)))
+            lock = _hold(tmp)
+        if sigint.caught:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt as exc:  # before anything was written (a stray left here is a dead one: recovered later)
+        if "lock" in locals():
+            _remove(tmp)
+            _release(lock)
+        raise SaveInterrupted(target, saved=False) from exc
     try:
         try:
             yield tmp
