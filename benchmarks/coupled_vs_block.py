@@ -81,7 +81,7 @@ def main() -> None:
         description = (f"ResNet-{6 * args.blocks + 2} (option-B shortcuts, widths {args.width}/{2 * args.width}/"
                        f"{4 * args.width}), {args.epochs} epoch(s)")
     if args.model is None and args.checkpoint and Path(args.checkpoint).exists():
-        model.load_state_dict(torch.load(args.checkpoint))
+        model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
     elif args.model is None:
         start = time.perf_counter()
         n = args.train_samples or train_x.shape[0]

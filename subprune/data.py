@@ -77,11 +77,27 @@ def mnist_path() -> Path:
     )
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: a pickle naming any other class or function is refused.
+
+    The MNIST file is a pickle (the torch ``weights_only=True`` of plain pickle):
+    only the three globals an ndarray needs may be looked up.
+    """
+
+    ALLOWED = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                         ("numpy._core.multiarray", "_reconstruct")})
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"the data file names {module}.{name}: only numpy arrays are unpickled")
+        return super().find_class(module, name)
+
+
 @lru_cache(maxsize=1)
 def _mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """All three MNIST splits as uint8 pixels (N, 784) and int64 labels (N,), read once."""
     with gzip.open(mnist_path(), "rb") as f:
-        splits = pickle.load(f, encoding="latin1")  # ((Xtr, ytr), (Xva, yva), (Xte, yte))
+        splits = _ArrayUnpickler(f, encoding="latin1").load()  # ((Xtr, ytr), (Xva, yva), (Xte, yte))
     arrays = {}
     for name, (x, y) in zip(MNIST_SPLITS, splits, strict=True):
         # Stored as float32 pixel / 256 (exact); recover the uint8 pixel values.

@@ -68,7 +68,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def two_process_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("method", METHODS)
