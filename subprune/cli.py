@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
                    help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
                         "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
-    p.add_argument("--held-out", type=_bounded("--held-out", 1, integer=True), default=None,
+    p.add_argument("--held-out", type=_bounded("--held-out", 0, integer=True), default=None,
                    help="training images (disjoint from the calibration set) for --budget accuracy (default 1000)")
     p.add_argument("--cache", default=None, help="cache directory of --budget accuracy (default ~/.cache/subprune)")
     p.add_argument("--layers", default=None, help="comma-separated producer layers to prune (default: all)")

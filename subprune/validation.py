@@ -117,7 +117,7 @@ def device(name: str, value) -> torch.device | None:
     try:
         return torch.device(value)
     except RuntimeError as exc:
-        raise ValueError(f"{name}={value!r} is not a device name; use e.g. 'cpu', 'cuda' or 'cuda:1'") from exc
+        raise ValueError(f"{name}={value!r} is not a torch device name (e.g. 'cpu', 'cuda', 'cuda:1')") from exc
 
 
 def module(name: str, value) -> nn.Module:

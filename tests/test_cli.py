@@ -66,7 +66,7 @@ def test_prune_lenet_writes_report_and_reloadable_model(tmp_path, capsys):
         (["prune", "--keep-site", "fc1"], "NAME=RATIO"),
         (["prune", "--epsilon", "1"], "--epsilon 1.0 must be a finite number >= 0 and < 1"),
         (["prune", "--ridge", "nan"], "--ridge nan must be a finite number >= 0"),
-        (["prune", "--batch-size", "0"], "--batch-size 0 must be a finite number >= 1"),
+        (["prune", "--batch-size", "0"], "--batch-size 0 must be an integer >= 1"),
         (["prune", "--compression", "inf"], "must be a finite number >= 1"),
     ],
 )
@@ -159,7 +159,7 @@ def test_out_refuses_cwd_and_file_parents_before_any_work(tmp_path, monkeypatch,
 def test_bad_threads_and_corrupt_save_give_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--threads", "-1"])
-    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert "--threads -1 must be an integer >= 1" in capsys.readouterr().err
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     spec = {"format": "subprune-pruned-v1", "base_model": "lenet", "modules": {}}
     (tmp_path / "architecture.json").write_text(json.dumps(spec))

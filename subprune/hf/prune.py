@@ -112,12 +112,8 @@ class TransformerPruneConfig:
                 raise TypeError(f"keep must map site names (str) to keep ratios, got {type(self.keep).__name__}")
             put("keep", {k: _keep_ratio(f"keep ratio {k}", v) for k, v in self.keep.items()})
         put("budget", validation.choice("budget", self.budget, BUDGETS))
-        if self.params is not None:
-            try:
-                put("params", validation.real("params", self.params, 0, 1, low_open=True))
-            except ValueError:
-                raise ValueError(f"params={self.params!r} must be in (0, 1]: the fraction of prunable parameters "
-                                 "kept") from None
+        if self.params is not None:  # the fraction of the prunable parameters kept
+            put("params", validation.real("params", self.params, 0, 1, low_open=True))
         if self.params is not None and self.keep is not None:
             raise ValueError("give either per-site keep ratios (keep) or a parameter target (params), not both")
         put("epsilon", validation.real("epsilon", self.epsilon, 0, 1, high_open=True))

@@ -117,6 +117,14 @@ def _check_widths(record, sites, config_file: Path) -> None:
                              f"1..{site.channels} (the width config.json gives): the save is damaged")
 
 
+def _memory_bytes() -> float:
+    """Physical memory of this machine (infinite where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 def _stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -170,6 +178,12 @@ def load_pruned(directory: str | os.PathLike, auto_class=None) -> nn.Module:
     def build(config, record, device: str) -> nn.Module:
         with torch.device(device):
             model = auto_class.from_config(config)
+        if device == "meta":  # the dense model is built before the widths cut it: within this machine's memory
+            dense = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+            if dense > _memory_bytes():
+                raise ValueError(f"{config_file} describes a model of {dense / 2**30:,.1f} GB before pruning, more "
+                                 f"than the {_memory_bytes() / 2**30:,.1f} GB of memory here: the save is damaged "
+                                 "(or needs a larger machine)")
         sites = find_transformer_sites(model)
         _check_widths(record, sites, config_file)
         for site in sites:
