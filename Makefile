@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench clean fashion-mnist
+.PHONY: demo test lint bench clean fashion-mnist zoo-extras
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: $(VENV)/.installed
 # Optional: Fashion-MNIST (Debian package, needs root) for the CNN benchmarks of issues 3 and 4.
 fashion-mnist:
 	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist
+
+# Optional (issue 15): timm and Torch-Pruning for benchmarks/zoo_coverage.py and benchmarks/vs_torch_pruning.py.
+# Both with --no-deps (timm would pull a 5.5 GB torchvision; it imports without it, see subprune/models/timm_import.py).
+zoo-extras: $(VENV)/.installed
+	$(PIP) install -q --no-deps timm==1.0.31 torch-pruning==1.6.1
+	$(PY) -c "from subprune.models.timm_import import import_timm; import torch_pruning; import_timm().create_model('resnet18')"
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/solver_speed.py --quick

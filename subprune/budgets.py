@@ -81,6 +81,19 @@ class ParameterCounter:
             else:  # a grouped conv's weight holds in/groups inputs per output; its groups shrink with out
                 n_out, n_in = module.out_channels, module.in_channels // module.groups
             self._modules.append((n_out, n_in, module.weight.numel() // (n_out * n_in), bias, cut["out"], cut["in"]))
+        # Parameters sliced by graph operations (functional norms, LayerScale, embeddings): numel per index, cuts.
+        params = dict(model.named_parameters())
+        slices: dict[str, tuple[int, int, list]] = {}
+        for s in sites:
+            for ref in s.parameters:
+                if ref.name in params:  # buffers (running statistics) are not parameters
+                    tensor = params[ref.name]
+                    size = tensor.shape[ref.axis]
+                    entry = slices.setdefault(ref.name, (size, tensor.numel() // size, []))
+                    entry[2].append((s.name, ref.span // s.channels))
+        for size, per_index, cut in slices.values():
+            fixed -= size * per_index
+            self._modules.append((size, 1, 0, per_index, cut, []))
         self._fixed = fixed
 
     def count(self, kept: Mapping[str, int]) -> int:

@@ -22,12 +22,20 @@ from tqdm.auto import tqdm
 from subprune import validation
 from subprune.baselines import LossFn, ScoreContext, default_loss
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
-from subprune.calibration import Calibration, as_calibration, check_module
+from subprune.calibration import Batch, Calibration, as_calibration, check_module
 from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
 from subprune.distributed import all_reduce_statistics, check_same_selection, require_initialized
 from subprune.joint_refit import JointRefit
 from subprune.methods import METHODS, Method, SiteProblem, get_method
-from subprune.sites import ChannelRange, PruningSite, SkippedLayer, find_sites, select_sites
+from subprune.sites import (
+    ChannelRange,
+    NothingToPruneError,
+    PrunedModelError,
+    PruningSite,
+    SkippedLayer,
+    find_sites,
+    select_sites,
+)
 from subprune.solver import greedy_select, group_columns, refit, ridge_value, stack_problems, weights_objective
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
@@ -106,6 +114,12 @@ class PruneConfig:
         Also prune channels tied by residual additions across several producers,
         as one coupled site each, refitting every consumer (see
         :func:`subprune.sites.find_sites`). Off: only block-internal sites.
+    leaf_modules : tuple of str
+        Submodules kept whole when tracing (their forward holds control flow that
+        no trace follows); nothing inside them is pruned (:func:`subprune.graph.trace`).
+    allow_unpruned : bool
+        Return an unpruned copy, with a warning, when the model has no pruning
+        site at all; off: that raises :class:`subprune.sites.NothingToPruneError`.
     """
 
     method: str = "asym"
@@ -125,6 +139,8 @@ class PruneConfig:
     precision: str = "float64"
     distributed: bool = False
     coupled: bool = False
+    leaf_modules: tuple[str, ...] = ()
+    allow_unpruned: bool = False
 
     def __post_init__(self) -> None:
         """Check every field once; numpy/torch scalars become plain numbers (TypeError names other types)."""
@@ -132,6 +148,12 @@ class PruneConfig:
             object.__setattr__(self, name, value)
 
         put("method", validation.choice("method", self.method, list(METHODS)))
+        if isinstance(self.leaf_modules, str):
+            put("leaf_modules", (self.leaf_modules,))
+        if not all(isinstance(n, str) for n in self.leaf_modules):
+            raise TypeError(f"leaf_modules must be module names (a str or a tuple of str), got {self.leaf_modules!r}")
+        put("leaf_modules", tuple(self.leaf_modules))
+        put("allow_unpruned", validation.flag("allow_unpruned", self.allow_unpruned))
         if self.keep is not None and self.compression is not None:
             raise ValueError("give either keep ratios or a compression ratio, not both: the compression target "
                              "chooses the keep ratios (PruneConfig(compression=4) or PruneConfig(keep=0.25))")
@@ -379,6 +401,14 @@ def collect_site_statistics(
                         for b in rows_b:
                             stat.update(b)
                     else:
+                        if targets[ref.module].shape[:-1] != inputs[ref.module].shape[:-1] and not isinstance(
+                                module, nn.Conv2d):
+                            raise ValueError(
+                                f"consumer '{ref.module}' reads a tensor whose other dimensions hold pruned channels "
+                                f"({tuple(targets[ref.module].shape)} in the dense model, "
+                                f"{tuple(inputs[ref.module].shape)} now; a Linear acting across a pruned dimension, "
+                                "as Mixer's token MLP): the asymmetric target cannot pair its rows; use method "
+                                "'seq' or 'layer', or coupled=False")
                         rows_a = _site_rows(module, targets[ref.module], ref, ref.start, chunk_bytes)
                         for b, a in zip(rows_b, rows_a, strict=True):
                             stat.update(b, a)
@@ -529,6 +559,20 @@ def _prune_one_site(
     )
 
 
+def _check_runs(model: nn.Module, batch: Batch, device: torch.device, offload: bool) -> None:
+    """One forward pass of the pruned model: a width fixed in forward() (a constant shape) fails here, named."""
+    try:
+        with offload_modules([model], device) if offload else contextlib.nullcontext(), torch.no_grad():
+            batch.run(model)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrunedModelError(
+            f"the pruned {type(model).__name__} does not run ({type(exc).__name__}: {detail}): its forward() fixes a "
+            "width that pruning changed (a constant shape or size); prune fewer layers (layers=...) or keep the "
+            "module that holds it whole (leaf_modules=...)"
+        ) from exc
+
+
 def prune(
     model: nn.Module,
     calibration,
@@ -587,6 +631,10 @@ def prune(
         The model cannot be traced, or the calibration inputs have the wrong shape.
     subprune.sites.UnprunableLayerError
         A layer named in ``config.layers`` cannot be pruned (the reason is given).
+    subprune.sites.NothingToPruneError
+        The model has no pruning site (unless ``config.allow_unpruned``); the reasons are given.
+    subprune.sites.PrunedModelError
+        The pruned model does not run (a width fixed in its forward()).
     subprune.statistics.NonFiniteActivationError
         NaN or infinite activations reach a consumer.
     """
@@ -635,7 +683,13 @@ def _prune(
 
     with offload_modules([work], device) if config.offload else contextlib.nullcontext():
         all_sites, skipped = find_sites(work, calibration.head(MIN_CALIBRATION_SAMPLES, device),
-                                        coupled=config.coupled)
+                                        coupled=config.coupled, leaf_modules=config.leaf_modules)
+    if not all_sites and not config.allow_unpruned:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "it has no Linear/Conv layers"
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        hint = "" if config.coupled else "; try coupled=True (CLI --coupled) for residual streams"
+        raise NothingToPruneError(f"nothing in {type(model).__name__} can be pruned: {reasons}{more}{hint}; "
+                                  "pass allow_unpruned=True to get an unpruned copy instead")
     sites = select_sites(all_sites, skipped, list(config.layers) if config.layers else None)
     plan = _plan(sites, 1.0 if config.keep is None else config.keep,  # None: the compression target decides
                  found={s.name for s in all_sites})
@@ -694,5 +748,6 @@ def _prune(
         report.seconds = time.perf_counter() - site_start
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)
+    _check_runs(work, calibration.head(MIN_CALIBRATION_SAMPLES, device), device, config.offload)
     return PruneResult(work, reports, skipped, config, time.perf_counter() - start_time,
                        joint_refits={} if joint is None else joint.results_, unselected=unselected)

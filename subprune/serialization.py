@@ -64,13 +64,48 @@ def state_bytes(model: nn.Module) -> int:
 
 
 def architecture(model: nn.Module, base_model: str | None = None) -> dict:
-    """The JSON description of ``model``'s resizable modules."""
-    modules = {
-        name: {"type": type(m).__name__, "config": module_config(m)}
-        for name, m in model.named_modules()
-        if type(m).__name__ in RESIZABLE
-    }
-    return {"format": FORMAT, "base_model": base_model, "model_class": type(model).__name__, "modules": modules}
+    """The JSON description of ``model``'s resizable modules.
+
+    Linear, Conv2d, BatchNorm and ZeroPadShortcut modules are described by their
+    constructor arguments (``modules``); every other module that owns tensors
+    (a subclass such as timm's Conv2dSame, a LayerNorm or LayerScale whose
+    parameters a site sliced) by the shapes of its own tensors and its integer
+    size attributes (``tensors``).
+    """
+    modules, tensors = {}, {}
+    for name, m in model.named_modules():
+        if RESIZABLE.get(type(m).__name__) is type(m):
+            modules[name] = {"type": type(m).__name__, "config": module_config(m)}
+            continue
+        own = {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
+        if own:
+            tensors[name] = {
+                "type": type(m).__name__,
+                "shapes": {k: list(t.shape) for k, t in own.items()},
+                "attributes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(m).items()
+                               if k in _SIZE_ATTRIBUTES and isinstance(v, (int, tuple)) and not isinstance(v, bool)},
+            }
+    return {"format": FORMAT, "base_model": base_model, "model_class": type(model).__name__, "modules": modules,
+            "tensors": tensors}
+
+
+_SIZE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "num_features",
+                              "num_channels", "num_groups", "normalized_shape", "groups"})
+
+
+def _resize_tensors(module: nn.Module, entry: dict) -> None:
+    """Give ``module`` empty tensors of the saved shapes and the saved size attributes (weights are loaded next)."""
+    for key, shape in entry["shapes"].items():
+        current = getattr(module, key)
+        if list(current.shape) == shape:
+            continue
+        empty = current.new_empty(shape)
+        if key in module._parameters:
+            module._parameters[key] = nn.Parameter(empty, requires_grad=current.requires_grad)
+        else:
+            module._buffers[key] = empty
+    for key, value in entry.get("attributes", {}).items():
+        setattr(module, key, tuple(value) if isinstance(value, list) else value)
 
 
 REPORT_FILE = "report.json"
@@ -312,6 +347,11 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
     try:
         for name, (type_name, config, current) in changes.items():
             set_module(model, name, build_module(type_name, config, like=current))
+        for name, entry in spec.get("tensors", {}).items():
+            current = get_module(model, name)
+            if type(current).__name__ != entry["type"]:
+                raise ValueError(f"module '{name}' is a {type(current).__name__}, the save has a {entry['type']}")
+            _resize_tensors(current, entry)
         model.load_state_dict(state, strict=True)
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__

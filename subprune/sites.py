@@ -2,77 +2,130 @@
 
 A pruning site is a set of channels removed together: the output channels of a
 producer (Linear out-features or Conv2d out-channels), carried through
-channel-wise operations (BatchNorm, activations, pooling, dropout, flatten,
-depthwise and grouped convolutions, squeeze-and-excitation scaling,
-concatenation) to every consumer (Linear or Conv2d) that reads them and whose
-weights are refit (DESIGN.md Sec. 2). The channel set is found by a flood fill
-over the traced graph: every tensor that carries the same channels belongs to
-the site, with the offset at which they sit (a concatenation shifts them).
+channel-wise operations to every consumer (Linear or Conv2d) that reads them and
+whose weights are refit (DESIGN.md Sec. 2). The channel set is found by a flood
+fill over the traced graph (:mod:`subprune.graph`): every tensor that carries
+the same channels belongs to the site, with the dimension that holds them and
+the offset at which they sit there (a concatenation shifts them, a channel
+slice or split cuts them, a permute or reshape moves the dimension).
+
+Channel-wise operations include BatchNorm (module or functional, so timm's
+BatchNormAct2d and friends are covered by what they compute, not by class),
+activations, pooling, dropout, spatial padding and resizing (``F.pad``,
+``nn.ZeroPad2d``, ``nn.Upsample``, ``F.interpolate``), shape reads
+(``x.size(0)``, ``x.shape``), permutes, reshapes that keep the channels whole,
+reductions over other dimensions (a mean over tokens), a Linear acting on
+another dimension (Mixer's token MLP), depthwise and grouped convolutions
+(whole groups are kept), GroupNorm (whole groups), squeeze-and-excitation
+gates and per-channel parameters (LayerScale, position embeddings, a class
+token), whose entries are sliced with the channels. A LayerNorm over the
+channels (or a GroupNorm with one group) is sliced too, but its statistics over
+the remaining channels change: such a site lists it in ``renormalised`` and the
+refit absorbs the change (measured in docs/zoo.md). Linear layers read and
+write channels on the last dimension of any (..., C) tensor (ViT/Mixer MLPs).
 
 *Block-internal* sites (the default) have one producer, plus the
 squeeze-and-excitation convolutions whose output scales the channels. Channels
 tied by a residual addition (``a + b``) or an elementwise product of two
 feature maps belong to several producers: they form a *coupled* site, found
-only with ``coupled=True``, in which every producer, BatchNorm and consumer that
-shares them is sliced together. A grouped convolution on the way makes the
-site's unit a whole group (channels of one group are kept or removed together).
+only with ``coupled=True``, in which every producer, norm and consumer that
+shares them is sliced together.
 
 A parameter-free "option A" shortcut written as
-:class:`subprune.shortcuts.ZeroPadShortcut` (subsample, then zero channels
-before and after) is a leaf of the traced graph: the channels it carries are
-shifted by its front padding, and its zero channels belong to the sites of the
-producers they are added to. A site's channels are a contiguous range of each
-module; when a shortcut splits a producer's output channels into a data part
-and zero parts, each part is its own site, named ``producer[start:end]``. An
-inline ``F.pad`` of the channel dimension cannot be rebuilt and stops the site.
+:class:`subprune.shortcuts.ZeroPadShortcut` is a leaf of the traced graph: the
+channels it carries are shifted by its front padding, and its zero channels
+belong to the sites of the producers they are added to. A site's channels are
+a contiguous range of each module; when a shortcut, a split or a channel slice
+cuts a producer's output channels into parts, each part is its own site, named
+``producer[start:end]``. An inline ``F.pad`` of the channel dimension cannot be
+rebuilt and stops the site.
 
-Every Linear/Conv2d that is neither in a site nor pruned with one is reported
-with the reason; nothing is half-pruned.
+Every Linear/Conv layer that is neither in a site nor pruned with one is
+reported with the reason (Conv1d/Conv3d/ConvTranspose included); nothing is
+half-pruned. A Parameter shared by two modules (tied weights) stops the sites
+that reach it, with the reason.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from subprune.calibration import Batch, check_module
+from subprune.convs import conv_kind
+from subprune.graph import (
+    ADDITIONS,
+    DIVISIONS,
+    LAYERS,
+    PRODUCTS,
+    TraceError,
+    is_shape_read,
+    map_dim,
+    part_shapes,
+    tensor_inputs,
+    trace,
+)
+from subprune.graph import shape as _shape
 from subprune.shortcuts import ZeroPadShortcut
+
+__all__ = ["NothingToPruneError", "PrunedModelError", "TraceError", "UnprunableLayerError", "find_sites",
+           "select_sites", "trace"]
 
 PRODUCERS = (nn.Linear, nn.Conv2d)
 
 CHANNELWISE_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
     nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardswish, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout,
-    nn.Dropout1d, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
+    nn.Dropout1d, nn.Dropout2d, nn.Softplus, nn.CELU, nn.SELU, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+# Modules acting on each channel's spatial map alone (the channels must be on dim 1).
+SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d,
 )
 # Per-sample scalings from torchvision and timm (identity in eval mode), matched by class name.
 CHANNELWISE_MODULE_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
 # Matched by name: torch.relu, F.relu and torch.nn.functional's dispatch wrappers
 # (F.max_pool2d traces as `_max_pool2d` or `max_pool2d`) all count.
 CHANNELWISE_FUNCTIONS = {
-    "relu", "relu_", "relu6", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh",
-    "hardswish", "hardsigmoid", "hardtanh", "mish", "dropout", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices",
-    "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "_adaptive_max_pool2d",
+    "relu", "relu_", "relu6", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+    "hardtanh", "mish", "dropout", "softplus", "celu", "selu", "abs", "neg", "exp", "sqrt", "rsqrt", "square",
+    "clamp", "clip", "sign", "erf", "log", "reciprocal", "_assert_scalar",
 }
-CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach"}
-FLATTEN_METHODS = {"view", "reshape", "flatten"}
+SPATIAL_FUNCTIONS = {
+    "max_pool1d", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "_adaptive_max_pool2d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
+}
+CHANNELWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "detach", "float", "to",
+    "type_as", "abs", "neg", "exp", "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max", "square", "sign",
+    "pow", "__pow__", "reciprocal", "erf",
+}
+_RESHAPES = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"}
+_PERMUTES = {"permute", "transpose", "swapaxes", "movedim"}
+_MEANS = {"mean", "amax", "amin", "sum", "max", "min"}
+_SPLITS = {"split", "chunk", "unbind", "tensor_split"}
+_NORMS = {"batch_norm": 1, "layer_norm": -1, "group_norm": 1, "instance_norm": 1}  # function -> channel dim
 
 
 class UnprunableLayerError(ValueError):
     """A layer the user asked to prune is not the producer of any pruning site."""
 
 
-class TraceError(ValueError):
-    """The model could not be traced or run on the example input."""
+class NothingToPruneError(ValueError):
+    """The model has no pruning site at all."""
 
 
+class PrunedModelError(RuntimeError):
+    """The pruned model does not run (its forward fixes a width that pruning changed)."""
 @dataclass(frozen=True)
 class ChannelRange:
     """Where a site's channels lie in one module.
@@ -119,6 +172,26 @@ class ZeroPadRange:
 
 
 @dataclass(frozen=True)
+class ParameterRange:
+    """Entries of a parameter or buffer that a site removes (a functional norm's weights, LayerScale, an embedding).
+
+    Attributes
+    ----------
+    name : str
+        Qualified name of the parameter or buffer (``"blocks.0.ls1.gamma"``).
+    axis : int
+        Its dimension that holds the channels.
+    start, span : int
+        As in :class:`ChannelRange`.
+    """
+
+    name: str
+    axis: int
+    start: int
+    span: int
+
+
+@dataclass(frozen=True)
 class PruningSite:
     """A set of channels removed together, with every module that holds them.
 
@@ -156,6 +229,13 @@ class PruningSite:
     zero_pads : tuple of ZeroPadRange
         Zero channels of option-A shortcuts that are added to the site's channels:
         the shortcut is rebuilt with fewer of them.
+    parameters : tuple of ParameterRange
+        Parameters and buffers read by graph operations (functional norms, per-channel
+        scales, embeddings, a class token) whose entries are sliced with the channels.
+    renormalised : tuple of str
+        Norm operations (LayerNorm over the channels, GroupNorm with one group) whose
+        statistics over the kept channels differ from the dense model's: the cut model
+        is not the masked dense model there, and the refit absorbs the change.
     """
 
     name: str
@@ -170,6 +250,8 @@ class PruningSite:
     groupwise: tuple[str, ...] = ()
     coupled_by: tuple[str, ...] = ()
     zero_pads: tuple[ZeroPadRange, ...] = ()
+    parameters: tuple[ParameterRange, ...] = ()
+    renormalised: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A site built by hand as a plain chain: one producer, BatchNorms, one consumer reading all.
@@ -194,109 +276,11 @@ class PruningSite:
 
 @dataclass(frozen=True)
 class SkippedLayer:
-    """A Linear/Conv2d that cannot be pruned, and why."""
+    """A Linear/Conv layer that cannot be pruned, and why."""
 
     name: str
     reason: str
 
-
-def trace(model: nn.Module, example_input: Tensor | Batch) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` and record tensor shapes from ``example_input``.
-
-    ``example_input`` is a Tensor (``model(x)``) or a :class:`subprune.calibration.Batch`
-    (several inputs); ``forward`` arguments it does not give as Tensors are
-    fixed while tracing (torch.fx ``concrete_args``, see :mod:`subprune.calibration`).
-
-    Raises
-    ------
-    TypeError
-        If ``model`` is TorchScript or a ``torch.compile`` wrapper, or the
-        example does not fit ``forward``'s signature.
-    TraceError
-        If torch.fx cannot trace the model (data-dependent control flow) or the
-        example input does not fit the model.
-    """
-    check_module(model)
-    batch = example_input if isinstance(example_input, Batch) else Batch((example_input,))
-    concrete, values = batch.trace_arguments(model)
-    try:
-        graph_module = torch.fx.GraphModule(model, _Tracer().trace(model, concrete_args=concrete or None),
-                                            type(model).__name__)
-    except Exception as exc:  # torch.fx raises many types; re-raise one with the fix
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}. Models with Python "
-            "control flow on tensor values or shapes cannot be traced; move such checks "
-            "out of forward(), or fix the inputs they depend on with concrete_args={name: value}"
-        ) from exc
-    try:  # a plain forward first: its error names the real cause, without ShapeProp's printed traceback
-        with torch.no_grad():
-            batch.run(model)
-    except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
-            f"the model does not run on {_shapes(batch)} ({detail}); pass calibration inputs "
-            "preprocessed as the model expects, with the batch along dim 0"
-        ) from exc
-    propagation = ShapeProp(graph_module)
-    propagation.extra_traceback = False
-    try:
-        with torch.no_grad():
-            propagation.propagate(*values)
-    except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
-            f"the traced graph of {type(model).__name__} does not run on {_shapes(batch)} although the model does "
-            f"({detail}): an input changes the control flow; fix it while tracing with "
-            "prune(..., concrete_args={name: value})"
-        ) from exc
-    return graph_module
-
-
-def _shapes(batch: Batch) -> str:
-    """``samples of shape (1, 28, 28) and dtype float32`` for one input, the batch's description otherwise."""
-    if len(batch.args) == 1 and not batch.kwargs and isinstance(batch.args[0], Tensor):
-        x = batch.args[0]
-        return f"samples of shape {tuple(x.shape[1:])} and dtype {str(x.dtype).removeprefix('torch.')}"
-    return f"the calibration inputs ({batch.describe()})"
-
-
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, keeping :class:`ZeroPadShortcut` as one call_module node (its pad is rebuilt)."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, ZeroPadShortcut) or super().is_leaf_module(module, qualified_name)
-
-
-def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    inputs: list[torch.fx.Node] = []
-    torch.fx.node.map_arg((node.args, node.kwargs), inputs.append)
-    return list(dict.fromkeys(inputs))
-
-
-def _is_flatten(node: torch.fx.Node, source: torch.fx.Node) -> bool:
-    """A flatten/view/reshape that maps (N, C, *spatial) to (N, C * prod(spatial))."""
-    before, after = _shape(source), _shape(node)
-    if before is None or after is None or len(before) < 3 or len(after) != 2:
-        return False
-    return after[0] == before[0] and after[1] == math.prod(before[1:])
-
-
-def _strip_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
-_ADDITIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_PRODUCTS = {operator.mul, operator.imul, torch.mul}
-_SCALARS = _ADDITIONS | _PRODUCTS | {operator.truediv, torch.div}
-_RESHAPES = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
-_MEANS = {"mean", "amax", "sum"}
 
 
 class _Fail(Exception):
@@ -304,37 +288,92 @@ class _Fail(Exception):
 
 
 class _Split(Exception):
-    """The site's channels straddle a boundary (data | zero padding): flood the parts apart (internal)."""
+    """The site's channels straddle a boundary (data | zero padding, split parts): flood the parts apart (internal)."""
 
-    def __init__(self, units: list[int], where: str):
+    def __init__(self, units: list[int], where: str, needs_coupled: bool = False):
         super().__init__(units)
-        self.units, self.where = units, where
+        self.units, self.where, self.needs_coupled = units, where, needs_coupled
 
 
 class _Regroup(Exception):
-    """A grouped convolution needs the site's unit to be one of its groups (internal)."""
+    """A grouped convolution or GroupNorm needs the site's unit to be one of its groups (internal)."""
 
     def __init__(self, groups: int):
         super().__init__(groups)
         self.groups = groups
 
 
+# (offset, width, columns, dim): the site's n units of ``width`` indices each start at ``offset`` along
+# dimension ``dim``; along it every index spans ``columns`` entries (> 1 after a flatten).
+State = tuple[int, int, int, int]
+
+
+class _Graph:
+    """Facts about the traced graph that every flood fill reads, computed once."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, model: nn.Module, leaf_modules: Iterable[str]):
+        self.graph_module = graph_module
+        self.modules = dict(graph_module.named_modules())
+        self.leaf_modules = tuple(leaf_modules)
+        self.call_counts: dict[str, int] = {}
+        self.data: set[torch.fx.Node] = set()  # nodes computed from the input's values
+        self.conv_kinds: dict[str, str | None] = {}
+        for node in graph_module.graph.nodes:
+            if node.op == "call_module":
+                self.call_counts[node.target] = self.call_counts.get(node.target, 0) + 1
+                module = self.modules[node.target]
+                if isinstance(module, nn.Conv2d) and node.target not in self.conv_kinds:
+                    self.conv_kinds[node.target] = conv_kind(module, _shape(node.args[0]) or ())
+            reads_data = not is_shape_read(node) and any(i in self.data for i in tensor_inputs(node))
+            if node.op == "placeholder" or reads_data:
+                self.data.add(node)
+        self.order = {n.target: i for i, n in enumerate(graph_module.graph.nodes)
+                      if n.op in ("call_module", "get_attr")}
+        # Parameters reachable under two names (tied weights): name -> the other name.
+        self.tied: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in first and first[id(param)] != name:
+                self.tied[name] = first[id(param)]
+                self.tied.setdefault(first[id(param)], name)
+            first.setdefault(id(param), name)
+
+    def tied_reason(self, module: str | None = None, parameter: str | None = None) -> str | None:
+        names = [parameter] if parameter else [f"{module}.{p}" for p, _ in
+                                                self.modules[module].named_parameters(recurse=False)]
+        for name in names:
+            if name in self.tied:
+                return (f"'{name}' is tied to '{self.tied[name]}' (one Parameter in two places): pruning one would "
+                        "untie them; tied parameters are not pruned")
+        return None
+
+
+def _describe(node: torch.fx.Node) -> str:
+    return f"'{node.name}' ({getattr(node.target, '__name__', node.target)})"
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
 class _Flood:
     """Flood fill of one channel set from a producer (see the module docstring)."""
 
-    def __init__(self, graph_module, modules, call_counts, start: torch.fx.Node, units: int, width: int,
-                 offset: int = 0):
-        self.modules, self.call_counts = modules, call_counts
+    def __init__(self, graph: _Graph, start: torch.fx.Node, units: int, width: int, offset: int = 0):
+        self.g = graph
         self.n = units
-        self.state: dict[torch.fx.Node, tuple[int, int, int]] = {}  # node -> (offset, width, columns)
+        self.state: dict[torch.fx.Node, State] = {}
         self.producers: dict[str, ChannelRange] = {}
         self.consumers: dict[str, ChannelRange] = {}
         self.sliced: dict[str, ChannelRange] = {}
+        self.params: dict[str, ParameterRange] = {}
         self.groupwise: list[str] = []
         self.coupled_by: list[str] = []
+        self.renormalised: list[str] = []
         self.zero_pads: dict[tuple[str, str], ZeroPadRange] = {}
         self.queue: list[torch.fx.Node] = []
-        self._visit(start, (offset, width, 1))
+        out = _shape(start)
+        self._visit(start, (offset, width, 1, 1 if isinstance(self._module(start), nn.Conv2d) else len(out) - 1))
         while self.queue:
             node = self.queue.pop(0)
             self._backward(node)
@@ -343,181 +382,215 @@ class _Flood:
 
     # -- classification -------------------------------------------------------------------------
     def _module(self, node: torch.fx.Node) -> nn.Module | None:
-        return self.modules[node.target] if node.op == "call_module" else None
+        return self.g.modules[node.target] if node.op == "call_module" else None
 
     def _kind(self, node: torch.fx.Node) -> str:
-        """One of producer, groupwise, batchnorm, unary, reshape, cat, join, zeropad, placeholder, output, other."""
+        """What ``node`` does to channels: producer layers, channel-wise kinds, reshapes, joins, or "other"."""
         if node.op in ("placeholder", "output", "get_attr"):
             return node.op
         module = self._module(node)
         name = getattr(node.target, "__name__", str(node.target))
-        n_inputs = len(_tensor_inputs(node))
-        if isinstance(module, ZeroPadShortcut):
-            if self.call_counts.get(node.target, 0) > 1:
-                raise _Fail(f"shortcut '{node.target}' is called {self.call_counts[node.target]} times")
-            return "zeropad"
+        n_inputs = len(tensor_inputs(node))
         if module is not None:
-            stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-            if stateful and self.call_counts.get(node.target, 0) > 1:
-                raise _Fail(f"module '{node.target}' is called {self.call_counts[node.target]} times")
-            if isinstance(module, nn.Conv2d):
-                return "producer" if module.groups == 1 else "groupwise"
-            if isinstance(module, nn.Linear):
-                return "producer"
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                return "batchnorm"
-            if isinstance(module, CHANNELWISE_MODULES) or type(module).__name__ in CHANNELWISE_MODULE_NAMES:
-                return "unary"
-            if isinstance(module, (nn.Flatten, nn.Unflatten)):
-                return "reshape"
-            return "other"
+            return self._module_kind(node, module)
         if node.op == "call_function":
-            if node.target is torch.cat:
+            target = node.target
+            if target in (torch.cat, torch.concat):
                 return "cat"
-            if node.target in _ADDITIONS | _PRODUCTS and n_inputs == 2:
-                return "join"
-            if node.target in _SCALARS and n_inputs == 1:
+            if target is operator.getitem:
+                return "getitem"
+            if target in (torch.split, torch.chunk, torch.unbind, torch.tensor_split) or name in _SPLITS:
+                return "split"
+            if target in ADDITIONS | PRODUCTS | DIVISIONS:
+                return "join" if n_inputs == 2 else "unary"
+            if name in _NORMS:
+                return "norm"
+            if name in CHANNELWISE_FUNCTIONS and n_inputs == 1:
                 return "unary"
-            if name in CHANNELWISE_FUNCTIONS and n_inputs == 1 and node.args and node.args[0] in _tensor_inputs(node):
-                return "unary"
-            if node.target is torch.flatten:
-                return "reshape"
-            if node.target is operator.getitem and n_inputs == 1 and self._spatial_index(node):
-                return "unary"
+            if name in SPATIAL_FUNCTIONS and n_inputs == 1:
+                return "spatial"
             if name == "pad" and n_inputs == 1:
-                pad = tuple(node.args[1]) if len(node.args) > 1 else tuple(node.kwargs.get("pad", ()))
-                shape = _shape(node.args[0])
-                if shape is not None and not any(pad[2 * (len(shape) - 2):]):
-                    return "unary"  # pads spatial dimensions only
-                raise _Fail(f"'{node.name}' (pad) zero-pads the channel dimension (e.g. an option-A shortcut) by "
-                            "amounts fixed in forward(); write the shortcut as subprune.shortcuts.ZeroPadShortcut "
-                            "to prune through it")
-            if node.target is torch.mean and n_inputs == 1:
-                return "mean"
-        if node.op == "call_method":
-            if node.target in CHANNELWISE_METHODS and n_inputs == 1:
-                return "unary"
-            if node.target in _RESHAPES and n_inputs == 1:
+                return "pad"
+            if target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze):
                 return "reshape"
-            if node.target in ("add", "sub", "mul") and n_inputs == 2:
-                return "join"
-            if node.target in ("add", "sub", "mul", "div") and n_inputs == 1:
-                return "unary"
-            if node.target in _MEANS and n_inputs == 1:
+            if target in (torch.permute, torch.transpose, torch.swapaxes):
+                return "permute"
+            if name in _MEANS and n_inputs == 1:
                 return "mean"
+            if name == "roll":
+                return "roll"
+            return "other"
+        if node.op == "call_method":
+            target = node.target
+            if target in _SPLITS:
+                return "split"
+            if target.strip("_") in ("add", "sub", "mul", "div", "truediv"):
+                return "join" if n_inputs == 2 else "unary"
+            if target in CHANNELWISE_METHODS:
+                return "unary"
+            if target in _RESHAPES:
+                return "reshape"
+            if target in _PERMUTES and target != "movedim":
+                return "permute"
+            if target in ("expand", "expand_as"):
+                return "expand"
+            if target in _MEANS and n_inputs == 1:
+                return "mean"
+            if target == "roll":
+                return "roll"
         return "other"
 
-    @staticmethod
-    def _spatial_index(node: torch.fx.Node) -> bool:
-        """x[:, :, ...] that slices only dimensions after the channels."""
-        index = node.args[1] if len(node.args) > 1 else None
-        if not isinstance(index, tuple) or len(index) < 2:
-            return False
-        full = slice(None, None, None)
-        return index[0] == full and index[1] == full and all(isinstance(i, slice) for i in index[2:])
-
-    @staticmethod
-    def _describe(node: torch.fx.Node) -> str:
-        return f"'{node.name}' ({getattr(node.target, '__name__', node.target)})"
+    def _module_kind(self, node: torch.fx.Node, module: nn.Module) -> str:
+        counts = self.g.call_counts.get(node.target, 0)
+        if isinstance(module, ZeroPadShortcut):
+            if counts > 1:
+                raise _Fail(f"shortcut '{node.target}' is called {counts} times")
+            return "zeropad"
+        stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+        if stateful and counts > 1:
+            raise _Fail(f"module '{node.target}' is called {counts} times")
+        if node.target in self.g.leaf_modules:
+            raise _Fail(f"its channels reach the leaf module '{node.target}', which is kept whole")
+        if isinstance(module, nn.Conv2d):
+            if self.g.conv_kinds.get(node.target) is None:
+                raise _Fail(f"{type(module).__name__} '{node.target}' is a Conv2d subclass whose forward is neither a "
+                            "plain nor a 'SAME'-padded convolution of its input (weight standardisation?); write it "
+                            "as nn.Conv2d to prune through it")
+            return "conv" if module.groups == 1 else "groupwise"
+        if isinstance(module, nn.Linear):
+            return "linear"
+        if isinstance(module, LAYERS):
+            raise _Fail(f"{type(module).__name__} '{node.target}' reads or writes the channels; only Linear and "
+                        "Conv2d layers are pruned so far")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return "batchnorm"
+        if isinstance(module, CHANNELWISE_MODULES) or type(module).__name__ in CHANNELWISE_MODULE_NAMES:
+            return "unary"
+        if isinstance(module, SPATIAL_MODULES):
+            return "spatial"
+        if isinstance(module, (nn.Flatten, nn.Unflatten)):
+            return "reshape"
+        return "other"
 
     # -- traversal ------------------------------------------------------------------------------
-    def _visit(self, node: torch.fx.Node, state: tuple[int, int, int]) -> None:
+    def _visit(self, node: torch.fx.Node, state: State) -> None:
         if node in self.state:
             if self.state[node] != state:
-                raise _Fail(f"its channels reach {self._describe(node)} at two different positions")
+                raise _Fail(f"its channels reach {_describe(node)} at two different positions")
             return
-        offset, width, columns = state
+        offset, width, columns, dim = state
         kind = self._kind(node)
-        if kind in ("producer", "batchnorm", "groupwise") and columns != 1:
-            raise _Fail(f"module '{node.target}' reads flattened channels")
         span = self.n * width
-        if kind == "producer":
+        if kind in ("conv", "batchnorm", "groupwise") and (columns != 1 or dim != 1):
+            raise _Fail(f"module '{node.target}' reads flattened or moved channels")
+        if kind == "linear" and dim == len(_shape(node)) - 1:
+            kind = "producer"
+            if columns != 1:
+                raise _Fail(f"module '{node.target}' reads flattened channels")
+        if kind in ("conv", "producer", "batchnorm", "groupwise"):
+            reason = self.g.tied_reason(module=node.target)
+            if reason:
+                raise _Fail(reason)
+        if kind in ("conv", "producer"):
             self.producers[node.target] = ChannelRange(node.target, offset, span)
         elif kind == "batchnorm":
             self.sliced[node.target] = ChannelRange(node.target, offset, span)
         elif kind == "groupwise":
             self.groupwise.append(node.target)
+        elif kind == "get_attr":
+            reason = self.g.tied_reason(parameter=node.target)
+            if reason or columns != 1:
+                raise _Fail(reason or f"the parameter '{node.target}' is read flattened")
+            self.params[node.target] = ParameterRange(node.target, dim, offset, span)
         self.state[node] = state
         self.queue.append(node)
 
-    def _mean_keeps_channels(self, node: torch.fx.Node) -> bool:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        shape = _shape(node.args[0])
-        if dims is None or shape is None:
-            return False
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        return all(d % len(shape) >= 2 for d in dims)
-
-    def _reshape_columns(self, node: torch.fx.Node, source: torch.fx.Node, columns: int, forward: bool) -> int:
-        """New columns-per-channel across a reshape from ``source`` to ``node``, or _Fail."""
-        before, after = _shape(source), _shape(node)
-        if before is None or after is None:
-            raise _Fail(f"{self._describe(node)} has no recorded shape")
-        if _strip_ones(before) == _strip_ones(after):
-            return columns
-        if _is_flatten(node, source):
-            spatial = math.prod(before[2:])
-            if forward:
-                return columns * spatial
-            if columns % spatial:
-                raise _Fail(f"{self._describe(node)} reshapes the channels in an unsupported way")
-            return columns // spatial
-        raise _Fail(f"{self._describe(node)} reshapes the channels in an unsupported way")
-
     def _forward(self, node: torch.fx.Node, user: torch.fx.Node) -> None:
         """``user`` reads ``node``'s channels."""
-        offset, width, columns = self.state[node]
+        if is_shape_read(user):
+            return
+        state = self.state[node]
+        offset, width, columns, dim = state
         kind = self._kind(user)
         if kind == "output":
             raise _Fail("its outputs are the model's outputs (last layer)")
-        if kind == "producer":  # a consumer
-            module = self._module(user)
-            if user.args[0] is not node or len(_tensor_inputs(user)) != 1:
-                raise _Fail(f"consumer '{user.target}' reads the channels in an unsupported way")
+        if kind in ("conv", "linear"):
+            if user.args[0] is not node or len(tensor_inputs(user)) != 1:
+                raise _Fail(f"layer '{user.target}' reads the channels in an unsupported way")
+            module, in_shape = self._module(user), _shape(node)
+            if kind == "linear" and dim != len(in_shape) - 1:  # acts on another dimension: channel-wise
+                self._visit(user, state)
+                return
             if user.target in self.consumers:
                 raise _Fail(f"consumer '{user.target}' reads the channels twice")
-            if isinstance(module, nn.Conv2d):
-                if columns != 1:
-                    raise _Fail(f"consumer '{user.target}' is a Conv2d after a flatten")
+            reason = self.g.tied_reason(module=user.target)
+            if reason:
+                raise _Fail(reason)
+            if kind == "conv":
+                if columns != 1 or dim != 1:
+                    raise _Fail(f"consumer '{user.target}' is a Conv2d after a flatten or a permute")
                 if module.padding_mode != "zeros":
                     raise _Fail(f"consumer '{user.target}' uses padding_mode={module.padding_mode!r}")
                 kernel = module.kernel_size[0] * module.kernel_size[1]
             else:
-                shape = _shape(node)
-                if shape is None or len(shape) != 2:
-                    raise _Fail(f"Linear consumer '{user.target}' reads a tensor of shape {shape}, not (N, features)")
+                if columns != 1 and len(in_shape) != 2:
+                    raise _Fail(f"Linear consumer '{user.target}' reads flattened channels of a {len(in_shape)}-D "
+                                "tensor")
                 kernel = columns
             self.consumers[user.target] = ChannelRange(user.target, offset, self.n * width, kernel)
             return
-        self._visit(user, self._through(user, node, (offset, width, columns), kind, forward=True))
+        new = self._through(user, node, state, kind, forward=True)
+        if new is not None:
+            self._visit(user, new)
 
     def _backward(self, node: torch.fx.Node) -> None:
-        """The inputs of ``node`` carry the same channels (unless ``node`` is a producer)."""
+        """The inputs of ``node`` that carry the same channels (unless ``node`` is a producer)."""
         kind = self._kind(node)
-        if kind == "producer":
+        state = self.state[node]
+        if kind in ("conv", "get_attr"):
             return
-        if kind in ("placeholder", "get_attr"):
-            raise _Fail(f"its channels are tied to the model input or a constant {self._describe(node)}")
+        if kind == "linear":
+            if state[3] == len(_shape(node)) - 1:
+                return  # a producer
+            self._visit(node.args[0], state)
+            return
+        if kind == "placeholder":
+            raise _Fail("its channels are tied to the model input")
         if kind == "cat":
-            offset, width, columns = self.state[node]
-            before = 0
-            for source in node.args[0]:
-                size = _shape(source)[1]
-                if before <= offset and offset + self.n * width <= before + size:
-                    self._visit(source, (offset - before, width, columns))
-                    return
-                before += size
-            raise _Fail(f"its channels straddle the inputs of the concatenation {self._describe(node)}")
+            self._backward_cat(node)
+            return
         if kind == "zeropad":
             self._backward_zeropad(node)
             return
-        for source in _tensor_inputs(node):
-            self._visit(source, self._through(node, source, self.state[node], kind, forward=False))
+        if kind == "getitem" and part_shapes(node.args[0]) is not None:
+            self._visit(node.args[0], self._part(node, state, forward=False))
+            return
+        for source in tensor_inputs(node):
+            new = self._through(node, source, state, kind, forward=False)
+            if new is not None:
+                self._visit(source, new)
+
+    def _backward_cat(self, node: torch.fx.Node) -> None:
+        offset, width, columns, dim = self.state[node]
+        sources = [s for s in node.args[0]]
+        if self._cat_dim(node) != dim:  # along another dimension: every input carries the channels
+            self._note_coupling(node, sources)
+            for source in sources:
+                self._visit(source, (offset, width, columns, dim))
+            return
+        before = 0
+        for source in sources:
+            size = _shape(source)[dim]
+            if before <= offset and offset + self.n * width <= before + size:
+                self._visit(source, (offset - before, width, columns, dim))
+                return
+            before += size
+        raise _Fail(f"its channels straddle the inputs of the concatenation {_describe(node)}")
 
     def _backward_zeropad(self, node: torch.fx.Node) -> None:
         """Output channels of a ZeroPadShortcut: its zero channels, or its input's channels shifted by ``front``."""
-        offset, width, columns = self.state[node]
-        module, (source,) = self._module(node), _tensor_inputs(node)
+        offset, width, columns, dim = self.state[node]
+        module, (source,) = self._module(node), tensor_inputs(node)
         size, end = _shape(source)[1], offset + self.n * width
         data = (module.front, module.front + size)
         if end <= data[0] or offset >= data[1]:
@@ -525,51 +598,70 @@ class _Flood:
             self.zero_pads[(node.target, side)] = ZeroPadRange(node.target, side, self.n * width)
             return
         if data[0] <= offset and end <= data[1]:
-            self._visit(source, (offset - data[0], width, columns))
+            self._visit(source, (offset - data[0], width, columns, dim))
             return
         cuts = [b for b in data if offset < b < end]
         if width != 1 or columns != 1:
             raise _Fail(f"its channels straddle the zero padding of the shortcut '{node.target}'")
-        raise _Split([b - offset for b in cuts], node.target)
+        raise _Split([b - offset for b in cuts], node.target, needs_coupled=True)
 
-    def _through(
-        self, node: torch.fx.Node, source: torch.fx.Node, state: tuple[int, int, int], kind: str, forward: bool
-    ) -> tuple[int, int, int]:
-        """State of ``node`` from that of its input ``source`` (forward) or the reverse."""
-        offset, width, columns = state
-        if kind in ("unary", "batchnorm"):
+    # -- one operation ----------------------------------------------------------------------------
+    def _through(self, node: torch.fx.Node, source: torch.fx.Node, state: State, kind: str,
+                 forward: bool) -> State | None:
+        """State of ``node`` from that of its input ``source`` (forward) or the reverse; None: not carried."""
+        offset, width, columns, dim = state
+        if kind in ("unary", "batchnorm", "linear"):
+            if node.op == "call_method" and node.args[0] is not source:
+                return None  # x.to(y), x.type_as(y): only y's dtype is read
             return state
+        if kind in ("spatial", "pad", "roll"):
+            self._check_spatial(node, kind, dim, columns)
+            return state
+        if kind == "norm":
+            return self._through_norm(node, source, state, forward)
         if kind == "mean":
-            if not self._mean_keeps_channels(node):
-                raise _Fail(f"{self._describe(node)} reduces over the channels")
-            return state
+            return self._through_mean(node, state, forward)
         if kind == "reshape":
-            return offset, width, self._reshape_columns(node, source, columns, forward)
+            src, dst = (_shape(source), _shape(node)) if forward else (_shape(node), _shape(source))
+            mapped = map_dim(src, dst, dim, columns) if src is not None and dst is not None else None
+            if mapped is None:
+                raise _Fail(f"{_describe(node)} reshapes the channels in an unsupported way")
+            return offset, width, mapped[1], mapped[0]
+        if kind == "permute":
+            perm = self._permutation(node)
+            return offset, width, columns, perm.index(dim) if forward else perm[dim]
+        if kind == "expand":
+            if node.args[0] is not source:
+                return None  # expand_as(y) reads only y's shape
+            diff = len(_shape(node)) - len(_shape(source))
+            if not forward and dim - diff < 0:
+                raise _Fail(f"{_describe(node)} broadcasts the channels")
+            return offset, width, columns, dim + diff if forward else dim - diff
         if kind == "join":
-            a, b = (_shape(i) for i in _tensor_inputs(node))
-            if a == b:
-                if node.name not in self.coupled_by:
-                    self.coupled_by.append(node.name)
+            return self._through_join(node, source, state, forward)
+        if kind == "cat":  # forward only; the backward case is in _backward_cat
+            if self._cat_dim(node) != dim:
+                self._note_coupling(node, list(node.args[0]))
                 return state
-            gate = node.target in _PRODUCTS or node.target == "mul"
-            small = min((a, b), key=lambda s: math.prod(s) if s else 0)
-            if gate and small is not None and len(small) >= 3 and all(d == 1 for d in small[2:]):
-                return state  # squeeze-and-excitation: (N, C, 1, 1) scales (N, C, H, W)
-            raise _Fail(f"its channels are combined with a tensor of another shape by {self._describe(node)}")
-        if kind == "cat":  # forward only; the backward case is in _backward
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            shape = _shape(node)
-            if shape is None or dim % len(shape) != 1 or columns != 1:
-                raise _Fail(f"its channels are concatenated along a non-channel dimension by {self._describe(node)}")
             sources = list(node.args[0])
+            if columns != 1:
+                raise _Fail(f"its channels are concatenated flattened by {_describe(node)}")
             if sources.count(source) != 1:
-                raise _Fail(f"the concatenation {self._describe(node)} reads the same channels twice")
-            before = sum(_shape(s)[1] for s in sources[: sources.index(source)])
-            return offset + before, width, columns
+                raise _Fail(f"the concatenation {_describe(node)} reads the same channels twice")
+            before = sum(_shape(s)[dim] for s in sources[: sources.index(source)])
+            return offset + before, width, columns, dim
+        if kind == "getitem":
+            if part_shapes(source) is not None:
+                return self._part(node, state, forward=True)
+            return self._through_index(node, state, forward)
+        if kind == "split":  # the tuple holds the input's channels; a getitem picks its part
+            if self._split_dim(node) == dim and columns != 1:
+                raise _Fail(f"{_describe(node)} splits flattened channels")
+            return state
         if kind == "zeropad":  # forward only; the backward case is in _backward_zeropad
-            if columns != 1 or len(_shape(source) or ()) != 4:
+            if columns != 1 or dim != 1 or len(_shape(source) or ()) != 4:
                 raise _Fail(f"shortcut '{node.target}' reads flattened channels")
-            return offset + self._module(node).front, width, columns
+            return offset + self._module(node).front, width, columns, dim
         if kind == "groupwise":
             module = self._module(node)
             groups, c_in, c_out = module.groups, module.in_channels, module.out_channels
@@ -579,37 +671,251 @@ class _Flood:
                 raise _Fail(f"grouped convolution '{node.target}' reads other channels besides the site's")
             if module.padding_mode != "zeros":
                 raise _Fail(f"grouped convolution '{node.target}' uses padding_mode={module.padding_mode!r}")
-            return 0, (c_out if forward else c_in) // groups, 1
+            return 0, (c_out if forward else c_in) // groups, 1, 1
         if kind == "other" and node.op == "call_module":
             raise _Fail(f"unsupported module {type(self._module(node)).__name__} '{node.target}' on the channels")
-        raise _Fail(f"unsupported operation {self._describe(node)} on the channels")
+        raise _Fail(f"unsupported operation {_describe(node)} on the channels")
+
+    def _check_spatial(self, node: torch.fx.Node, kind: str, dim: int, columns: int) -> None:
+        """Pooling, resizing, padding and rolling must leave the channel dimension alone."""
+        if kind == "spatial" and (dim != 1 or columns != 1):
+            raise _Fail(f"{_describe(node)} pools or resizes a tensor whose channels are not on dim 1")
+        if kind == "roll":
+            dims = _arg(node, 2, "dims")
+            ndim = len(_shape(node))
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            if not dims or dim in [d % ndim for d in dims]:
+                raise _Fail(f"{_describe(node)} rolls the channels")
+        if kind == "pad":
+            pad = tuple(_arg(node, 1, "pad", ()))
+            ndim = len(_shape(node.args[0]))
+            for i in range(len(pad) // 2):
+                if ndim - 1 - i == dim and (pad[2 * i] or pad[2 * i + 1]):
+                    raise _Fail(f"'{node.name}' (pad) zero-pads the channel dimension (e.g. an option-A shortcut) "
+                                "by amounts fixed in forward(); write the shortcut as "
+                                "subprune.shortcuts.ZeroPadShortcut to prune through it")
+
+    def _through_norm(self, node: torch.fx.Node, source: torch.fx.Node, state: State, forward: bool) -> State:
+        offset, width, columns, dim = state
+        function = getattr(node.target, "__name__", str(node.target))
+        data = node.args[0]
+        channel_dim = 1 if _NORMS[function] == 1 else len(_shape(data)) - 1
+        if source is not data:  # a weight, bias or running statistic: its dim 0 holds the channels
+            return (offset, width, 1, channel_dim) if forward else (offset, width, 1, 0)
+        if dim != channel_dim or columns != 1:
+            raise _Fail(f"{_describe(node)} normalises a tensor whose channels are not on its channel dimension")
+        attrs = [a for a in (*node.args[1:], *node.kwargs.values())
+                 if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+        owner = attrs[0].target.rpartition(".")[0] if attrs else node.name
+        if function == "layer_norm":
+            if len(tuple(_arg(node, 1, "normalized_shape"))) != 1:
+                raise _Fail(f"{_describe(node)} normalises over the channels and other dimensions together")
+            self._renormalise(owner or node.name)
+        elif function == "group_norm":
+            groups = _arg(node, 1, "num_groups")
+            if groups == 1:
+                self._renormalise(owner or node.name)
+            elif self.n != groups:
+                raise _Regroup(groups)
+            elif offset != 0 or self.n * width != _shape(data)[1]:
+                raise _Fail(f"GroupNorm {_describe(node)} reads other channels besides the site's")
+        return state
+
+    def _renormalise(self, name: str) -> None:
+        if name not in self.renormalised:
+            self.renormalised.append(name)
+
+    def _through_mean(self, node: torch.fx.Node, state: State, forward: bool) -> State:
+        offset, width, columns, dim = state
+        ndim = len(_shape(node.args[0]))
+        dims = _arg(node, 1, "dim")
+        if dims is None or columns != 1:
+            raise _Fail(f"{_describe(node)} reduces over the channels")
+        dims = sorted({d % ndim for d in ([dims] if isinstance(dims, int) else dims)})
+        keep = bool(_arg(node, 2, "keepdim", False))
+        kept_dims = list(range(ndim)) if keep else [d for d in range(ndim) if d not in dims]
+        if forward:
+            if dim in dims:
+                raise _Fail(f"{_describe(node)} reduces over the channels")
+            return offset, width, columns, kept_dims.index(dim)
+        if kept_dims[dim] in dims:
+            raise _Fail(f"{_describe(node)} reduces over the channels")
+        return offset, width, columns, kept_dims[dim]
+
+    def _through_join(self, node: torch.fx.Node, source: torch.fx.Node, state: State, forward: bool) -> State | None:
+        """Elementwise arithmetic of two tensors, broadcast from the right."""
+        offset, width, columns, dim = state
+        out, src = _shape(node), _shape(source)
+        shift = len(out) - len(src)
+        if forward:
+            if out[dim + shift] != src[dim]:
+                raise _Fail(f"its channels are broadcast by {_describe(node)}")
+            self._note_coupling(node, tensor_inputs(node), dim + shift)
+            return offset, width, columns, dim + shift
+        if dim - shift < 0 or (src[dim - shift] == 1 and out[dim] != 1):
+            return None  # the same value for every channel (a spatial mask, a scalar)
+        if src[dim - shift] != out[dim]:
+            raise _Fail(f"its channels are combined with a tensor of another shape by {_describe(node)}")
+        self._note_coupling(node, tensor_inputs(node), dim)
+        return offset, width, columns, dim - shift
+
+    def _note_coupling(self, node: torch.fx.Node, inputs: list[torch.fx.Node], dim: int | None = None) -> None:
+        """Two activations carrying the same channels tie their producers; a gate or a parameter does not."""
+        if node.name in self.coupled_by:
+            return
+        out = _shape(node)
+        carriers = []
+        for source in inputs:
+            src = _shape(source)
+            if dim is None or (dim - (len(out) - len(src)) >= 0 and src[dim - (len(out) - len(src))] == out[dim]):
+                carriers.append(source)
+        data = [s for s in carriers if s in self.g.data]
+        if len(data) < 2:
+            return  # a parameter, a constant or a single activation
+        gate = node.target in PRODUCTS or node.target in ("mul", "mul_")
+        if gate and dim is not None and any(math.prod(_shape(s)) == _shape(s)[0] * out[dim] for s in data):
+            return  # squeeze-and-excitation: (N, C, 1, 1) scales (N, C, H, W)
+        self.coupled_by.append(node.name)
+
+    def _through_index(self, node: torch.fx.Node, state: State, forward: bool) -> State | None:
+        """x[...] on a tensor: basic indexing that keeps the channels (a slice of them cuts the site)."""
+        offset, width, columns, dim = state
+        in_shape = _shape(node.args[0])
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(isinstance(i, (torch.fx.Node, list, Tensor)) for i in index):
+            raise _Fail(f"{_describe(node)} indexes the tensor with another tensor")
+        explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
+        expanded: list = []
+        for i in index:
+            expanded.extend([slice(None)] * (len(in_shape) - explicit) if i is Ellipsis else [i])
+        expanded += [slice(None)] * (len(in_shape) - sum(1 for i in expanded if i is not None))
+        in_to_out, out_dim, in_dim, cuts = {}, 0, 0, {}
+        for i in expanded:
+            if i is None:
+                out_dim += 1
+                continue
+            if isinstance(i, slice):
+                in_to_out[in_dim] = out_dim
+                out_dim += 1
+            elif in_dim == (dim if forward else None):
+                raise _Fail(f"{_describe(node)} selects single channels")
+            if isinstance(i, slice) and i != slice(None):
+                cuts[in_dim] = i
+            in_dim += 1
+        channel_in = dim if forward else next((d for d, o in in_to_out.items() if o == dim), None)
+        if channel_in is None:
+            raise _Fail(f"{_describe(node)} selects single channels")
+        start = 0
+        if channel_in in cuts:
+            if columns != 1:
+                raise _Fail(f"{_describe(node)} slices flattened channels")
+            start, stop, step = cuts[channel_in].indices(in_shape[channel_in])
+            if step != 1:
+                raise _Fail(f"{_describe(node)} takes every {step}th channel")
+            fixed = stop < in_shape[channel_in]  # the slice ends before the last channel: a bound set in forward()
+            if forward:
+                return self._cut(node, state, start, stop - start, channel_in, in_to_out[channel_in], fixed)
+            self._check_fixed(node, start, fixed)
+        if forward:
+            return offset, width, columns, in_to_out[channel_in]
+        return offset + start, width, columns, channel_in
+
+    def _cut(self, node: torch.fx.Node, state: State, start: int, size: int, dim: int, new_dim: int,
+             fixed: bool) -> State | None:
+        """The site's channels through a part [start, start + size) of their dimension (a slice or a split).
+
+        ``fixed``: the part ends at a position that forward() fixes (a slice bound,
+        a split size): pruning channels at or before it would move it.
+        """
+        offset, width, columns, _ = state
+        end = offset + self.n * width
+        if end <= start or offset >= start + size:
+            return None  # this part does not hold the site's channels
+        if start <= offset and end <= start + size:
+            self._check_fixed(node, start, fixed)
+            return offset - start, width, columns, new_dim
+        if width != 1 or columns != 1:
+            raise _Fail(f"its channels straddle the parts of {_describe(node)}")
+        raise _Split([b - offset for b in (start, start + size) if offset < b < end], node.name)
+
+    @staticmethod
+    def _check_fixed(node: torch.fx.Node, start: int, fixed: bool) -> None:
+        if fixed:
+            raise _Fail(f"{_describe(node)} cuts the channels at a position fixed in forward() (a slice bound or "
+                        "split size): pruning them would shift it; only the part that runs to the last channel "
+                        "can be pruned")
+
+    def _split_dim(self, node: torch.fx.Node) -> int:
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        index = 1 if name == "unbind" else 2
+        return _arg(node, index, "dim", 0) % len(_shape(node.args[0]))
+
+    def _part(self, node: torch.fx.Node, state: State, forward: bool) -> State | None:
+        """getitem(split, i): the part i of a split/chunk/unbind of the channels' tensor."""
+        split, i = node.args[0], node.args[1]
+        offset, width, columns, dim = state
+        split_dim = self._split_dim(split)
+        removes = (split.target if isinstance(split.target, str) else split.target.__name__) == "unbind"
+        parts = part_shapes(split)
+        sizes = [1] * len(parts) if removes else [p[split_dim] for p in parts]
+        start = sum(sizes[:i])
+        # Only split(x, size) keeps its earlier parts when the channels shrink (the last takes the rest);
+        # chunk(x, k) recomputes every size and split(x, [sizes]) fixes them all.
+        by_size = (split.target if isinstance(split.target, str) else split.target.__name__) == "split" and \
+            isinstance(_arg(split, 1, "split_size_or_sections", _arg(split, 1, "split_size")), int)
+        fixed = not (by_size and i == len(parts) - 1)
+        if forward:
+            if split_dim == dim:
+                if removes:
+                    raise _Fail(f"{_describe(split)} unbinds the channels")
+                return self._cut(split, state, start, sizes[i], dim, dim, fixed)
+            return offset, width, columns, dim - 1 if removes and split_dim < dim else dim
+        if removes:
+            return offset, width, columns, dim + 1 if split_dim <= dim else dim
+        if split_dim == dim:
+            self._check_fixed(split, start, fixed)
+        return (offset + start if split_dim == dim else offset), width, columns, dim
+
+    def _cat_dim(self, node: torch.fx.Node) -> int:
+        return _arg(node, 1, "dim", 0) % len(_shape(node))
+
+    def _permutation(self, node: torch.fx.Node) -> list[int]:
+        """Output dim i holds input dim perm[i]."""
+        ndim = len(_shape(node))
+        args = [a for a in node.args[1:]] or list(node.kwargs.values())
+        if node.target in ("transpose", "swapaxes", torch.transpose, torch.swapaxes):
+            a, b = (d % ndim for d in args[:2])
+            perm = list(range(ndim))
+            perm[a], perm[b] = perm[b], perm[a]
+            return perm
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        return [d % ndim for d in dims]
 
 
-def _flood_site(graph_module, modules, call_counts, node: torch.fx.Node, coupled: bool,
-                start: int = 0, span: int | None = None):
+def _flood_site(graph: _Graph, node: torch.fx.Node, coupled: bool, start: int = 0, span: int | None = None):
     """Flood from output channels ``start .. start + span - 1`` of a producer node.
 
     Returns (PruningSite, producer ranges, grouped convs) or (reason, touched modules, ()); raises
     _Split when the channels must be flooded in parts.
     """
-    module = modules[node.target]
+    module = graph.modules[node.target]
     channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     span = channels if span is None else span
     units, tried, flood = span, set(), None
     for _ in range(4):
         try:
-            flood = _Flood(graph_module, modules, call_counts, node, units, span // units, start)
+            flood = _Flood(graph, node, units, span // units, start)
             break
         except _Regroup as regroup:
             if regroup.groups in tried or span % regroup.groups:
-                return (f"grouped convolutions with {regroup.groups} groups do not divide its "
+                return (f"grouped convolutions or GroupNorms with {regroup.groups} groups do not divide its "
                         f"{span} channels evenly"), set(), ()
             tried.add(regroup.groups)
             units = regroup.groups
         except _Fail as fail:
             return str(fail), set(), ()
     if flood is None:
-        return "grouped convolutions with incompatible numbers of groups", set(), ()
+        return "grouped convolutions or GroupNorms with incompatible numbers of groups", set(), ()
     producers = list(flood.producers.values())
     others = [p.module for p in producers if p.module != node.target]
     if flood.coupled_by and not coupled:
@@ -620,7 +926,7 @@ def _flood_site(graph_module, modules, call_counts, node: torch.fx.Node, coupled
         ), set(others) | set(flood.groupwise), ()
     if not flood.consumers:
         return "its channels reach no Linear/Conv2d that could be refit", set(), ()
-    order = {n.target: i for i, n in enumerate(graph_module.graph.nodes) if n.op == "call_module"}
+    order = graph.order
     consumers = sorted(flood.consumers.values(), key=lambda c: order[c.module])
     producers.sort(key=lambda p: order[p.module])
     sliced = sorted(flood.sliced.values(), key=lambda c: order[c.module])
@@ -632,6 +938,8 @@ def _flood_site(graph_module, modules, call_counts, node: torch.fx.Node, coupled
         producers=tuple(producers), consumers=tuple(consumers), sliced=tuple(sliced),
         groupwise=tuple(sorted(flood.groupwise, key=order.get)), coupled_by=tuple(flood.coupled_by),
         zero_pads=tuple(sorted(flood.zero_pads.values(), key=lambda z: (order[z.module], z.side))),
+        parameters=tuple(sorted(flood.params.values(), key=lambda p: order.get(p.name, 0))),
+        renormalised=tuple(flood.renormalised),
     )
     return site, producers, set(flood.groupwise)
 
@@ -648,8 +956,10 @@ def _uncovered(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]
     return pieces
 
 
+
+
 def find_sites(
-    model: nn.Module, example_input: Tensor, coupled: bool = False
+    model: nn.Module, example_input: Tensor, coupled: bool = False, leaf_modules: Iterable[str] = ()
 ) -> tuple[list[PruningSite], list[SkippedLayer]]:
     """All pruning sites of ``model``, in forward (graph) order, and the skipped layers.
 
@@ -664,25 +974,25 @@ def find_sites(
         Also return coupled sites: channels tied by residual additions (or
         products of feature maps) across several producers, pruned together.
         Without it their producers are skipped with the reason.
+    leaf_modules : iterable of str
+        Submodules kept whole: not traced into, nothing inside them pruned (for
+        forwards that no trace can follow, see :func:`subprune.graph.trace`).
 
     Returns
     -------
     sites : list of PruningSite
     skipped : list of SkippedLayer
-        Every Linear/Conv2d that is neither a producer of a site nor a grouped
+        Every Linear/Conv layer (Conv1d, Conv3d and transposed convolutions
+        included) that is neither a producer of a site nor a grouped
         convolution carried by one, with the reason.
 
     Raises
     ------
     TraceError
-        See :func:`trace`.
+        See :func:`subprune.graph.trace`.
     """
-    graph_module = trace(model, example_input)
-    modules = dict(graph_module.named_modules())
-    call_counts: dict[str, int] = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module":
-            call_counts[node.target] = call_counts.get(node.target, 0) + 1
+    graph = _Graph(trace(model, example_input, leaf_modules), model, leaf_modules)
+    modules, call_counts = graph.modules, graph.call_counts
 
     sites: list[PruningSite] = []
     skipped: list[SkippedLayer] = []
@@ -690,8 +1000,8 @@ def find_sites(
     ranges: dict[str, list[tuple[int, int]]] = {}  # producer -> (start, span) of output channels in sites
     failed: dict[str, str] = {}  # grouped conv -> reason of the site it belongs to
     seen: set[str] = set()
-    for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], PRODUCERS):
+    for node in graph.graph_module.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], LAYERS):
             continue
         name, module = node.target, modules[node.target]
         if name in seen:
@@ -700,16 +1010,20 @@ def find_sites(
         if call_counts[name] > 1:
             skipped.append(SkippedLayer(name, f"called {call_counts[name]} times (shared weights)"))
             continue
+        if not isinstance(module, PRODUCERS):
+            skipped.append(SkippedLayer(name, f"{type(module).__name__} layers are not pruned so far (only Linear and "
+                                              "Conv2d): their weight layout needs its own slicing and statistics"))
+            continue
         if name in covered or (isinstance(module, nn.Conv2d) and module.groups != 1):
             continue
         channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
         pieces = _uncovered(ranges.get(name, []), channels)
-        while pieces:  # output channels no site holds yet; a ZeroPadShortcut may split them
+        while pieces:  # output channels no site holds yet; a ZeroPadShortcut or a split may cut them
             start, span = pieces.pop(0)
             try:
-                found, touched, grouped = _flood_site(graph_module, modules, call_counts, node, coupled, start, span)
+                found, touched, grouped = _flood_site(graph, node, coupled, start, span)
             except _Split as split:
-                if not coupled:  # the zero channels are only ever tied in by a residual addition
+                if split.needs_coupled and not coupled:  # zero channels are only ever tied in by a residual addition
                     skipped.append(SkippedLayer(name, (
                         f"its channels are added to the zero-padding shortcut '{split.where}' (a residual "
                         "connection); prune them together with coupled=True")))
@@ -727,16 +1041,21 @@ def find_sites(
             covered |= grouped
             for ref in touched:
                 ranges.setdefault(ref.module, []).append((ref.start, ref.span))
-    for node in graph_module.graph.nodes:  # grouped convolutions no site carries
+    skipped_names = {s.name for s in skipped}
+    for node in graph.graph_module.graph.nodes:  # grouped convolutions no site carries
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, nn.Conv2d) and module.groups != 1 and node.target not in covered:
-            if call_counts[node.target] == 1 and all(s.name != node.target for s in skipped):
+            if call_counts[node.target] == 1 and node.target not in skipped_names:
                 reason = failed.get(node.target, "grouped or depthwise convolution whose channels no site carries")
                 skipped.append(SkippedLayer(node.target, reason))
-    # Linear/Conv2d modules that the traced graph never calls.
+                skipped_names.add(node.target)
+    # Layers that the traced graph never calls (inside a leaf module, or unused).
     for name, module in model.named_modules():
-        if isinstance(module, PRODUCERS) and name not in seen:
-            skipped.append(SkippedLayer(name, "not called in the traced forward pass"))
+        if isinstance(module, LAYERS) and name not in seen and name not in skipped_names:
+            leaf = next((leaf for leaf in graph.leaf_modules if name.startswith(leaf + ".")), None)
+            reason = f"inside the leaf module '{leaf}', which is kept whole" if leaf else "not called in the traced " \
+                "forward pass"
+            skipped.append(SkippedLayer(name, reason))
     return sites, skipped
 
 

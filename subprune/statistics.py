@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from subprune.calibration import forward
+from subprune.convs import explicit_padding
 
 # Unfolded patches of one chunk are kept below this many bytes (float64).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -76,8 +77,12 @@ def consumer_input_rows(
             yield rows[start : start + step].to(torch.float64)
     elif isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
-        h_out = (x.shape[2] + 2 * module.padding[0] - module.dilation[0] * (kh - 1) - 1)
-        w_out = (x.shape[3] + 2 * module.padding[1] - module.dilation[1] * (kw - 1) - 1)
+        padding = module.padding
+        if isinstance(padding, str) or type(module).forward is not nn.Conv2d.forward:
+            x = F.pad(x, explicit_padding(module, x))  # "same" padding, or a subclass's own (subprune.convs)
+            padding = (0, 0)
+        h_out = (x.shape[2] + 2 * padding[0] - module.dilation[0] * (kh - 1) - 1)
+        w_out = (x.shape[3] + 2 * padding[1] - module.dilation[1] * (kw - 1) - 1)
         patches = (h_out // module.stride[0] + 1) * (w_out // module.stride[1] + 1)
         per_sample = 8 * patches * x.shape[1] * kh * kw
         step = max(1, chunk_bytes // per_sample)
@@ -86,7 +91,7 @@ def consumer_input_rows(
                 x[start : start + step].to(torch.float64),
                 module.kernel_size,
                 dilation=module.dilation,
-                padding=module.padding,
+                padding=padding,
                 stride=module.stride,
             )  # (n, C kh kw, L)
             yield cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (n L, C kh kw)

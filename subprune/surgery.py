@@ -84,12 +84,81 @@ def build_module(type_name: str, config: dict, like: nn.Module | None = None) ->
 
 
 def _new_like(module: nn.Module, **changes) -> nn.Module:
-    """A module of the same type, dtype, device and ``requires_grad`` with some constructor arguments changed."""
+    """A module of the same type, dtype, device and ``requires_grad`` with some constructor arguments changed.
+
+    Subclasses (timm's ``Conv2dSame``, a user's Linear with its own forward) are
+    copied with their attributes and given uninitialised parameters of the new
+    shapes, so they keep their own forward.
+    """
+    if RESIZABLE.get(type(module).__name__) is not type(module):
+        return resized_copy(module, **changes)
     new = build_module(type(module).__name__, {**module_config(module), **changes}, like=module)
     new.train(module.training)
     for name, param in new.named_parameters(recurse=False):  # frozen weights stay frozen
         param.requires_grad_(getattr(module, name).requires_grad)
     return new
+
+
+def resized_copy(module: nn.Module, **changes) -> nn.Module:
+    """A shallow copy of a Linear/Conv2d (any subclass) with new sizes and empty parameters of those sizes.
+
+    The copy shares nothing mutable with ``module``: its parameter, buffer,
+    submodule and hook dictionaries are its own.
+    """
+    new = copy.copy(module)
+    new.__dict__ = {k: (dict(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    for key, value in changes.items():
+        setattr(new, key, value)
+    if isinstance(new, nn.Linear):
+        shapes = {"weight": (new.out_features, new.in_features), "bias": (new.out_features,)}
+    elif isinstance(new, nn.Conv2d):
+        shapes = {"weight": (new.out_channels, new.in_channels // new.groups, *new.kernel_size),
+                  "bias": (new.out_channels,)}
+    else:
+        raise TypeError(f"surgery does not handle {type(module).__name__}")
+    for name, size in shapes.items():
+        old = module._parameters.get(name)
+        if old is not None:
+            new._parameters[name] = nn.Parameter(torch.empty(size, dtype=old.dtype, device=old.device),
+                                                 requires_grad=old.requires_grad)
+    return new
+
+
+_SIZE_ATTRIBUTES = ("num_features", "num_channels", "normalized_shape", "dim", "embed_dim")
+
+
+@torch.no_grad()
+def slice_parameter_(model: nn.Module, name: str, axis: int, rows: Tensor) -> tuple[nn.Module, int, int]:
+    """Keep only the entries ``rows`` along ``axis`` of the parameter or buffer ``name``, in place.
+
+    Returns (owner module, old size, new size) along the axis.
+    """
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    old = getattr(owner, leaf)
+    new = old.index_select(axis, rows.to(old.device)).clone()
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = new
+    return owner, old.shape[axis], new.shape[axis]
+
+
+def _resize_attributes(owner: nn.Module, old: int, new: int) -> None:
+    """Set the size attributes of a norm or scale module that read ``old`` channels to ``new``."""
+    groups = getattr(owner, "num_groups", None)
+    for key in _SIZE_ATTRIBUTES:
+        value = getattr(owner, key, None)
+        if value == old and isinstance(value, int) and not isinstance(value, bool):
+            setattr(owner, key, new)
+        elif isinstance(value, tuple) and value == (old,):
+            setattr(owner, key, (new,))
+    for key, value in list(vars(owner).items()):  # a broadcast shape kept as an attribute: (C, 1, 1)
+        if (isinstance(value, tuple) and value.count(old) == 1 and old != 1
+                and all(isinstance(v, int) and v in (1, old) for v in value)):
+            setattr(owner, key, tuple(new if v == old else v for v in value))
+    if isinstance(groups, int) and groups > 1 and old % groups == 0 and new != old:
+        owner.num_groups = new // (old // groups)  # whole groups were removed
 
 
 @torch.no_grad()
@@ -220,7 +289,7 @@ def prune_site_(
     consumer_weight: Tensor | Mapping[str, Tensor] | None = None,
     layout: ChannelLayout | None = None,
 ) -> None:
-    """Prune one site of ``model`` in place: producers, BatchNorms, grouped convs, consumers, zero pads.
+    """Prune one site of ``model`` in place: producers, norms, grouped convs, consumers, parameters, zero pads.
 
     Parameters
     ----------
@@ -276,12 +345,31 @@ def prune_site_(
     for name in site.groupwise:
         module = get_module(model, name)
         set_module(model, name, slice_groupwise(module, keep.to(module.weight.device)))
+    resized: dict[int, tuple[nn.Module, int, int]] = {}
+    for ref in site.parameters:  # functional norms, per-channel scales, embeddings: slice the entries
+        tensor = _get_tensor(model, ref.name)
+        size = tensor.shape[ref.axis]
+        rows = layout.cut(ref.name, "param", size, ref.start, ref.span, _units(keep, ref.span // site.channels))
+        owner, old, new = slice_parameter_(model, ref.name, ref.axis, rows)
+        first_old = resized.get(id(owner), (owner, old, new))[1]
+        resized[id(owner)] = (owner, first_old, new)
+    for owner, old, new in resized.values():
+        _resize_attributes(owner, old, new)
     for ref in site.zero_pads:  # option-A shortcuts: fewer zero channels (all alike, so only the count matters)
         module = get_module(model, ref.module)
         removed = (site.channels - keep.numel()) * (ref.span // site.channels)
         config = module_config(module)
         config[ref.side] -= removed
         set_module(model, ref.module, _new_like(module, **config))
+
+
+def _get_tensor(model: nn.Module, name: str) -> Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    tensor = getattr(owner, leaf, None)
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"the model has no parameter or buffer named '{name}'")
+    return tensor
 
 
 @torch.no_grad()

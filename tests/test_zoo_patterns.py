@@ -1,0 +1,393 @@
+"""Graph patterns of timm/torchvision-style models, each on a small definition (issue 15).
+
+For every pattern: the sites found, the cut model equals the dense model with
+the removed channels' consumer columns zeroed (where no LayerNorm over the
+channels is renormalised), the cut with every index kept reproduces the dense
+output, the parameter count predicted by ParameterCounter is exact, and the
+pipeline's refit runs on it.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from subprune.budgets import ParameterCounter
+from subprune.pipeline import PruneConfig, prune
+from subprune.sites import NothingToPruneError, TraceError, find_sites
+from subprune.statistics import consumer_input_rows
+from subprune.surgery import consumer_weight_matrix, prune_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _masked(model, sites, keep):
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for site in sites:
+            dropped = sorted(set(range(site.channels)) - set(keep[site.name].tolist()))
+            for ref in site.consumers:
+                w = consumer_weight_matrix(masked.get_submodule(ref.module))
+                width = ref.span // site.channels
+                for unit in dropped:
+                    w[(ref.start + unit * width) * ref.kernel : (ref.start + (unit + 1) * width) * ref.kernel] = 0
+    return masked
+
+
+def check(model, x, coupled=False, expect=None, method="asym"):
+    """The common assertions; returns the sites."""
+    model.eval()
+    sites, skipped = find_sites(model, x[:2], coupled=coupled)
+    if expect is not None:
+        assert sorted(s.name for s in sites) == sorted(expect), (sites, skipped)
+    keep = {s.name: torch.arange(0, s.channels, 2) for s in sites}  # every other unit
+    with torch.no_grad():
+        dense = model(x)
+        full = prune_model(model, sites, {s.name: torch.arange(s.channels) for s in sites})
+        torch.testing.assert_close(full(x), dense)
+        cut = prune_model(model, sites, keep)
+        out = cut(x)
+        assert out.shape == dense.shape
+        plain = [s for s in sites if not s.renormalised]
+        if len(plain) == len(sites):
+            torch.testing.assert_close(out, _masked(model, sites, keep)(x), atol=1e-5, rtol=1e-5)
+    counter = ParameterCounter(model, sites)
+    assert counter.count({s.name: len(keep[s.name]) for s in sites}) == _params(cut)
+    assert counter.count({}) == _params(model)
+    result = prune(model, x, PruneConfig(method=method, keep=0.5, coupled=coupled, progress=False))
+    assert all(0 <= r.objective <= 1 + 1e-9 for r in result.sites)
+    with torch.no_grad():
+        assert torch.isfinite(result.model(x)).all()
+    return sites, skipped
+
+
+def test_size_reads_and_view_flatten():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8 * 6 * 6, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            assert x.dim() == 4
+            h = torch.relu(self.conv(x))
+            h = h.view(h.size(0), -1)  # shape read, not data
+            return self.head(torch.relu(self.fc(h[..., :])))
+
+    sites, _ = check(Net(), torch.randn(32, 3, 8, 8), expect=["conv", "fc"])
+    assert sites[0].consumers[0].kernel == 36
+
+
+def test_functional_batch_norm_with_activation_module_matched_by_behaviour():
+    class BatchNormAct2d(nn.BatchNorm2d):  # timm's: F.batch_norm, then its own activation, with a shape check
+        def __init__(self, c):
+            super().__init__(c)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            torch._assert(x.ndim == 4, "expected 4D input")
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+            return self.act(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.bn(self.a(x))).mean((2, 3))
+
+    model = Net()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.weight.uniform_(0.5, 2)
+    sites, _ = check(model, torch.randn(16, 3, 6, 6), expect=["a"])
+    assert {p.name for p in sites[0].parameters} == {"bn.running_mean", "bn.running_var", "bn.weight", "bn.bias"}
+    cut = prune_model(model, sites, {"a": torch.tensor([1, 5])})
+    assert cut.bn.num_features == 2 and cut.bn.weight.shape == (2,)
+
+
+def test_channel_split_and_slices():
+    class CSP(nn.Module):  # timm's CrossStage split by a size, a slice to the end, a slice with a fixed bound
+        def __init__(self):
+            super().__init__()
+            self.stem, self.mid = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.wide, self.narrow, self.out = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(3 + 4 + 4 + 2, 5, 1)
+
+        def forward(self, x):
+            a, b = torch.relu(self.stem(x)).split(3, dim=1)  # parts 0..2 (fixed size) and 3..5 (the rest)
+            w = torch.relu(self.wide(x))[:, 2:]  # from a fixed start to the end
+            n = torch.relu(self.narrow(x))[:, :2]  # up to a fixed bound
+            return self.out(torch.cat([a, torch.relu(self.mid(b)), w, n], dim=1)).mean((2, 3))
+
+    x = torch.randn(16, 3, 6, 6)
+    sites, skipped = check(CSP(), x, expect=["stem[3:6]", "mid", "wide[2:6]"])
+    by, reasons = {s.name: s for s in sites}, {s.name: s.reason for s in skipped}
+    assert [(c.module, c.start, c.span) for c in by["stem[3:6]"].consumers] == [("mid", 0, 3)]
+    assert [(c.module, c.start, c.span) for c in by["wide[2:6]"].consumers] == [("out", 7, 4)]
+    assert "fixed in forward()" in reasons["stem[0:3]"] and "fixed in forward()" in reasons["narrow[0:2]"]
+    assert reasons["wide[0:2]"] == "its channels reach no Linear/Conv2d that could be refit"
+
+
+@pytest.mark.parametrize("resize", ["upsample-nearest", "upsample-bilinear", "interpolate", "zeropad", "constpad"])
+def test_spatial_resizing_and_padding_modules(resize):
+    layer = {
+        "upsample-nearest": nn.Upsample(scale_factor=2, mode="nearest"),
+        "upsample-bilinear": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        "interpolate": None, "zeropad": nn.ZeroPad2d((1, 0, 2, 1)), "constpad": nn.ConstantPad2d(1, 0.5),
+    }[resize]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.resize = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3), layer
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = F.interpolate(h, size=(9, 9), mode="bilinear") if self.resize is None else self.resize(h)
+            return self.b(h).flatten(1).mean(1, keepdim=True)
+
+    check(Net(), torch.randn(16, 3, 6, 6), expect=["a"])
+
+
+def test_group_norm_whole_groups_and_layer_norm_over_channels():
+    class LayerNorm2d(nn.LayerNorm):  # timm's: channels-last LayerNorm of an NCHW tensor
+        def forward(self, x):
+            x = x.permute(0, 2, 3, 1)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8)
+            self.b, self.ln = nn.Conv2d(8, 6, 3, padding=1), LayerNorm2d(6)
+            self.c, self.gn1 = nn.Conv2d(6, 6, 1), nn.GroupNorm(1, 6)
+            self.d = nn.Conv2d(6, 3, 1)
+
+        def forward(self, x):
+            h = self.b(torch.relu(self.gn(self.a(x))))
+            h = self.c(torch.relu(self.ln(h)))
+            return self.d(torch.relu(self.gn1(h))).mean((2, 3))
+
+    model = Net()
+    sites, _ = find_sites(model.eval(), torch.randn(2, 3, 6, 6))
+    by = {s.name: s for s in sites}
+    assert by["a"].channels == 4 and by["a"].group_size == 2 * 9  # whole groups of 2 channels
+    assert not by["a"].renormalised and by["b"].renormalised == ("ln",) and by["c"].renormalised == ("gn1",)
+    x = torch.randn(24, 3, 6, 6)
+    check(model, x)
+    cut = prune_model(model, sites, {"a": torch.tensor([0, 3]), "b": torch.tensor([1, 2, 4])})
+    assert (cut.gn.num_groups, cut.gn.num_channels, cut.ln.normalized_shape, cut.ln.weight.shape) == (2, 4, (3,), (3,))
+    # Whole groups: the GroupNorm of the kept groups is unchanged, so the cut equals the masked model.
+    only_a = [by["a"]]
+    keep = {"a": torch.tensor([0, 3])}
+    with torch.no_grad():
+        torch.testing.assert_close(prune_model(model, only_a, keep)(x), _masked(model, only_a, keep)(x))
+
+
+def test_token_mlps_mixer_token_mixing_and_mean_over_tokens():
+    class Mixer(nn.Module):
+        def __init__(self, tokens=5, dim=8):
+            super().__init__()
+            self.embed = nn.Linear(3, dim)
+            self.norm = nn.LayerNorm(dim)
+            self.tok1, self.tok2 = nn.Linear(tokens, 7), nn.Linear(7, tokens)  # act on the token dimension
+            self.fc1, self.fc2 = nn.Linear(dim, 12), nn.Linear(12, dim)
+            self.head = nn.Linear(dim, 2)
+
+        def forward(self, x):  # x: (N, T, 3)
+            h = self.embed(x)
+            h = h + self.tok2(F.gelu(self.tok1(self.norm(h).transpose(1, 2)))).transpose(1, 2)
+            h = h + self.fc2(F.gelu(self.fc1(h)))
+            return self.head(h.mean(dim=1))  # a mean over tokens keeps the channels
+
+    x = torch.randn(40, 5, 3)
+    sites, skipped = check(Mixer(), x, expect=["tok1", "fc1"])
+    assert {s.name: s.reason for s in skipped}["embed"].endswith("prune them together with coupled=True")
+    sites, _ = check(Mixer(), x, coupled=True, expect=["embed", "tok1", "fc1"], method="seq")
+    stream = sites[0]
+    assert [p.module for p in stream.producers] == ["embed", "fc2"]
+    assert [c.module for c in stream.consumers] == ["fc1", "head"]
+    assert {p.name for p in stream.parameters} == {"norm.weight", "norm.bias"} and stream.renormalised == ("norm",)
+    with pytest.raises(ValueError, match="consumer 'tok2' reads a tensor whose other dimensions hold pruned channels"):
+        prune(Mixer(), x, PruneConfig(method="asym", coupled=True, progress=False))
+
+
+class _TinyViT(nn.Module):
+    """Patch embedding, class token, position embedding, LayerScale, MLP; attention kept out."""
+
+    def __init__(self, dim=8, hidden=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 2, 2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 10, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)  # (N, 9, dim)
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), h], dim=1) + self.pos_embed
+        h = h + self.gamma * self.fc2(F.gelu(self.fc1(self.norm(h))))
+        return self.head(h[:, 0])
+
+
+def test_vit_stream_with_class_token_position_embedding_and_layer_scale():
+    x = torch.randn(30, 3, 6, 6)
+    sites, _ = check(_TinyViT(), x, coupled=True, expect=["patch", "fc1"])
+    stream = sites[0]
+    assert {p.name: p.axis for p in stream.parameters} == {
+        "cls_token": 2, "pos_embed": 2, "norm.weight": 0, "norm.bias": 0, "gamma": 0}
+    cut = prune_model(_TinyViT(), sites, {"patch": torch.tensor([0, 2, 5]), "fc1": torch.arange(4)})
+    assert (cut.cls_token.shape, cut.pos_embed.shape, cut.gamma.shape, cut.head.in_features) == (
+        (1, 1, 3), (1, 10, 3), (3,), 3)
+
+
+def test_tied_parameters_are_reported_not_untied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+            self.c.weight = self.b.weight
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.head(torch.relu(self.c(torch.relu(self.b(h)))))
+
+    sites, skipped = find_sites(Tied(), torch.randn(2, 4))
+    reasons = {s.name: s.reason for s in skipped}
+    assert "'c.weight' is tied to 'b.weight'" in reasons["a"] or "'b.weight' is tied to 'c.weight'" in reasons["a"]
+    assert "tied" in reasons["b"] and "tied" in reasons["c"] and not sites
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow "SAME" padding computed from the input size (timm's Conv2dSame)."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        pads = []
+        for i, k, s in ((ih, self.kernel_size[0], self.stride[0]), (iw, self.kernel_size[1], self.stride[1])):
+            total = max((-(-i // s) - 1) * s + k - i, 0)
+            pads.append((total // 2, total - total // 2))
+        x = F.pad(x, (*pads[1], *pads[0]))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_conv_subclass_with_same_padding_is_the_conv_it_is():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Conv2dSame(3, 6, 3, stride=2), Conv2dSame(6, 5, 3, stride=2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+    model, x = Net(), torch.randn(20, 3, 7, 7)
+    check(model, x, expect=["a"])
+    h = torch.relu(model.a(x))  # the statistics unfold exactly the patches the layer convolves
+    rows = torch.cat(list(consumer_input_rows(model.b, h)))
+    direct = model.b(h) - model.b.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(rows @ consumer_weight_matrix(model.b).double(),
+                               direct.permute(0, 2, 3, 1).reshape(-1, 5).double(), atol=1e-5, rtol=1e-5)
+    cut = prune_model(model, find_sites(model, x[:2])[0], {"a": torch.tensor([1, 4])})
+    assert type(cut.a) is Conv2dSame and type(cut.b) is Conv2dSame and cut.b.in_channels == 2
+
+    class Standardised(nn.Conv2d):  # computes something else than a convolution of its input with its weight
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / 2
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    model.b = Standardised(6, 5, 3)
+    _, skipped = find_sites(model, x[:2])
+    assert "neither a plain nor a 'SAME'-padded convolution" in {s.name: s.reason for s in skipped}["a"]
+
+
+def test_shape_checks_traced_with_concrete_shapes_and_value_branches_named():
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            if x.shape[1] != 3:
+                raise ValueError("expected RGB")
+            n, c, h, w = x.shape
+            return self.b(torch.relu(self.a(x)).mean((2, 3)).reshape(n, -1))
+
+    check(Checked(), torch.randn(16, 3, 5, 5), expect=["a"])
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.gate, self.b, self.c = nn.Linear(4, 6), Gate(), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(self.gate(torch.relu(self.a(x))))))
+
+    x = torch.randn(16, 4)
+    with pytest.raises(TraceError, match=r"name 'gate' in leaf_modules"):
+        find_sites(Branchy(), x[:2])
+    sites, skipped = find_sites(Branchy(), x[:2], leaf_modules=("gate",))
+    assert [s.name for s in sites] == ["b"]
+    assert "leaf module 'gate'" in {s.name: s.reason for s in skipped}["a"]
+    result = prune(Branchy(), x, PruneConfig(keep=0.5, leaf_modules=("gate",), progress=False))
+    assert result.model.b.out_features == 3
+
+
+def test_other_convolutions_are_listed_and_nothing_to_prune_is_an_error():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.up = nn.Conv1d(3, 4, 3), nn.ConvTranspose2d(4, 2, 2, 2)
+
+        def forward(self, x):  # x: (N, 3, L)
+            h = torch.relu(self.c1(x))
+            return self.up(h.unsqueeze(2))
+
+    x = torch.randn(4, 3, 8)
+    sites, skipped = find_sites(Seq(), x[:2])
+    reasons = {s.name: s.reason for s in skipped}
+    assert not sites and set(reasons) == {"c1", "up"}
+    assert "Conv1d layers are not pruned so far" in reasons["c1"]
+    assert "ConvTranspose2d layers are not pruned so far" in reasons["up"]
+    with pytest.raises(NothingToPruneError, match="nothing in Seq can be pruned: c1: Conv1d"):
+        prune(Seq(), x, PruneConfig(progress=False))
+    copy_ = prune(Seq(), x, PruneConfig(allow_unpruned=True, progress=False)).model
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), Seq().eval()(x) * 0 + copy_(x))
+    assert _params(copy_) == _params(Seq())
+
+
+def test_sliced_norms_scales_and_conv_subclasses_save_and_reload(tmp_path):
+    from subprune.serialization import load_pruned, save_pruned
+
+    class Net(_TinyViT):
+        def __init__(self):
+            super().__init__()
+            self.patch = Conv2dSame(3, 8, 2, 2)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(30, 3, 6, 6)
+    result = prune(model, x, PruneConfig(method="seq", keep=0.5, coupled=True, progress=False))
+    save_pruned(result.model, tmp_path / "run")
+    torch.manual_seed(1)
+    reloaded = load_pruned(tmp_path / "run", model=Net())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.model(x))
+    assert type(reloaded.patch) is Conv2dSame and reloaded.norm.normalized_shape == (4,)
