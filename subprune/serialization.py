@@ -29,6 +29,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from subprune import validation
+from subprune.attention import HEAD_ATTRIBUTES
 from subprune.saving import atomic_directory, check_destination, current_version, publish_permissions, read_version
 from subprune.surgery import RESIZABLE, build_module, get_module, module_config, set_module
 
@@ -78,7 +79,7 @@ def architecture(model: nn.Module, base_model: str | None = None) -> dict:
             modules[name] = {"type": type(m).__name__, "config": module_config(m)}
             continue
         own = {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
-        if own:
+        if own or any(isinstance(getattr(m, k, None), int) for k in HEAD_ATTRIBUTES):
             tensors[name] = {
                 "type": type(m).__name__,
                 "shapes": {k: list(t.shape) for k, t in own.items()},
@@ -90,7 +91,7 @@ def architecture(model: nn.Module, base_model: str | None = None) -> dict:
 
 
 _SIZE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "num_features",
-                              "num_channels", "num_groups", "normalized_shape", "groups"})
+                              "num_channels", "num_groups", "normalized_shape", "groups", *HEAD_ATTRIBUTES})
 
 
 def _resize_tensors(module: nn.Module, entry: dict) -> None:

@@ -57,6 +57,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from subprune.attention import attention_inputs, confirm
+from subprune.calibration import forward
 from subprune.convs import conv_kind
 from subprune.graph import (
     ADDITIONS,
@@ -236,6 +238,9 @@ class PruningSite:
         Norm operations (LayerNorm over the channels, GroupNorm with one group) whose
         statistics over the kept channels differ from the dense model's: the cut model
         is not the masked dense model there, and the refit absorbs the change.
+    heads : tuple of str
+        Attention modules whose heads are the site's units (:mod:`subprune.attention`):
+        their ``num_heads`` (and ``attn_dim``) shrink with the cut.
     """
 
     name: str
@@ -252,6 +257,7 @@ class PruningSite:
     zero_pads: tuple[ZeroPadRange, ...] = ()
     parameters: tuple[ParameterRange, ...] = ()
     renormalised: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A site built by hand as a plain chain: one producer, BatchNorms, one consumer reading all.
@@ -944,6 +950,28 @@ def _flood_site(graph: _Graph, node: torch.fx.Node, coupled: bool, start: int = 
     return site, producers, set(flood.groupwise)
 
 
+def _attention_sites(model: nn.Module, example, graph: _Graph) -> tuple[dict[str, PruningSite], dict[str, str]]:
+    """Head sites of the attention modules confirmed by behaviour, keyed by their qkv; reasons for the others."""
+    sites, reasons = {}, {}
+    for name, x in attention_inputs(model, lambda m: forward(m, example)).items():
+        prefix = f"{name}." if name else ""
+        qkv, proj = f"{prefix}qkv", f"{prefix}proj"
+        if graph.call_counts.get(qkv) != 1 or graph.call_counts.get(proj) != 1:
+            continue
+        why = confirm(model.get_submodule(name), x) or graph.tied_reason(module=qkv) or graph.tied_reason(module=proj)
+        if why:
+            reasons[qkv] = f"the attention heads of '{name}' are not pruned: {why}"
+            continue
+        heads = model.get_submodule(name).num_heads
+        width = model.get_submodule(proj).in_features
+        sites[qkv] = PruningSite(
+            name=qkv, producer=qkv, consumer=proj, batchnorms=(), channels=heads, group_size=width // heads,
+            producers=tuple(ChannelRange(qkv, part * width, width) for part in range(3)),
+            consumers=(ChannelRange(proj, 0, width),), heads=(name,),
+        )
+    return sites, reasons
+
+
 def _uncovered(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     """The (start, span) pieces of 0..size-1 that no range in ``ranges`` covers, in order."""
     pieces, at = [], 0
@@ -993,6 +1021,7 @@ def find_sites(
     """
     graph = _Graph(trace(model, example_input, leaf_modules), model, leaf_modules)
     modules, call_counts = graph.modules, graph.call_counts
+    heads, head_reasons = _attention_sites(model, example_input, graph)
 
     sites: list[PruningSite] = []
     skipped: list[SkippedLayer] = []
@@ -1016,6 +1045,9 @@ def find_sites(
             continue
         if name in covered or (isinstance(module, nn.Conv2d) and module.groups != 1):
             continue
+        if name in heads:
+            sites.append(heads[name])
+            continue
         channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
         pieces = _uncovered(ranges.get(name, []), channels)
         while pieces:  # output channels no site holds yet; a ZeroPadShortcut or a split may cut them
@@ -1033,6 +1065,7 @@ def find_sites(
                 continue
             label = name if span == channels else f"{name}[{start}:{start + span}]"
             if isinstance(found, str):
+                found = head_reasons.get(name, found)
                 skipped.append(SkippedLayer(label, found))
                 for other in touched:
                     failed.setdefault(other, f"its channels belong to '{label}', which is skipped: {found}")

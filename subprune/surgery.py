@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from subprune.attention import cut_heads_
 from subprune.shortcuts import ZeroPadShortcut
 from subprune.sites import PruningSite
 from subprune.solver import group_columns
@@ -355,6 +356,8 @@ def prune_site_(
         resized[id(owner)] = (owner, first_old, new)
     for owner, old, new in resized.values():
         _resize_attributes(owner, old, new)
+    for name in site.heads:  # attention modules: fewer heads
+        cut_heads_(get_module(model, name), int(keep.numel()))
     for ref in site.zero_pads:  # option-A shortcuts: fewer zero channels (all alike, so only the count matters)
         module = get_module(model, ref.module)
         removed = (site.channels - keep.numel()) * (ref.span // site.channels)

@@ -391,3 +391,56 @@ def test_sliced_norms_scales_and_conv_subclasses_save_and_reload(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), result.model(x))
     assert type(reloaded.patch) is Conv2dSame and reloaded.norm.normalized_shape == (4,)
+
+
+class _Attention(nn.Module):
+    """timm's Attention: qkv -> (B, N, 3, heads, head_dim) -> scaled dot product -> proj."""
+
+    def __init__(self, dim=8, heads=4, per_head_bias=False):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.attn_dim = dim
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, 1, 1)) if per_head_bias else None
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        if self.bias is not None:
+            attn = attn + self.bias
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.proj(x)
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self, per_head_bias=False):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(3, 8), nn.LayerNorm(8)
+        self.attn = _Attention(per_head_bias=per_head_bias)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # (N, T, 3)
+        h = self.embed(x)
+        h = h + self.attn(self.norm(h))
+        return self.head(h.mean(1))
+
+
+def test_attention_heads_recognised_by_behaviour():
+    torch.manual_seed(0)
+    x = torch.randn(40, 6, 3)
+    sites, _ = check(_ViTBlock(), x, coupled=True, expect=["embed", "attn.qkv"])
+    heads = sites[1]
+    assert (heads.channels, heads.group_size, heads.heads) == (4, 2, ("attn",))
+    assert [(p.start, p.span) for p in heads.producers] == [(0, 8), (8, 8), (16, 8)]
+    cut = prune_model(_ViTBlock(), sites, {"embed": torch.arange(8), "attn.qkv": torch.tensor([1, 3])})
+    assert (cut.attn.num_heads, cut.attn.attn_dim, cut.attn.qkv.out_features, cut.attn.proj.in_features) == (
+        2, 4, 12, 4)
+    # Block-internal: the heads alone, refit on the calibration set; the head site's cut equals the masked model.
+    model = _ViTBlock().eval()
+    (site,), _ = find_sites(model, x[:2])
+    keep = {site.name: torch.tensor([0, 2])}
+    with torch.no_grad():
+        torch.testing.assert_close(prune_model(model, [site], keep)(x), _masked(model, [site], keep)(x))
+    _, skipped = find_sites(_ViTBlock(per_head_bias=True), x[:2])
+    assert "the attention heads of 'attn' are not pruned" in {s.name: s.reason for s in skipped}["attn.qkv"]

@@ -1,0 +1,263 @@
+"""Accuracy side by side with Torch-Pruning 1.6.1 on the registered models, without and with fine-tuning.
+
+Every run prunes a registered pretrained model to a whole-network parameter
+compression ratio (dense / pruned), with ``--calib`` training images drawn with
+the seed, and measures top-1 test accuracy, then again after the paper's
+limited-data fine-tuning (the calibration images only, :func:`subprune.finetune.paper_schedule`).
+
+* subprune: LayerInChange and AsymInChange with the refit, uniform and curve
+  budgets (``PruneConfig(compression=...)``), coupled sites where the model has
+  residual streams (resnet-fmnist).
+* Torch-Pruning: ``MetaPruner`` with its L1 and L2 magnitude, BN-scale (models
+  with BatchNorm), first-order Taylor (one backward pass of the loss on the
+  calibration images) and LAMP importances, local (one ratio per layer) and
+  global ranking; the classifier is ignored, as its README shows. Torch-Pruning
+  takes a channel ``pruning_ratio``, not a parameter target: it is set by
+  bisection to the smallest ratio whose pruned model meets the compression
+  ratio, so both sides hold (at most) the same number of parameters.
+
+Rows go to a JSON-lines file (resumable); tables of mean +- std over seeds are
+written with ``--table``; ``--plot`` draws accuracy against compression.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_torch_pruning.py --models lenet \
+        --out results/vs_torch_pruning.jsonl --table results/vs_torch_pruning.md --plot results/vs_torch_pruning.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from subprune.data import calibration_indices, load_dataset
+from subprune.evaluate import accuracy, count_parameters
+from subprune.finetune import finetune, paper_schedule
+from subprune.models import get_spec, load_model
+from subprune.pipeline import PruneConfig, prune
+
+SUBPRUNE = {"layer-uniform": ("layer", "uniform"), "layer-curve": ("layer", "curve"),
+            "asym-uniform": ("asym", "uniform"), "asym-curve": ("asym", "curve")}
+TP_IMPORTANCES = ("l1", "l2", "bn-scale", "taylor", "lamp")
+TP_METHODS = [f"tp-{imp}-{scope}" for imp in TP_IMPORTANCES for scope in ("local", "global")]
+COUPLED = {"resnet-fmnist"}
+
+
+def _importance(tp, name: str):
+    return {"l1": lambda: tp.importance.MagnitudeImportance(p=1), "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+            "bn-scale": lambda: tp.importance.BNScaleImportance(), "taylor": lambda: tp.importance.TaylorImportance(),
+            "lamp": lambda: tp.importance.LAMPImportance(p=2)}[name]()
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+
+def tp_prune(model: nn.Module, calibration: torch.Tensor, labels: torch.Tensor, importance: str, scope: str,
+             ratio: float) -> nn.Module:
+    """A Torch-Pruning copy of ``model`` at channel ``pruning_ratio`` ``ratio``."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, calibration[:2], importance=_importance(tp, importance),
+                                      global_pruning=scope == "global", pruning_ratio=ratio,
+                                      ignored_layers=[_classifier(model)])
+        if importance == "taylor":  # gradients of the loss on the calibration images, as its examples do
+            model.zero_grad()
+            for start in range(0, len(calibration), 128):
+                F.cross_entropy(model(calibration[start : start + 128]), labels[start : start + 128],
+                                reduction="sum").backward()
+        pruner.step()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def tp_at_compression(model, calibration, labels, importance, scope, target) -> tuple[nn.Module, float]:
+    """The smallest pruning ratio (to 1e-3) whose pruned model has at most dense / target parameters."""
+    dense = count_parameters(model)
+    low, high, best = 0.0, 0.999, None
+    for _ in range(12):
+        mid = (low + high) / 2
+        pruned = tp_prune(model, calibration, labels, importance, scope, mid)
+        if dense / count_parameters(pruned) >= target:
+            high, best = mid, (pruned, mid)
+        else:
+            low = mid
+    if best is None:
+        pruned = tp_prune(model, calibration, labels, importance, scope, high)
+        best = (pruned, high)
+    return best
+
+
+def run_one(name: str, method: str, target: float, seed: int, data, args) -> dict:
+    spec, train_x, train_y, test_x, test_y, dense = data
+    indices = calibration_indices(train_x.shape[0], args.calib, seed)
+    calibration, labels = spec.preprocess(train_x[indices]), train_y[indices]
+    row = {"model": name, "method": method, "compression_target": target, "seed": seed, "calib": args.calib,
+           "test_subset": args.test_subset, "finetune": args.finetune}
+    start = time.perf_counter()
+    try:
+        if method in SUBPRUNE:
+            kind, budget = SUBPRUNE[method]
+            config = PruneConfig(method=kind, compression=target, budget=budget, seed=seed, progress=False,
+                                 coupled=name in COUPLED)
+            model = prune(dense, calibration, config).model
+        else:
+            _, importance, scope = method.split("-", 2) if not method.startswith("tp-bn-scale") else (
+                "tp", "bn-scale", method.rsplit("-", 1)[1])
+            if importance == "bn-scale" and not any(isinstance(m, nn.BatchNorm2d) for m in dense.modules()):
+                row["status"] = "no BatchNorm"
+                return row
+            model, ratio = tp_at_compression(dense, calibration, labels, importance, scope, target)
+            row["tp_pruning_ratio"] = ratio
+    except Exception as exc:  # recorded, never hidden
+        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return row
+    row["prune_seconds"] = time.perf_counter() - start
+    row["compression_ratio"] = count_parameters(dense) / count_parameters(model)
+    try:
+        row["pruned_accuracy"] = accuracy(model, test_x, test_y, spec.preprocess)
+        row["status"] = "ok"
+    except Exception as exc:
+        row["status"] = f"pruned model fails: {type(exc).__name__}"
+        return row
+    if args.finetune == "limited":
+        start = time.perf_counter()
+        tuned = finetune(model, train_x[indices], train_y[indices], paper_schedule(name),
+                         preprocess=spec.preprocess, seed=seed, progress=False)
+        row["finetune_seconds"] = time.perf_counter() - start
+        row["finetuned_accuracy"] = accuracy(tuned.model, test_x, test_y, spec.preprocess)
+    return row
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def key(row: dict) -> tuple:
+    return row["model"], row["method"], row["compression_target"], row["seed"], row["calib"], row["test_subset"], \
+        row["finetune"]
+
+
+def table(rows: list[dict], metric: str) -> str:
+    targets = sorted({r["compression_target"] for r in rows})
+    lines = ["| model | method | " + " | ".join(f"x{t:g}" for t in targets) + " |",
+             "|---|---|" + "---|" * len(targets)]
+    order = list(SUBPRUNE) + TP_METHODS
+    for model in sorted({r["model"] for r in rows}):
+        for method in [m for m in order if any(r["method"] == m and r["model"] == model for r in rows)]:
+            cells = []
+            for t in targets:
+                sel = [r for r in rows if (r["model"], r["method"], r["compression_target"]) == (model, method, t)]
+                ok = [r for r in sel if r.get(metric) is not None]
+                if not ok:
+                    cells.append(sel[0]["status"][:40] if sel else "-")
+                    continue
+                acc = [100 * r[metric] for r in ok]
+                std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+                ratio = statistics.mean(r["compression_ratio"] for r in ok)
+                cells.append(f"{statistics.mean(acc):.2f} ± {std:.2f} (x{ratio:.1f}, n={len(ok)})")
+            lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for method in list(SUBPRUNE) + TP_METHODS:
+            points = {}
+            for r in rows:
+                if r["model"] == model and r["method"] == method and r.get("pruned_accuracy") is not None:
+                    points.setdefault(r["compression_target"], []).append(100 * r["pruned_accuracy"])
+            if points:
+                xs = sorted(points)
+                style = "-o" if method in SUBPRUNE else "--x"
+                ax.plot(xs, [statistics.mean(points[x]) for x in xs], style, label=method,
+                        linewidth=2.2 if method in SUBPRUNE else 1.0)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression ratio (whole-network parameters)")
+        ax.set_ylabel("top-1 test accuracy, no fine-tuning (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["lenet", "advertorch-lenet5", "ccexam-mnistnet"])
+    parser.add_argument("--methods", nargs="+", default=list(SUBPRUNE) + TP_METHODS)
+    parser.add_argument("--compressions", nargs="+", type=float, default=[2, 4, 8, 16])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--calib", type=int, default=512)
+    parser.add_argument("--finetune", choices=["none", "limited"], default="limited")
+    parser.add_argument("--test-subset", type=int, default=None)
+    parser.add_argument("--out", default="results/vs_torch_pruning.jsonl")
+    parser.add_argument("--table", default=None)
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    rows = read_rows(out)
+    if not args.table_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done = {key(r) for r in rows}
+        for name in args.models:
+            spec = get_spec(name)
+            train_x, train_y = load_dataset(spec.dataset, "train")
+            test_x, test_y = load_dataset(spec.dataset, "test")
+            if args.test_subset:
+                test_x, test_y = test_x[: args.test_subset], test_y[: args.test_subset]
+            data = (spec, train_x, train_y, test_x, test_y, load_model(name).eval())
+            for method in args.methods:
+                for target in args.compressions:
+                    for seed in range(args.seeds):
+                        probe = {"model": name, "method": method, "compression_target": target, "seed": seed,
+                                 "calib": args.calib, "test_subset": args.test_subset, "finetune": args.finetune}
+                        if key(probe) in done:
+                            continue
+                        row = run_one(name, method, target, seed, data, args)
+                        print(json.dumps(row), flush=True)
+                        with out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        rows.append(row)
+    text = "### Without fine-tuning\n\n" + table(rows, "pruned_accuracy")
+    if any(r.get("finetuned_accuracy") is not None for r in rows):
+        text += "\n\n### After limited-data fine-tuning (the calibration images, paper schedule)\n\n" + table(
+            rows, "finetuned_accuracy")
+    print(text)
+    if args.table:
+        command = shlex.join(["OMP_NUM_THREADS=1", ".venv/bin/python", "benchmarks/vs_torch_pruning.py",
+                              *sys.argv[1:]])
+        dense = {}
+        for name in sorted({r["model"] for r in rows}):
+            dense[name] = None
+        Path(args.table).write_text(f"# subprune vs Torch-Pruning 1.6.1\n\n`{command}`\n\nTop-1 test accuracy (%), "
+                                    "mean ± std over seeds (achieved compression, runs).\n\n" + text + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
