@@ -9,6 +9,10 @@
     subprune inspect --model hf:PATH
     subprune evaluate DIR
     subprune evaluate --model hf:PATH --dataset text:wikipedia
+    subprune prune --model my_net.py:build --weights net.safetensors --data images/ --keep 0.5 --out DIR
+    subprune prune --model timm:resnet18 --data calib.npy --out DIR
+    subprune prune --model hf:PATH --data passages.jsonl --out DIR
+    subprune export DIR --onnx model.onnx
     subprune list
 """
 
@@ -70,10 +74,38 @@ def _site_ratio(text: str) -> tuple[str, float]:
 
 
 def _model_name(text: str) -> str:
-    if text in MODELS or (text.startswith("hf:") and len(text) > 3):
+    location, sep, name = text.rpartition(":")
+    if text in MODELS or (sep and location and name):
         return text
-    raise argparse.ArgumentTypeError(f"invalid choice {text!r}: choose one of {', '.join(sorted(MODELS))} "
-                                     "or hf:PATH (a transformers model directory; hf:minilm for all-MiniLM-L6-v2)")
+    raise argparse.ArgumentTypeError(f"invalid choice {text!r}: choose one of {', '.join(sorted(MODELS))}, "
+                                     "hf:PATH (a transformers model directory; hf:minilm for all-MiniLM-L6-v2), "
+                                     "timm:NAME, torchvision:NAME, module.path:factory or file.py:factory")
+
+
+MODEL_HELP = (f"registered model ({', '.join(sorted(MODELS))}), hf:PATH (transformers), timm:NAME, "
+              "torchvision:NAME, or your own: module.path:factory or file.py:factory (with --weights)")
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """--weights and --model-kwargs: the user's own model."""
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="state dict for --model (.safetensors, or a torch.save file read with weights_only=True)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of the factory / timm / torchvision constructor, "
+                        "e.g. '{\"num_classes\": 10}'")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    """--data and the image preprocessing flags."""
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your own data: a folder of images (class sub-folders give labels), a .npy/.pt/.safetensors "
+                        "tensor file, a .txt/.jsonl text file (hf: models), or a datasets directory (save_to_disk)")
+    p.add_argument("--resize", default=None, metavar="SIZE",
+                   help="images: resize (short side, centre crop) to SIZE or HEIGHT,WIDTH (timm models: their own)")
+    p.add_argument("--mean", default=None, help="images: per-channel mean to subtract, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", default=None, help="images: per-channel std to divide by, e.g. 0.229,0.224,0.225")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="images: 1 (grayscale) or 3 (RGB); default: 1 if all images are grayscale")
 
 
 def _dataset_name(text: str) -> str:
@@ -91,8 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a pretrained model with unlabeled calibration samples")
-    p.add_argument("--model", default="lenet", type=_model_name,
-                   help=f"registered pretrained model ({', '.join(sorted(MODELS))}) or hf:PATH (transformers)")
+    p.add_argument("--model", default="lenet", type=_model_name, help=MODEL_HELP)
+    _add_model_source(p)
+    _add_data(p)
     p.add_argument("--dataset", default=None, type=_dataset_name,
                    help="calibration (train split) and test data; default: the model's own (text:wikipedia for hf:)")
     p.add_argument("--method", default="asym", choices=[*METHODS, *HF_BASELINES],
@@ -141,8 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("inspect", help="list a model's pruning sites and the layers that cannot be pruned")
-    p.add_argument("--model", default="lenet", type=_model_name,
-                   help=f"registered model ({', '.join(sorted(MODELS))}) or hf:PATH (transformers)")
+    p.add_argument("--model", default="lenet", type=_model_name, help=MODEL_HELP)
+    _add_model_source(p)
+    _add_data(p)
     p.add_argument("--json", action="store_true", help="hf: models: print the description as JSON")
     p.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES),
                    help="inspect a randomly initialised reference CNN instead of a registered model")
@@ -156,11 +190,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, type=_model_name,
                    help="hf: models: the dense model to compare with (default: the model in report.json)")
     p.add_argument("--dataset", default=None, type=_dataset_name)
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="evaluate a save of your own model on this data (default: the held-out samples it recorded)")
     p.add_argument("--json", action="store_true", help="hf: models: print the measures as JSON")
     p.add_argument("--threads", type=_bounded("--threads", 1, integer=True), default=None,
                    help="torch CPU threads (>= 1)")
 
-    sub.add_parser("list", help="list the registered models and methods")
+    p = sub.add_parser("export", help="export a saved pruned model to ONNX (or, for hf: saves, a plain "
+                                      "transformers config)")
+    p.add_argument("directory", help="a directory written by `subprune prune --out`")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="write an ONNX model (dynamic batch axis)")
+    p.add_argument("--transformers", default=None, metavar="DIR",
+                   help="hf: saves: write a directory plain transformers from_pretrained loads (uniform widths only)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="example inputs for the ONNX trace (default: the recorded data or dataset)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+
+    sub.add_parser("list", help="list the registered models, the model forms and the methods")
     return parser
 
 
@@ -191,7 +238,20 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     if args.model.startswith("hf:"):
         from subprune.hf.cli import cmd_prune_transformer
 
+        if args.weights or args.model_kwargs:
+            raise ValueError("--weights and --model-kwargs are not for hf: models: the directory holds the weights")
         cmd_prune_transformer(args, console)
+        return
+    if args.model not in MODELS or args.data is not None or args.weights is not None:
+        if args.heads is not None or args.ffn is not None or args.params is not None:
+            raise ValueError("--heads, --ffn and --params apply to hf: (transformers) models only; "
+                             "use --keep or --compression for this model")
+        if args.method in HF_BASELINES:
+            raise ValueError(f"--method {args.method} is for hf: (transformers) models only; for this model choose "
+                             "one of " + ", ".join(METHODS))
+        from subprune.usercli import cmd_prune_user
+
+        cmd_prune_user(args, console)
         return
     if args.heads is not None or args.ffn is not None or args.params is not None:
         raise ValueError("--heads, --ffn and --params apply to hf: (transformers) models only; "
@@ -291,6 +351,18 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> None:
     if args.arch:
         model, title = ARCHITECTURES[args.arch](0), args.arch
         example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    elif args.model not in MODELS or args.data is not None or args.weights is not None:
+        from subprune.calibration import as_calibration
+        from subprune.datafiles import load_inputs
+        from subprune.models.sources import parse_model
+        from subprune.usercli import image_settings
+
+        if args.data is None:
+            raise ValueError(f"inspect --model {args.model} needs example inputs: pass --data PATH")
+        source = parse_model(args.model, args.weights, args.model_kwargs)
+        model, title = source.load(), source.name
+        data = load_inputs(args.data, image_settings(args, source, model), limit=2)
+        example = as_calibration(data.take(torch.arange(min(2, len(data)))), model).head(2)
     else:
         spec = get_spec(args.model)
         model, title = load_model(args.model), args.model
@@ -338,6 +410,14 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
     if not isinstance(saved, dict) or not isinstance(saved.get("dataset", ""), str):
         raise ValueError(f"{report_path} is not a subprune report (a JSON object with a dataset name): the save is "
                          "damaged; prune again, or delete the file and pass --dataset")
+    if args.data is not None or "model_source" in saved:
+        if args.dataset is not None:
+            raise ValueError("--dataset applies to registered models on their own dataset; this save was made with "
+                             "--data: drop --dataset (or give --data PATH)")
+        from subprune.usercli import evaluate_user
+
+        evaluate_user(args.directory, model, saved, args.data, console)
+        return
     name = saved.get("model") or _base_model(Path(args.directory))
     preprocess = get_spec(name).preprocess if name in MODELS else None
     own = saved.get("dataset") or (get_spec(name).dataset if name in MODELS else None)
@@ -355,6 +435,12 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> None:
         console.print(f"accuracy recorded when it was saved: {recorded:.2%}")
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> None:
+    from subprune.export import export_command
+
+    export_command(args, console)
+
+
 def _base_model(directory: Path) -> str | None:
     """The registered model named in a save's architecture.json (already validated by load_pruned)."""
     return json.loads((directory / "architecture.json").read_text()).get("base_model")
@@ -368,15 +454,25 @@ def _is_transformers_directory(directory: str) -> bool:
 def cmd_list(args: argparse.Namespace, console: Console) -> None:
     for name, spec in MODELS.items():
         console.print(f"model  {name:20s} {spec.description} [{spec.dataset}]", markup=False, highlight=False)
+    for form, what in (("hf:PATH", "a transformers model directory (hf:minilm: all-MiniLM-L6-v2)"),
+                       ("timm:NAME", "a timm model (timm installed), e.g. timm:resnet18"),
+                       ("torchvision:NAME", "a torchvision model (torchvision installed)"),
+                       ("module:factory", "your own: a function or class returning the nn.Module; file.py:factory "
+                                          "works too; --weights FILE loads its state dict")):
+        console.print(f"model  {form:20s} {what}", markup=False, highlight=False)
     for name, method in METHODS.items():
         console.print(f"method {name:20s} {method.name}: {method.description}", markup=False, highlight=False)
+    for name, method in HF_BASELINES.items():
+        console.print(f"method {name:20s} {method.name}: {method.description} [hf: models]", markup=False,
+                      highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``subprune`` command; returns the exit status."""
     args = argparse.Namespace()
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
-    commands = {"prune": cmd_prune, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "list": cmd_list}
+    commands = {"prune": cmd_prune, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "list": cmd_list,
+                "export": cmd_export}
     try:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -10,7 +10,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["accuracy", "count_flops", "count_parameters", "measure_latency"]
+from subprune.calibration import Batch, as_calibration, forward
+
+__all__ = ["accuracy", "compare_outputs", "count_flops", "count_parameters", "measure_latency"]
 
 
 @contextmanager
@@ -111,7 +113,7 @@ def _flop_hooks(model: nn.Module, counts: list[int]) -> Iterator[None]:
             handle.remove()
 
 
-def count_flops(model: nn.Module, example_input: Tensor) -> int:
+def count_flops(model: nn.Module, example_input: Tensor | Batch) -> int:
     """FLOPs of one forward pass for ONE sample, counting Conv2d and Linear layers only.
 
     A multiply-accumulate counts as 2 FLOPs; biases, activations, pooling,
@@ -121,7 +123,7 @@ def count_flops(model: nn.Module, example_input: Tensor) -> int:
     Parameters
     ----------
     model : nn.Module
-    example_input : Tensor of shape (batch, ...)
+    example_input : Tensor of shape (batch, ...), or a :class:`subprune.calibration.Batch`
         Any batch of valid inputs; only the first sample of each layer's output is
         counted, so the result does not depend on ``batch``.
 
@@ -132,12 +134,12 @@ def count_flops(model: nn.Module, example_input: Tensor) -> int:
     """
     counts: list[int] = []
     with _flop_hooks(model, counts), _eval_mode(model):
-        model(example_input)
+        forward(model, example_input)
     return sum(counts)
 
 
 def measure_latency(
-    model: nn.Module, example_batch: Tensor, repeats: int = 30, warmup: int = 5
+    model: nn.Module, example_batch: Tensor | Batch, repeats: int = 30, warmup: int = 5
 ) -> float:
     """Median wall-clock seconds of one forward pass of ``example_batch``.
 
@@ -148,7 +150,7 @@ def measure_latency(
     Parameters
     ----------
     model : nn.Module
-    example_batch : Tensor of shape (batch, ...)
+    example_batch : Tensor of shape (batch, ...), or a :class:`subprune.calibration.Batch`
     repeats : int, default 30
         Number of timed forward passes.
     warmup : int, default 5
@@ -171,9 +173,63 @@ def measure_latency(
     times = []
     with _eval_mode(model):
         for _ in range(warmup):
-            model(example_batch)
+            forward(model, example_batch)
         for _ in range(repeats):
             start = time.perf_counter()
-            model(example_batch)
+            forward(model, example_batch)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _logits(output) -> Tensor:
+    """The Tensor of a model output (a Tensor, the first of a tuple, or ``.logits``)."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot compare model outputs of type {type(output).__name__}; return a Tensor")
+
+
+def compare_outputs(dense: nn.Module, pruned: nn.Module, data, labels: Tensor | None = None,
+                    batch_size: int = 256) -> dict:
+    """How closely ``pruned`` follows ``dense`` on ``data`` (and both accuracies when labels are known).
+
+    Parameters
+    ----------
+    dense, pruned : nn.Module
+        Models returning outputs of shape (batch, n_outputs) (or (batch, ..., n_outputs)).
+    data : Tensor of shape (N, ...), or any form :func:`subprune.calibration.as_calibration` takes
+    labels : Tensor of shape (N,), optional
+        Class labels (overriding labels the batches carry).
+    batch_size : int
+
+    Returns
+    -------
+    dict
+        ``relative_error``: ||f_pruned - f_dense||_F / ||f_dense||_F over all
+        outputs; ``agreement``: share of samples whose argmax over the last
+        dimension agrees; ``samples``; with labels also ``dense_accuracy`` and
+        ``pruned_accuracy`` (fractions).
+    """
+    data = as_calibration(data, dense, labels=labels, batch_size=batch_size)
+    error = norm = agree = correct_dense = correct_pruned = 0.0
+    count = 0
+    device = next(dense.parameters()).device
+    with _eval_mode(dense), _eval_mode(pruned):
+        for batch in data.batches(batch_size, device):
+            a, b = _logits(batch.run(dense)).double(), _logits(batch.run(pruned)).double()
+            error += float((b - a).square().sum())
+            norm += float(a.square().sum())
+            top_a, top_b = a.argmax(dim=-1), b.argmax(dim=-1)
+            agree += float((top_a == top_b).double().mean()) * len(batch)
+            if batch.labels is not None:
+                correct_dense += float((top_a == batch.labels).sum())
+                correct_pruned += float((top_b == batch.labels).sum())
+            count += len(batch)
+    out = {"samples": count, "relative_error": (error / norm) ** 0.5 if norm > 0 else 0.0,
+           "agreement": agree / count}
+    if data.labels is not None:
+        out.update(dense_accuracy=correct_dense / count, pruned_accuracy=correct_pruned / count)
+    return out

@@ -129,10 +129,16 @@ def print_report(report: dict, console: Console | None = None) -> None:
     summary.add_column("dense", justify="right")
     summary.add_column("pruned", justify="right")
     summary.add_column("ratio", justify="right")
-    summary.add_row(
-        "test accuracy", f"{report['dense_accuracy']:.2%}", f"{report['pruned_accuracy']:.2%}",
-        f"{100 * (report['pruned_accuracy'] - report['dense_accuracy']):+.2f} pp",
-    )
+    label = "test accuracy" if "measured_on" not in report else f"accuracy ({report['measured_on']})"
+    if "dense_accuracy" in report:
+        summary.add_row(
+            label, f"{report['dense_accuracy']:.2%}", f"{report['pruned_accuracy']:.2%}",
+            f"{100 * (report['pruned_accuracy'] - report['dense_accuracy']):+.2f} pp",
+        )
+    if "agreement" in report:  # the user's own data: how closely the pruned model follows the dense one
+        summary.add_row(f"top-1 agreement with dense ({report['measured_samples']:,} {report['measured_on']})",
+                        "", f"{report['agreement']:.2%}", "")
+        summary.add_row("relative output error", "", f"{report['relative_output_error']:.4f}", "")
     if "finetuned_accuracy" in report:
         epochs = report["finetune_schedule"]["epochs"]
         epochs = f"{epochs} epoch" + ("s" if epochs != 1 else "")

@@ -4,8 +4,11 @@ A pruned model is the original architecture with some Linear, Conv2d and
 BatchNorm modules rebuilt smaller. ``save_pruned`` writes
 
 * ``model.safetensors``: the state dict;
-* ``architecture.json``: the constructor arguments of every resizable module
-  and the name of the base model in the registry (if it has one);
+* ``architecture.json``: the constructor arguments of every resizable module,
+  the name of the base model in the registry (if it has one) or the ``source``
+  that rebuilds the dense model (a factory, timm or torchvision name:
+  :class:`subprune.models.sources.ModelSource`), and the names of the frozen
+  (``requires_grad=False``) parameters;
 * any extra JSON files (the CLI's ``report.json``);
 
 into a temporary folder beside the target and swaps it into place with the
@@ -14,7 +17,7 @@ save), so a failure, a kill or Ctrl-C leaves either the old save or the new one,
 never a half-written one. ``load_pruned`` reads one complete version, checks
 every module of ``architecture.json`` against the dense model before building
 anything, rebuilds the base architecture, resizes the modules and loads the
-weights strictly. See ``docs/saving.md``.
+weights strictly, in the dtypes they were saved in. See ``docs/saving.md``.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def architecture(model: nn.Module, base_model: str | None = None) -> dict:
-    """The JSON description of ``model``'s resizable modules.
+def architecture(model: nn.Module, base_model: str | None = None, source: dict | None = None) -> dict:
+    """The JSON description of ``model``'s resizable modules, how to rebuild it, and its frozen parameters.
 
     Linear, Conv2d, BatchNorm and ZeroPadShortcut modules are described by their
     constructor arguments (``modules``); every other module that owns tensors
@@ -86,8 +89,14 @@ def architecture(model: nn.Module, base_model: str | None = None) -> dict:
                 "attributes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(m).items()
                                if k in _SIZE_ATTRIBUTES and isinstance(v, (int, tuple)) and not isinstance(v, bool)},
             }
-    return {"format": FORMAT, "base_model": base_model, "model_class": type(model).__name__, "modules": modules,
-            "tensors": tensors}
+    out = {"format": FORMAT, "base_model": base_model, "model_class": type(model).__name__, "modules": modules,
+           "tensors": tensors}
+    if source is not None:
+        out["source"] = source
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        out["frozen"] = frozen
+    return out
 
 
 _SIZE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "num_features",
@@ -180,6 +189,7 @@ def save_pruned(
     base_model: str | None = None,
     extra_json: dict[str, dict] | None = None,
     overwrite: bool = False,
+    source=None,
 ) -> Path:
     """Save a (pruned) model atomically to ``directory``.
 
@@ -200,6 +210,10 @@ def save_pruned(
     overwrite : bool, default False
         Replace a directory that holds files subprune did not write. Without it,
         only a new path, an empty directory or a previous save is replaced.
+    source : ModelSource, its record (dict), or a ``--model`` text (``"file.py:factory"``), optional
+        How to rebuild the dense model when it is not registered (a factory,
+        timm or torchvision name: :class:`subprune.models.sources.ModelSource`),
+        so that :func:`load_pruned` needs no model instance.
 
     Returns
     -------
@@ -219,7 +233,12 @@ def save_pruned(
     model = validation.module("model", model)
     if base_model is not None and not isinstance(base_model, str):
         raise TypeError(f"base_model must be a registered model name (str) or None, got {type(base_model).__name__}")
-    texts = _json_texts(extra_json, architecture(model, base_model))
+    if isinstance(source, str):  # a --model text such as "my_nets.py:build"
+        from subprune.models.sources import parse_model
+
+        source = parse_model(source)
+    record = source.record() if hasattr(source, "record") else source
+    texts = _json_texts(extra_json, architecture(model, base_model, record))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     size = sum(t.numel() * t.element_size() for t in state.values())
     target = check_target(directory, overwrite, tuple(extra_json or ()), expected_bytes=size)
@@ -279,11 +298,13 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
     model : nn.Module, optional
         An instance of the original (dense) architecture; it is copied, not
         modified. If omitted, the base model named in ``architecture.json`` is
-        built from the registry in :mod:`subprune.models`.
+        built from the registry in :mod:`subprune.models`, or from the recorded
+        ``source`` (factory, timm or torchvision name).
 
     Returns
     -------
-    nn.Module in eval mode, with the saved shapes and weights.
+    nn.Module in eval mode, with the saved shapes, weights and dtypes; the
+    parameters frozen when saved have ``requires_grad=False``.
 
     Raises
     ------
@@ -321,9 +342,14 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
         raise ValueError(f"{arch_file} has format {spec.get('format')!r}, expected {FORMAT}")
     if not isinstance(spec.get("modules"), dict):
         raise ValueError(f"{arch_file} has no 'modules' mapping: the save is damaged; prune the model again")
-    if model is None:
+    if model is None and spec.get("source") and not spec.get("base_model"):
+        from subprune.models.sources import ModelSource
+
+        model = ModelSource.from_record(spec["source"]).build()
+    elif model is None:
         if not spec.get("base_model"):
-            raise ValueError("the save names no registered base model: pass an instance of the original model")
+            raise ValueError("the save names no registered base model and no source to rebuild it: pass an "
+                             "instance of the original model (load_pruned(DIR, model=MyModel()))")
         from subprune.models import MODELS, get_spec
 
         if not isinstance(spec["base_model"], str) or spec["base_model"] not in MODELS:
@@ -353,7 +379,13 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
             if type(current).__name__ != entry["type"]:
                 raise ValueError(f"module '{name}' is a {type(current).__name__}, the save has a {entry['type']}")
             _resize_tensors(current, entry)
+        from subprune.models.sources import adopt_dtypes
+
+        adopt_dtypes(model, state)
         model.load_state_dict(state, strict=True)
+        frozen = set(spec.get("frozen") or ())
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in frozen)
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{arch_file} does not match the model or {WEIGHTS_FILE} ({type(exc).__name__}: "

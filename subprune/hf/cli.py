@@ -51,7 +51,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     from subprune.hf.models import load_transformer
     from subprune.hf.prune import TransformerPruneConfig, prune_transformer
     from subprune.hf.serialization import save_pruned
-    from subprune.hf.text import split_passages, tokenize, wikipedia_passages
+    from subprune.hf.text import split_passages, tokenize
 
     unsupported = [flag for flag, given in (
         ("--compression", args.compression is not None), ("--budget accuracy", args.budget == "accuracy"),
@@ -61,18 +61,22 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)} not supported for hf: models yet; set the keep ratios "
                          "with --heads and --ffn (or --keep for both), or a parameter target with --params")
-    calib = DEFAULT_CALIBRATION if args.calib is None else args.calib
-    dataset = args.dataset or TEXT_DATASETS[0]
-    if dataset not in TEXT_DATASETS:
+    data = getattr(args, "data", None)
+    if data is not None and args.dataset is not None:
+        raise ValueError("give --data FILE (your own text) or --dataset text:wikipedia, not both")
+    dataset = str(Path(data).resolve()) if data is not None else args.dataset or TEXT_DATASETS[0]
+    if data is None and dataset not in TEXT_DATASETS:
         raise ValueError(f"--dataset {dataset} cannot calibrate a transformers model; use one of {TEXT_DATASETS}")
+    passages, heldout_count = _passages(data)
+    calib = min(DEFAULT_CALIBRATION, len(passages) - heldout_count) if args.calib is None else args.calib
     model, tokenizer = load_transformer(model_path(args.model))
     if args.out:  # before any calibration: room for a save of up to the dense model's size
         check_destination(args.out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
-    passages = wikipedia_passages()
-    if not 2 <= calib <= len(passages) - HELDOUT:
-        raise ValueError(f"--calib {calib} must be between 2 and {len(passages) - HELDOUT} passages")
-    calib_text, heldout_text = split_passages(passages, calib, HELDOUT)
+    if not 2 <= calib <= len(passages) - heldout_count:
+        raise ValueError(f"--calib {calib} must be between 2 and {len(passages) - heldout_count} passages (the "
+                         f"last {heldout_count} of the {len(passages)} are held out for evaluation)")
+    calib_text, heldout_text = split_passages(passages, calib, heldout_count)
     heads, ffn = args.heads, args.ffn
     if args.params is not None:  # the parameter target replaces the ratios; --heads 1 / --ffn 1 leaves a kind out
         if any(ratio not in (None, 1) for ratio in (heads, ffn)):
@@ -125,6 +129,24 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     if args.out:
         console.print(f"saved the pruned model and {REPORT_FILE} to {args.out} (reload: subprune.hf.load_pruned)")
     return report
+
+
+def _passages(data: str | None) -> tuple[list[str], int]:
+    """Passages (Wikipedia, or the user's .txt/.jsonl file) and how many at the end are held out."""
+    if data is None:
+        from subprune.hf.text import wikipedia_passages
+
+        return wikipedia_passages(), HELDOUT
+    from subprune.datafiles import load_inputs
+
+    loaded = load_inputs(data)
+    if loaded.texts is None:
+        raise ValueError(f"--data {data} holds no text: hf: models calibrate on a .txt (one passage a line) or "
+                         ".jsonl ({\"text\": ...} a line) file, or a datasets directory with a text column")
+    if len(loaded.texts) < 3:
+        raise ValueError(f"--data {data} holds {len(loaded.texts)} passages; give at least 3 (2 to calibrate, "
+                         "1 held out)")
+    return loaded.texts, min(HELDOUT, max(1, len(loaded.texts) // 4))
 
 
 def cmd_inspect_transformer(args: argparse.Namespace, console: Console) -> dict:
@@ -191,21 +213,25 @@ def cmd_evaluate_transformer(args: argparse.Namespace, console: Console) -> dict
     from subprune.evaluate import measure_latency
     from subprune.hf.evaluate import embedding_cosine, linear_probe_accuracy, perplexity, sentence_embeddings
     from subprune.hf.models import load_transformer
-    from subprune.hf.text import polarity_sentences, tokenize, wikipedia_passages
+    from subprune.hf.text import polarity_sentences, tokenize
 
-    dataset = args.dataset or TEXT_DATASETS[0]
-    if dataset not in TEXT_DATASETS:
-        raise ValueError(f"--dataset {dataset} cannot evaluate a transformers model; use one of {TEXT_DATASETS}")
     path = model_path(args.model) if args.model else Path(args.directory)
     saved_file = path / REPORT_FILE
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    data = getattr(args, "data", None)
+    if data is None and args.dataset is None and saved.get("dataset") not in (None, *TEXT_DATASETS):
+        data = saved["dataset"]  # the user's own text file it was pruned on: its held-out passages
+    dataset = str(Path(data).resolve()) if data is not None else args.dataset or TEXT_DATASETS[0]
+    if data is None and dataset not in TEXT_DATASETS:
+        raise ValueError(f"--dataset {dataset} cannot evaluate a transformers model; use one of {TEXT_DATASETS}")
     reference_name = args.reference or saved.get("model")
     model, tokenizer = load_transformer(path)
     causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
     reference = None
     if reference_name and model_path(reference_name).resolve() != path.resolve():
         reference, _ = load_transformer(model_path(reference_name), causal_lm=causal)
-    heldout = tokenize(tokenizer, wikipedia_passages()[-HELDOUT:])
+    passages, heldout_count = _passages(data)
+    heldout = tokenize(tokenizer, passages[-heldout_count:])
     measures: dict = {"model": str(args.model or args.directory), "dataset": dataset,
                       "reference": reference_name if reference is not None else None,
                       "params": count_parameters(model)}
@@ -229,7 +255,7 @@ def cmd_evaluate_transformer(args: argparse.Namespace, console: Console) -> dict
     if getattr(args, "json", False):
         print(json.dumps(measures, indent=2))
         return measures
-    console.print(f"{measures['model']} on {HELDOUT} held-out {dataset} passages"
+    console.print(f"{measures['model']} on {heldout_count} held-out {dataset} passages"
                   + (f", reference {reference_name}" if reference is not None else ""), markup=False)
     for key, value in measures.items():
         if key in ("model", "dataset", "reference"):
