@@ -75,7 +75,8 @@ def export_onnx(model: nn.Module, example, path: str | Path, opset: int = 17) ->
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
-                model, tuple(batch.args), str(path), kwargs=dict(batch.kwargs) or None, input_names=names, output_names=["output"], opset_version=opset,
+                model, tuple(batch.args), str(path), kwargs=dict(batch.kwargs) or None, input_names=names,
+                output_names=["output"], opset_version=opset,
                 dynamic_axes={**{n: axes for n in names}, "output": axes}, dynamo=False,
             )
     finally:
