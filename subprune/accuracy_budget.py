@@ -10,7 +10,7 @@ widest sites. The curves are cached on disk, keyed by a hash of the model's
 weights, the data and the settings, so they are computed once. Source: El
 Halabi et al., NeurIPS 2022, Sec. 5, after Kuzmin et al. 2019 ("Taxonomy and
 evaluation of structured compression of convolutional neural networks");
-DESIGN.md Sec. 6.
+docs/methods.md, "Budgets".
 """
 
 from __future__ import annotations

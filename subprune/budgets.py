@@ -7,7 +7,7 @@ counts are computed from the module shapes, not by pruning
 ratio; for a compression target found by binary search), follows a global
 ranking of channel scores (the global baselines), or comes from the objective
 curves f(S_k) of every site (:func:`curve_plan`). Source: El Halabi et al.,
-NeurIPS 2022, Sec. 5 and App. (per-layer budgets); DESIGN.md Sec. 6.
+NeurIPS 2022, Sec. 5 and App. (per-layer budgets); docs/methods.md, "Budgets".
 """
 
 from __future__ import annotations

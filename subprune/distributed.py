@@ -1,6 +1,6 @@
 """Calibration across processes with ``torch.distributed``.
 
-The statistics are sums over calibration rows (DESIGN.md Sec. 3), so each
+The statistics are sums over calibration rows (docs/how-it-works.md, "Gram form"), so each
 process accumulates the Gram sums of its own shard of the calibration set and
 one all-reduce per site adds them. Every process then runs the same
 deterministic selection, refit and surgery on identical sums, so all processes

@@ -141,8 +141,7 @@ def export_transformers(directory: str | Path, target: str | Path) -> Path:
     """
     import transformers
 
-    from subprune.hf.models import load_transformer
-    from subprune.hf.serialization import WIDTHS_KEY, is_pruned_directory
+    from subprune.hf.serialization import WIDTHS_KEY, is_pruned_directory, load_pruned
 
     directory, target = Path(directory), Path(target)
     if not is_pruned_directory(directory):
@@ -171,13 +170,18 @@ def export_transformers(directory: str | Path, target: str | Path) -> Path:
         config["num_attention_heads"] = widths["heads"]
         if "num_key_value_heads" in config:
             config["num_key_value_heads"] = widths["kv_heads"]
-    model, tokenizer = load_transformer(directory)
+    causal = any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in config.get("architectures") or [])
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = load_pruned(directory, auto)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
-    auto = type(model)
     plain = auto.from_pretrained(target, local_files_only=True).eval()
     ids = torch.randint(0, min(1000, config.get("vocab_size", 1000)), (2, 12), generator=torch.Generator()
                         .manual_seed(0))
@@ -189,7 +193,7 @@ def export_transformers(directory: str | Path, target: str | Path) -> Path:
     (target / "SUBPRUNE.md").write_text(
         f"Pruned by subprune from {directory}: every block keeps {widths['heads']} query heads, "
         f"{widths['kv_heads']} key/value heads and {widths['ffn']} FFN neurons. Plain "
-        f"`transformers.{transformers.AutoModel.__name__}.from_pretrained` (class {auto.__name__}) loads it; "
+        f"`transformers.{auto.__name__}.from_pretrained` (class {type(model).__name__}) loads it; "
         "its outputs were checked equal to the pruned model's.\n")
     return target
 

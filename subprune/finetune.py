@@ -2,7 +2,7 @@
 
 The paper reports top-1 accuracy without fine-tuning and, optionally, after
 fine-tuning the pruned network with Adam (El Halabi et al., NeurIPS 2022, Sec. 5
-and the appendix on the experimental set-up; DESIGN.md §7): lr 1e-3 for 10
+and the appendix on the experimental set-up; docs/results.md, "The paper's protocol"): lr 1e-3 for 10
 epochs on LeNet; 20 epochs with weight decay 5e-4 and the learning rate
 multiplied by 0.1 at epochs 10 and 15 for the other models. "Limited data"
 fine-tunes on the calibration images only (512), "full data" on the whole
@@ -79,7 +79,7 @@ class FinetuneSchedule:
 
 
 def paper_schedule(model_name: str) -> FinetuneSchedule:
-    """The paper's fine-tuning schedule for a model (DESIGN.md §7).
+    """The paper's fine-tuning schedule for a model (docs/results.md, "The paper's protocol").
 
     Parameters
     ----------

@@ -5,7 +5,7 @@ or Inception concatenation, or a conv reading a residual stream that option-A
 shortcuts split into several sites. Each site is still selected on its own
 columns, but refitting the consumer one site at a time ignores the correlations
 between the sites' columns. Once the last of its sites is cut, the consumer is
-refit once on all its kept input columns (DESIGN.md Sec. 3 with S = the union
+refit once on all its kept input columns (docs/how-it-works.md, "The objective", with S = the union
 of the kept columns of every site):
 
     W' = argmin || B_K W' - A W ||_F^2 = (B_K^T B_K)^+ B_K^T A W

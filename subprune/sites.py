@@ -3,7 +3,7 @@
 A pruning site is a set of channels removed together: the output channels of a
 producer (Linear out-features or Conv2d out-channels), carried through
 channel-wise operations to every consumer (Linear or Conv2d) that reads them and
-whose weights are refit (DESIGN.md Sec. 2). The channel set is found by a flood
+whose weights are refit (docs/how-it-works.md, "Terms"). The channel set is found by a flood
 fill over the traced graph (:mod:`subprune.graph`): every tensor that carries
 the same channels belongs to the site, with the dimension that holds them and
 the offset at which they sit there (a concatenation shifts them, a channel

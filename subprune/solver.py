@@ -12,7 +12,7 @@ The d columns form n groups of ``group_size`` contiguous columns, one group per
 producer channel. Source: El Halabi, Srinivas & Lacoste-Julien, *Data-Efficient
 Structured Pruning via Submodular Optimization*, NeurIPS 2022, Sec. 3-4
 (objective F(S) = ||Y||^2 - min_W' ||B_S W' - Y||^2, Eq. 3; greedy, Alg. 1).
-The residual (group orthogonal matching pursuit) form is DESIGN.md Sec. 3.
+The residual (group orthogonal matching pursuit) form is in docs/how-it-works.md, "Greedy in residual form".
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def greedy_select(
     """Greedy maximisation of F(S) over groups, in residual (Gram) form.
 
     Each step picks the group c maximising tr(Hr_c^T R_cc^+ Hr_c), then deflates
-    R = R - R[:, c] R_cc^+ R[c, :] and Hr = Hr - R[:, c] R_cc^+ Hr[c, :] (DESIGN.md
-    Sec. 3). The candidates' gains are computed in one batch of g x g
+    R = R - R[:, c] R_cc^+ R[c, :] and Hr = Hr - R[:, c] R_cc^+ Hr[c, :] (paper Sec. 4;
+    docs/how-it-works.md, "Greedy in residual form"). The candidates' gains are computed in one batch of g x g
     eigendecompositions. Cost per step O(d^2 g + n g^3 + n g^2 m), independent of
     the number of samples. Runs in float64 on the device of ``gram``.
 

@@ -14,8 +14,8 @@ where H = C W (d x m), U = [u_1 ... u_j] (d x j g) and V = [v_1; ...; v_j]
 (j g x m) stack the rank-g updates, Hr = H - U V. A step reads H once (for
 Hr v^T) and U twice: O(d m g + d j g + n g^3), and memory is G (read only), H,
 U and V. The choices are those of :func:`greedy_select` up to rounding; same
-arguments, same :class:`~subprune.solver.GreedyResult`. Source: the residual form of DESIGN.md
-Sec. 3, with the residual kept as a low-rank correction of G (the Cholesky
+arguments, same :class:`~subprune.solver.GreedyResult`. Source: the residual form of
+docs/how-it-works.md ("Greedy in residual form"), with the residual kept as a low-rank correction of G (the Cholesky
 variant of orthogonal matching pursuit, Rubinstein et al., Technion CS-2008-08).
 """
 

@@ -6,7 +6,7 @@ dilation). The solver needs only G = B^T B, and for the asymmetric target
 (AsymInChange) C = B^T A and A^T A, where A is the input of the same consumer in
 the original model on the same samples. These are sums over rows, so they are
 accumulated batch by batch and the activations are thrown away: memory is O(d^2)
-whatever the number of samples (DESIGN.md Sec. 3). Like scikit-learn's
+whatever the number of samples (docs/how-it-works.md, "Gram form"). Like scikit-learn's
 ``IncrementalPCA.partial_fit``: ``update`` adds to running sums, results live in
 attributes ending in ``_``.
 """

@@ -179,22 +179,22 @@ def evaluate_user(directory: str, pruned, saved: dict, data_path: str | None, co
         try:
             dense = ModelSource.from_record(source_record).load()
         except (OSError, ValueError, ImportError) as exc:
-            console.print(f"dense model not rebuilt ({exc}): no comparison", markup=False)
+            console.print(f"dense model not rebuilt ({exc}): no comparison", markup=False, soft_wrap=True)
     if dense is not None:
         measures = _measures(dense, pruned, data, indices, batch_size, where)
         out.update(measures)
         console.print(f"{directory}: {out['params']:,} parameters (dense {measures['dense_params']:,}), on {where}: "
                       f"top-1 agreement with the dense model {measures['agreement']:.2%}, relative output error "
-                      f"{measures['relative_output_error']:.4f}", markup=False)
+                      f"{measures['relative_output_error']:.4f}", markup=False, soft_wrap=True)
         if "pruned_accuracy" in measures:
             console.print(f"accuracy: pruned {measures['pruned_accuracy']:.2%}, dense "
-                          f"{measures['dense_accuracy']:.2%}", markup=False)
+                          f"{measures['dense_accuracy']:.2%}", markup=False, soft_wrap=True)
     elif data.labels is not None:
         compared = compare_outputs(pruned, pruned, data.take(indices), labels=data.labels[indices])
         out["pruned_accuracy"] = compared["pruned_accuracy"]
         console.print(f"{directory}: {out['params']:,} parameters, accuracy {compared['pruned_accuracy']:.2%} on "
-                      f"{where}", markup=False)
+                      f"{where}", markup=False, soft_wrap=True)
     recorded_agreement = saved.get("agreement")
     if recorded_agreement is not None and data_path is None:
-        console.print(f"agreement recorded when it was saved: {recorded_agreement:.2%}", markup=False)
+        console.print(f"agreement recorded when it was saved: {recorded_agreement:.2%}", markup=False, soft_wrap=True)
     return out

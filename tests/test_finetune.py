@@ -1,4 +1,4 @@
-"""Fine-tuning after pruning (paper Sec. 5, DESIGN.md §7), GreedyFS on a large labelled set, and their CLI flags."""
+"""Fine-tuning after pruning (paper Sec. 5; docs/results.md), GreedyFS on a large labelled set, and their CLI flags."""
 
 import json
 

@@ -15,7 +15,7 @@ Two kinds of pruning site per transformer block:
   h to key/value head h // n_rep).
 
 Supported ``config.model_type``: bert, roberta, gpt2, opt, llama, mistral,
-qwen2, qwen3. Source: DESIGN.md Sec. 2 (groups); El Halabi et al., NeurIPS 2022.
+qwen2, qwen3. Source: docs/how-it-works.md, "Terms" (groups); El Halabi et al., NeurIPS 2022.
 """
 
 from __future__ import annotations

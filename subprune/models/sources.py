@@ -136,10 +136,15 @@ class ModelSource:
             return model.eval()
         state = load_state_file(self.weights)
         adopt_dtypes(model, state)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        hint = ("; the factory may need other arguments (--model-kwargs, e.g. '{\"num_classes\": 10}')"
+                if self.kind != "registered" else "")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            sizes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:3]
+            raise ValueError(f"--weights {self.weights} does not fit {self.name}: {'; '.join(sizes) or exc}"
+                             f"{hint}") from exc
         if missing or unexpected:
-            hint = ("; the factory may need other arguments (--model-kwargs, e.g. '{\"num_classes\": 10}')"
-                    if self.kind != "registered" else "")
             raise ValueError(f"--weights {self.weights} does not fit {self.name}: missing keys {missing[:5]}, "
                              f"unexpected keys {unexpected[:5]}{hint}")
         return model.eval()
