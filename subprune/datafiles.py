@@ -91,6 +91,9 @@ class ImageSettings:
 
 def timm_settings(model) -> ImageSettings:
     """The evaluation preprocessing timm records for ``model`` (``timm.data.resolve_data_config``)."""
+    from subprune.models.sources import import_timm
+
+    import_timm()
     from timm.data import resolve_data_config
 
     config = resolve_data_config({}, model=model)

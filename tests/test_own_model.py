@@ -79,7 +79,7 @@ def test_module_factory_builds_and_missing_timm_names_the_install(monkeypatch):
     assert isinstance(model, torch.nn.Sequential) and model[0].in_features == 10
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
-    with pytest.raises(ImportError, match="pip install timm"):
+    with pytest.raises(ImportError, match=r"pip install (--no-deps )?timm"):
         parse_model("timm:resnet18").build()
 
 
@@ -209,6 +209,33 @@ def test_cli_errors_for_own_models(user, capsys):
     assert "needs labels" in capsys.readouterr().err
     assert main(["prune", "--model", factory, "--data", str(root / "calib.npy"), "--finetune", "limited"]) == 2
     assert "not supported with --data" in capsys.readouterr().err
+
+
+def _timm_importable() -> bool:
+    try:
+        from subprune.models.sources import import_timm
+
+        import_timm()
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _timm_importable(), reason="timm is not installed (make zoo-extras)")
+def test_timm_model_from_the_cli_and_its_own_preprocessing(tmp_path):
+    from subprune.datafiles import timm_settings
+
+    source = parse_model("timm:resnet18", kwargs={"num_classes": 4})
+    settings = timm_settings(source.build())
+    assert settings.size == (224, 224) and settings.mean == pytest.approx((0.485, 0.456, 0.406))
+    np.save(tmp_path / "x.npy", torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy())
+    out = tmp_path / "r18"
+    assert main(["prune", "--model", "timm:resnet18", "--model-kwargs", '{"num_classes": 4}', "--data",
+                 str(tmp_path / "x.npy"), "--method", "layer", "--keep", "0.5", "--calib", "16", "--quiet",
+                 "--out", str(out)]) == 0
+    pruned = load_pruned(out)  # rebuilt with timm.create_model from the recorded source
+    report = json.loads((out / "report.json").read_text())
+    assert sum(p.numel() for p in pruned.parameters()) == report["pruned_params"] < report["dense_params"]
 
 
 def test_list_shows_every_method_and_model_form(capsys):

@@ -88,7 +88,7 @@ class ModelSource:
 
             return get_spec(self.target).build()
         if self.kind == "timm":
-            timm = _require("timm", "pip install timm (and torchvision, which timm imports)")
+            timm = import_timm()
             if self.target not in timm.list_models():
                 close = timm.list_models(f"*{self.target}*")[:8]
                 raise ValueError(f"timm has no model {self.target!r}" + (f"; close names: {', '.join(close)}"
@@ -165,6 +165,21 @@ class ModelSource:
         if not isinstance(record, dict) or not isinstance(record.get("target"), str):
             raise ValueError(f"model source {record!r} is not a subprune model source")
         return cls(record.get("kind", ""), record["target"], record.get("kwargs") or {}, record.get("weights"))
+
+
+def import_timm():
+    """The timm module (with issue 15's torchvision placeholder where that module exists).
+
+    Raises
+    ------
+    ImportError
+        timm is not installed, or does not import; the message names the install.
+    """
+    try:
+        from subprune.models.timm_import import import_timm as imported
+    except ImportError:
+        return _require("timm", "pip install --no-deps timm==1.0.31 (or `make zoo-extras`)")
+    return imported()
 
 
 def _require(module: str, install: str):
