@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
                         "images only (limited) or the whole training split (full); reports accuracy before/after")
     p.add_argument("--finetune-epochs", type=_bounded("--finetune-epochs", 1, integer=True), default=None, metavar="N",
                    help="override the schedule's epochs (paper: 10 for lenet, 20 otherwise)")
-    p.add_argument("--seed", type=_bounded("--seed", 0, 2**63, integer=True), default=0,
+    p.add_argument("--seed", type=_bounded("--seed", 0, integer=True), default=0,
                    help="seed of the calibration draw and stochastic greedy")
     p.add_argument("--epsilon", type=_bounded("--epsilon", 0, 1), default=0.0,
                    help="stochastic greedy epsilon in [0, 1)")

@@ -448,8 +448,12 @@ def check_destination(target: str | os.PathLike, expected_bytes: int | None = No
 # --- the save -------------------------------------------------------------------------------------------------------
 
 
-def _swap_exchange(tmp: Path, target: Path) -> bool:
-    """Put ``tmp`` in place of ``target`` with renameat2; False if the filesystem cannot."""
+def _nothing() -> None:
+    return None
+
+
+def _swap_exchange(tmp: Path, target: Path) -> Callable[[], None] | None:
+    """Put ``tmp`` in place of ``target`` with renameat2; the cleanup to run, or None if the filesystem cannot."""
     try:
         if os.path.lexists(target):
             _renameat2(tmp, target, _RENAME_EXCHANGE)
@@ -459,18 +463,25 @@ def _swap_exchange(tmp: Path, target: Path) -> bool:
             previous = None
     except OSError as exc:
         if exc.errno in _UNSUPPORTED:
-            return False
+            return None
         raise
     _fsync(target.parent, directory=True)
-    if previous is not None:
-        _remove_version(previous)
-    return True
+    return _nothing if previous is None else lambda: _remove_version(previous)
 
 
-def _swap_journal(tmp: Path, target: Path) -> None:
-    """Put ``tmp`` in place of ``target`` with two renames recorded in a journal directory."""
+def _swap_journal(tmp: Path, target: Path) -> Callable[[], None]:
+    """Put ``tmp`` in place of ``target`` with two renames recorded in a journal directory; the cleanup to run."""
     old = Path(tempfile.mkdtemp(dir=target.parent, prefix=old_prefix(target.name)))
     lock = _hold(old)
+
+    def cleanup() -> None:  # the journal stays locked (a live swap) until the previous save is gone
+        try:
+            if (old / PREVIOUS).is_dir():
+                _remove_version(old / PREVIOUS)
+            _remove(old)
+        finally:
+            _release(lock)
+
     try:
         with open(old / JOURNAL_FILE, "w") as f:
             json.dump({"format": JOURNAL_FORMAT, "target": target.name, "new": tmp.name}, f)
@@ -489,20 +500,21 @@ def _swap_journal(tmp: Path, target: Path) -> None:
         else:
             os.rename(tmp, target)
         _fsync(target.parent, directory=True)
-    finally:
-        if (old / PREVIOUS).is_dir():
-            _remove_version(old / PREVIOUS)
-        _remove(old)
-        _release(lock)
+    except BaseException:
+        cleanup()
+        raise
+    return cleanup
 
 
-def _swap(tmp: Path, target: Path, protocol: str | None) -> str:
-    if protocol != "journal" and _RENAMEAT2 is not None and _swap_exchange(tmp, target):
-        return "exchange"
+def _swap(tmp: Path, target: Path, protocol: str | None) -> Callable[[], None]:
+    """Swap ``tmp`` in (under the parent lock); returns the removal of the previous save, run after the lock."""
+    if protocol != "journal" and _RENAMEAT2 is not None:
+        cleanup = _swap_exchange(tmp, target)
+        if cleanup is not None:
+            return cleanup
     if protocol == "exchange":
         raise OSError(f"renameat2(RENAME_EXCHANGE) is not available for {target}; use protocol='journal'")
-    _swap_journal(tmp, target)
-    return "journal"
+    return _swap_journal(tmp, target)
 
 
 @contextlib.contextmanager
@@ -571,8 +583,9 @@ def atomic_directory(target: str | os.PathLike, *, expected_bytes: int | None = 
                 _fsync(target.parent, directory=True)
                 if not sigint.caught:  # Ctrl-C before the swap: roll back; from here on: finish
                     with _parent_lock(target.parent):
-                        _swap(tmp, target, protocol)
+                        cleanup = _swap(tmp, target, protocol)
                     swapped = True
+                    cleanup()  # outside the parent lock: it may wait for readers of the previous save
             finally:
                 if not swapped:
                     _remove(tmp)

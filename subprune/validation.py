@@ -25,7 +25,8 @@ def _shown(value) -> str:
 
 
 def _type_error(name: str, expected: str, value) -> TypeError:
-    return TypeError(f"{name} must be {expected}, got {type(value).__name__} {_shown(value)}")
+    shown = "None" if value is None else f"{type(value).__name__} {_shown(value)}"
+    return TypeError(f"{name} must be {expected}, got {shown}")
 
 
 def _scalar(value):

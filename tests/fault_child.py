@@ -56,10 +56,11 @@ def _child(job: dict) -> int:
             index = state["count"]
             if index == n and when == "before":
                 os.kill(os.getpid(), sig)
-            result = real(*args, **kwargs)
-            if index == n and when == "after":
-                os.kill(os.getpid(), sig)
-            return result
+            try:
+                return real(*args, **kwargs)
+            finally:  # also after a call that raised (e.g. mkdir of a directory that exists)
+                if index == n and when == "after":
+                    os.kill(os.getpid(), sig)
 
         setattr(owner, name, call)
 

@@ -279,3 +279,17 @@ def test_save_pruned_killed_in_a_real_process(sig, tmp_path):
         if last["event"] == "interrupted" and last["saved"] is not None:
             assert version == (last["version"] if last["saved"] else 1 - last["version"])
     assert saving.strays(target) == []  # the load was the next run
+
+
+def test_strays_of_the_earlier_protocol_are_recovered(tmp_path, versions):
+    """Before this protocol a kill between the two renames left no target, the old save in .NAME.old-*/previous."""
+    target = tmp_path / "out"
+    shutil.copytree(versions[0], tmp_path / ".out.old-abc123" / "previous")
+    shutil.copytree(versions[1], tmp_path / ".out.tmp-def456")  # the new save, no journal to say it is complete
+    assert which(saving.current_version(target), versions) == 0  # the load finds the old save meanwhile
+    load_pruned(target, model=make_conv_net())
+    assert which(target, versions) == 0 and saving.strays(target) == []  # rolled back, strays gone
+    shutil.copytree(versions[1], tmp_path / ".out.old-x" / "previous")  # a finished swap's leftover
+    (tmp_path / ".out.tmp-y").mkdir()  # an empty unfinished sibling
+    assert any("finished" in line for line in saving.recover(target))
+    assert which(target, versions) == 0 and saving.strays(target) == []

@@ -80,11 +80,12 @@ def _from_pretrained(auto, path: Path) -> nn.Module:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: the weights cannot be loaded with its config.json ({first}); point to a "
                          "directory written by save_pretrained") from exc
-    problems = [f"{len(keys)} {kind} (e.g. {', '.join(sorted(str(_key(k)) for k in keys)[:3])})" for kind, keys in (
-        ("missing", info.get("missing_keys") or ()), ("unexpected", info.get("unexpected_keys") or ()),
-        ("mis-shaped", info.get("mismatched_keys") or ())) if keys]
+    found = (("missing", info.get("missing_keys") or ()), ("unexpected", info.get("unexpected_keys") or ()),
+             ("mis-shaped", info.get("mismatched_keys") or ()))
+    problems = [f"{len(keys)} {kind} keys (e.g. {', '.join(sorted(_key(k) for k in keys)[:3])})"
+                for kind, keys in found if keys]
     if problems:
-        raise ValueError(f"{path}: the weights do not match config.json: {'; '.join(problems)} keys; the model "
+        raise ValueError(f"{path}: the weights do not match config.json: {'; '.join(problems)}; the model "
                          "would run with randomly initialised weights. Point to the directory its weights were "
                          "saved with (save_pretrained), or fix config.json")
     return model.eval()
