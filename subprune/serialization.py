@@ -285,6 +285,38 @@ def _check_module_entry(name: str, entry, current: nn.Module, arch_file: Path) -
     return None if config == dense else config
 
 
+def _check_tensor_entry(name: str, entry, current: nn.Module, arch_file: Path) -> None:
+    """The saved tensor shapes and size attributes of module ``name`` are at most its dense ones (before allocating)."""
+    where = f"{arch_file}: module '{name}'"
+    if not isinstance(entry, dict) or not isinstance(entry.get("shapes"), dict):
+        raise ValueError(f"{where} has no 'shapes' mapping: the save is damaged; prune the model again")
+    if type(current).__name__ != entry.get("type"):
+        raise ValueError(f"{where} is a {type(current).__name__} in the model, the save has a {entry.get('type')!r}: "
+                         "the save was made from another model")
+    own = {**dict(current.named_parameters(recurse=False)), **dict(current.named_buffers(recurse=False))}
+    for key, shape in entry["shapes"].items():
+        if key not in own:
+            raise ValueError(f"{where} has no tensor '{key}' in the model: the save was made from another model")
+        dense = list(own[key].shape)
+        if (not isinstance(shape, list) or len(shape) != len(dense)
+                or not all(isinstance(s, int) and not isinstance(s, bool) and min(1, d) <= s <= d
+                           for s, d in zip(shape, dense, strict=True))):
+            raise ValueError(f"{where} has {key} of shape {shape!r}; a pruned shape has {len(dense)} sizes, each in "
+                             f"1..{dense} (the dense model's): the save is damaged or was made from another model")
+    attributes = entry.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise ValueError(f"{where} has 'attributes' that are not a mapping: the save is damaged")
+    for key, value in attributes.items():
+        dense = getattr(current, key, None)
+        dense = list(dense) if isinstance(dense, tuple) else dense
+        values, limits = (value, dense) if isinstance(value, list) else ([value], [dense])
+        if (type(value) is not type(dense) or not isinstance(limits, list) or len(values) != len(limits)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and isinstance(d, int) and 1 <= v <= d
+                           for v, d in zip(values, limits, strict=True))):
+            raise ValueError(f"{where} has {key}={value!r}; a pruned {key} lies in 1..{dense!r} (the dense model's): "
+                             "the save is damaged or was made from another model")
+
+
 def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Reload a model saved by :func:`save_pruned`.
 
@@ -367,6 +399,15 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) ->
         config = _check_module_entry(name, entry, current, arch_file)
         if config is not None:
             changes[name] = (entry["type"], config, current)
+    resized = spec.get("tensors", {})
+    if not isinstance(resized, dict):
+        raise ValueError(f"{arch_file} has a 'tensors' entry that is not a mapping: the save is damaged")
+    for name, entry in resized.items():
+        try:
+            current = get_module(model, name)
+        except ValueError as exc:
+            raise ValueError(f"{arch_file}: {exc}: the save was made from another model") from None
+        _check_tensor_entry(name, entry, current, arch_file)
     try:
         state = load(weights)
     except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file

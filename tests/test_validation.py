@@ -248,3 +248,21 @@ def test_hf_saved_widths_are_checked_before_allocating(tmp_path):
         hf_load(out)
     assert time.perf_counter() - start < 20
     assert os.listdir(tmp_path) == ["p"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda e: e["shapes"].update(weight=[10**9]),
+     r"weight of shape \[1000000000\]; a pruned shape has 1 sizes, each in 1..\[8\]"),
+    (lambda e: e["shapes"].update(weight=[4, 2]), r"weight of shape \[4, 2\]"),
+    (lambda e: e["shapes"].update(extra=[1]), "has no tensor 'extra'"),
+    (lambda e: e["attributes"].update(normalized_shape=[10**9]), r"normalized_shape=\[1000000000\]; a pruned"),
+    (lambda e: e.update(type="Linear"), "is a LayerNorm in the model, the save has a 'Linear'"),
+])
+def test_saved_tensor_shapes_are_checked_before_allocating(tmp_path, edit, match):
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    out = save_pruned(model, tmp_path / "p")
+    spec = json.loads((out / "architecture.json").read_text())
+    edit(spec["tensors"]["1"])
+    (out / "architecture.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=match):
+        load_pruned(out, model=model)
