@@ -293,8 +293,10 @@ def cli_kill_rows(work: Path, runs: int, rng: random.Random) -> list[Row]:
             state = "old" if params == old_params else "new"
             row.states[state] += 1
             load_pruned(target)
-            lines = [x for x in err.strip().splitlines() if x.strip()]
+            lines = [x for x in err.strip().splitlines() if x.strip() and not x.startswith("WARNING")]
             text = lines[-1] if lines else f"(exit {child.returncode}, nothing printed)"
+            if child.returncode == 0 and not lines and "saved the pruned model" in out:
+                text = "(exit 0: the run had finished and printed 'saved the pruned model ...'; Ctrl-C came after)"
             if "Traceback" in err:
                 row.wrong.append("traceback: " + text)
             if sig == signal.SIGINT:

@@ -40,7 +40,7 @@ from subprune.models import MODELS, get_spec, load_model
 from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import MIN_CALIBRATION_SAMPLES, PruneConfig, prune
 from subprune.report import build_report, compare_models, print_report
-from subprune.saving import SaveInterrupted
+from subprune.saving import SaveInterrupted, current_version
 from subprune.serialization import REPORT_FILE, check_target, load_pruned, save_pruned, state_bytes
 from subprune.sites import find_sites
 
@@ -335,6 +335,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     else:
         print_report(report, console)
     if args.out:  # last, so that an interruption before it leaves nothing and "nothing was saved" is true
+        args.out_identity = saved_identity(args.out)
         save_pruned(pruned, args.out, base_model=args.model, extra_json={REPORT_FILE: report},
                     overwrite=args.overwrite)
         args.saved_to = args.out
@@ -467,6 +468,26 @@ def cmd_list(args: argparse.Namespace, console: Console) -> None:
                       highlight=False)
 
 
+def saved_identity(directory: str | None) -> tuple[int, int] | None:
+    """(device, inode) of the save now at ``directory`` (None: none): a finished save replaces it."""
+    try:
+        stat = current_version(directory).stat()
+    except (OSError, TypeError):
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _interrupt_message(args: argparse.Namespace) -> str:
+    """What a Ctrl-C outside the save's own handling left: read from the filesystem, not from where it struck."""
+    out = getattr(args, "out", None)
+    saved = getattr(args, "saved_to", None)
+    if saved is None and out and hasattr(args, "out_identity") and saved_identity(out) != args.out_identity:
+        saved = out  # the save had been swapped in when the interrupt came
+    if saved:
+        return f"interrupted after saving: {saved} holds the complete new save"
+    return "interrupted: nothing was saved" + (f" ({out} is as before)" if out else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``subprune`` command; returns the exit status."""
     args = argparse.Namespace()
@@ -482,10 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(str(exc), markup=False)
         return 130
     except KeyboardInterrupt:
-        saved = getattr(args, "saved_to", None)
-        out = getattr(args, "out", None)
-        errors.print(f"interrupted after saving: {saved} holds the complete new save" if saved else
-                     "interrupted: nothing was saved" + (f" ({out} is as before)" if out else ""), markup=False)
+        errors.print(_interrupt_message(args), markup=False)
         return 130
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
         errors.print(f"error: {exc}", markup=False)
@@ -498,11 +516,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``subprune`` console command: :func:`main`, then an exit that a late Ctrl-C cannot turn into a traceback."""
+    code = 130
     try:
-        code = main()
-    except KeyboardInterrupt:  # in the few steps after main's own handler: the command had finished
-        code = 130
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C during the interpreter's exit (atexit hooks) is ignored
+        try:
+            code = main()
+        finally:  # from here on Ctrl-C is ignored: the interpreter's exit (atexit hooks) cannot print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # in the few steps between main's own handler and the line above
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
 
 

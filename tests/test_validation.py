@@ -195,7 +195,14 @@ def test_cli_interrupt_messages_are_true(monkeypatch, capsys, tmp_path):
     def inside_the_save(args, console):
         raise SaveInterrupted(tmp_path, saved=True)
 
+    def just_after_the_swap(args, console):  # saved, but the interrupt struck before the command could say so
+        args.out = str(tmp_path / "out")
+        args.out_identity = cli.saved_identity(args.out)
+        save_pruned(make_conv_net(), args.out)
+        raise KeyboardInterrupt
+
     expected = [(before_saving, "interrupted: nothing was saved"),
+                (just_after_the_swap, f"interrupted after saving: {tmp_path / 'out'} holds the complete new save"),
                 (after_saving, f"interrupted after saving: {tmp_path} holds the complete new save"),
                 (inside_the_save, f"the swap was finished first, {tmp_path} holds the new save")]
     for command, message in expected:

@@ -112,6 +112,9 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         "sites": [dataclasses.asdict(s) for s in result.sites],
     }
     if args.out:
+        from subprune.cli import saved_identity
+
+        args.out_identity = saved_identity(args.out)
         save_pruned(result.model, args.out, tokenizer, extra_json={REPORT_FILE: report})
         args.saved_to = args.out
     if args.json:
