@@ -17,6 +17,7 @@ preprocessing, so ``subprune evaluate DIR`` measures the same held-out samples.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
 
 
 def image_settings(args: argparse.Namespace, source: ModelSource | None, model) -> ImageSettings:
-    """Preprocessing of image data: the flags, else the timm model's own, else the images as they are."""
+    """Image preprocessing: the flags, over the timm model's own for timm models; else the images as they are."""
     size = None
     if args.resize:
         parts = _floats("--resize", args.resize)
@@ -54,11 +55,14 @@ def image_settings(args: argparse.Namespace, source: ModelSource | None, model) 
             raise ValueError(f"--resize {args.resize!r} must be SIZE or HEIGHT,WIDTH (positive integers)")
         size = (int(parts[0]), int(parts[-1]))
     mean, std = _floats("--mean", args.mean), _floats("--std", args.std)
-    if source is not None and source.kind == "timm" and size is None and mean is None and args.channels is None:
+    if source is not None and source.kind == "timm":  # the model's own preprocessing; the flags override it
         try:
-            return timm_settings(model)
+            base = timm_settings(model)
         except ImportError:
-            pass
+            base = None
+        if base is not None:
+            return dataclasses.replace(base, size=size or base.size, channels=args.channels or base.channels,
+                                       **({"mean": mean, "std": std} if mean is not None or std is not None else {}))
     return ImageSettings(size=size, mean=mean, std=std, channels=args.channels)
 
 

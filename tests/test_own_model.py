@@ -228,6 +228,13 @@ def test_timm_model_from_the_cli_and_its_own_preprocessing(tmp_path):
     source = parse_model("timm:resnet18", kwargs={"num_classes": 4})
     settings = timm_settings(source.build())
     assert settings.size == (224, 224) and settings.mean == pytest.approx((0.485, 0.456, 0.406))
+    import argparse
+
+    from subprune.usercli import image_settings
+
+    flags = argparse.Namespace(resize="64", mean=None, std=None, channels=None)
+    resized = image_settings(flags, source, source.build())  # --resize overrides the size only
+    assert (resized.size, resized.channels, resized.mean) == ((64, 64), 3, settings.mean)
     np.save(tmp_path / "x.npy", torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy())
     out = tmp_path / "r18"
     assert main(["prune", "--model", "timm:resnet18", "--model-kwargs", '{"num_classes": 4}', "--data",
