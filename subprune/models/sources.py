@@ -211,11 +211,14 @@ def _factory(target: str):
                 del sys.modules[name]
                 raise
     else:
+        cwd = str(Path.cwd())
+        if cwd not in sys.path:  # `subprune` is a console script: the current directory is not on sys.path
+            sys.path.append(cwd)
         try:
             module = importlib.import_module(location)
         except ModuleNotFoundError as exc:
-            raise ImportError(f"cannot import {location!r} ({exc}): give an importable module (on PYTHONPATH) "
-                              "or a file path ending in .py") from exc
+            raise ImportError(f"cannot import {location!r} ({exc}): give an importable module (on PYTHONPATH or in "
+                              "the current directory) or a file path ending in .py") from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         names = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
