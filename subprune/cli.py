@@ -142,9 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=_ratio, default=None, help="hf: models: keep ratio of FFN neurons")
     p.add_argument("--params", type=_ratio, default=None,
                    help="hf: models: keep this fraction of the prunable attention + FFN parameters (global target)")
-    p.add_argument("--budget", default="uniform", choices=["uniform", "curve", "accuracy"],
-                   help="channels per site: uniform keep ratio, from the objective curves f(S_k), or the "
-                        "paper's equal-accuracy-loss rule (one-site sweeps on a held-out training slice, cached)")
+    p.add_argument("--budget", default="auto", choices=["auto", "uniform", "curve", "flap", "accuracy"],
+                   help="channels per site: the method's own (auto: flap for --method flap, else uniform), "
+                        "uniform keep ratio, from the objective curves f(S_k), FLAP's adaptive structure (hf: "
+                        "models), or the paper's equal-accuracy-loss rule (one-site sweeps on a held-out training "
+                        "slice, cached)")
     p.add_argument("--held-out", type=_bounded("--held-out", 0, integer=True), default=None,
                    help="training images (disjoint from the calibration set) for --budget accuracy (default 1000)")
     p.add_argument("--cache", default=None, help="cache directory of --budget accuracy (default ~/.cache/subprune)")
@@ -261,6 +263,9 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     if args.method in HF_BASELINES:
         raise ValueError(f"--method {args.method} is for hf: (transformers) models only; for this model choose "
                          "one of " + ", ".join(METHODS))
+    if args.budget == "flap":
+        raise ValueError("--budget flap (FLAP's adaptive structure) is for hf: (transformers) models only; "
+                         "use --budget uniform or curve for this model")
     if args.held_out is not None and args.budget != "accuracy":
         raise ValueError("--held-out applies only to --budget accuracy; drop it or add --budget accuracy")
     args.held_out = 1000 if args.held_out is None else args.held_out
@@ -278,7 +283,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
     keep = dict(args.keep_site) if args.keep_site else None if args.compression is not None else args.keep
     config = PruneConfig(
         method=args.method, keep=keep, compression=args.compression,
-        budget="uniform" if args.budget == "accuracy" else args.budget,
+        budget="uniform" if args.budget in ("accuracy", "auto") else args.budget,
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,

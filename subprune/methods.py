@@ -48,6 +48,9 @@ class SiteProblem:
     channels : int
     scores : Tensor of shape (channels,), float64, or None
         Channel scores of the method's ``score`` function (baselines only).
+    parts : Tensor of shape (channels,), int64, or None
+        A partition of the channels of which every part keeps the same number
+        (query heads of a key/value group); ``None``: no constraint.
     """
 
     gram: Tensor
@@ -57,6 +60,7 @@ class SiteProblem:
     group_size: int
     channels: int
     scores: Tensor | None = None
+    parts: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def greedy_selection(
     """
     result: GreedyResult = greedy_select_factored(
         problem.gram, problem.weight, problem.target_energy, problem.group_size, k,
-        cross=problem.cross, epsilon=epsilon, ridge=ridge, generator=generator,
+        cross=problem.cross, epsilon=epsilon, ridge=ridge, generator=generator, parts=problem.parts,
     )
     return Selection(result.keep(k), result.order, result.objective)
 

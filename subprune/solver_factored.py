@@ -35,6 +35,18 @@ from subprune.solver import (
 )
 
 
+def _part_quota(parts: Tensor | None, n: int, k: int) -> int:
+    """Groups per part for a partition constraint (0 without one); ValueError on a bad partition."""
+    if parts is None:
+        return 0
+    if parts.shape != (n,):
+        raise ValueError(f"parts must have shape ({n},), got {tuple(parts.shape)}")
+    n_parts = int(parts.max()) + 1
+    if k % n_parts:
+        raise ValueError(f"k={k} must be a multiple of the {n_parts} parts")
+    return k // n_parts
+
+
 def greedy_select_factored(
     gram: Tensor,
     weight: Tensor,
@@ -46,6 +58,7 @@ def greedy_select_factored(
     epsilon: float = 0.0,
     ridge: float = 0.0,
     generator: torch.Generator | None = None,
+    parts: Tensor | None = None,
 ) -> GreedyResult:
     """Greedy maximisation of F(S) over groups, with the residual kept as G - U U^T.
 
@@ -53,12 +66,20 @@ def greedy_select_factored(
     (gram (d, d), weight (d, m), target_energy, group_size g, k, cross, epsilon,
     ridge, generator). ``gram`` is read, never copied or changed.
 
+    parts : Tensor of shape (n,), int64, optional
+        A partition of the groups into P parts (ids 0..P-1) of which every part
+        keeps k / P groups (a partition-matroid constraint: query heads of a
+        key/value group); greedy then picks the best group among the parts not
+        yet full, and is within 1/(1 + 1/gamma) of the best such set (Fisher,
+        Nemhauser & Wolsey 1978, for gamma = 1). k must be a multiple of P.
+
     Raises
     ------
     ValueError
-        As :func:`subprune.solver.greedy_select`.
+        As :func:`subprune.solver.greedy_select`; or k not a multiple of the number of parts.
     """
     n = _check_greedy(gram, cross, weight, group_size, k, epsilon)
+    quota = _part_quota(parts, n, k)
     g = group_size
 
     dtype, device = torch.float64, gram.device
@@ -93,6 +114,10 @@ def greedy_select_factored(
         chosen = int(candidates[best])
         order[step], gains[step] = chosen, cand_gain[best]
         available[chosen] = False
+        if quota:
+            part = parts[chosen]
+            if int((parts[order[: step + 1]] == part).sum()) == quota:
+                available[parts.to(device) == part] = False
 
         j = step * g
         cols = slice(chosen * g, (chosen + 1) * g)

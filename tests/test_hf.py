@@ -19,7 +19,14 @@ from subprune.hf import (  # noqa: E402
     save_pruned,
     widths,
 )
-from subprune.hf.baselines import MomentProblem, bias_compensation, flap_scores, magnitude_scores, wanda_scores  # noqa: E402
+from subprune.hf.baselines import (  # noqa: E402
+    MomentProblem,
+    bias_compensation,
+    flap_scores,
+    flap_standardised_scores,
+    magnitude_scores,
+    wanda_scores,
+)
 from subprune.hf.prune import collect_transformer_statistics  # noqa: E402
 from subprune.statistics import capture_inputs  # noqa: E402
 
@@ -187,8 +194,12 @@ def test_baseline_scores_by_hand():
     torch.testing.assert_close(magnitude_scores(p), w.reshape(3, 2, 3).square().sum((1, 2)).sqrt())
     wanda = (b.norm(dim=0) * w.abs().sum(1)).reshape(3, 2).sum(1)
     torch.testing.assert_close(wanda_scores(p), wanda)
-    flap = (b.var(0) * w.square().sum(1)).reshape(3, 2).sum(1)
-    torch.testing.assert_close(flap_scores(p), flap)
+    fluctuation = b.var(0) * w.square().sum(1)  # FLAP Eq. 5 per column
+    # attention-like units (group > 1): squared column metric, mean over the unit (FLAP's code)
+    torch.testing.assert_close(flap_scores(p), fluctuation.square().reshape(3, 2).mean(1))
+    torch.testing.assert_close(flap_scores(_problem(b, w)), fluctuation)  # FFN neurons: the metric itself
+    z = (fluctuation.square() - fluctuation.square().mean()) / fluctuation.square().std()
+    torch.testing.assert_close(flap_standardised_scores(p), z.reshape(3, 2).mean(1))
 
 
 def test_flap_bias_compensation_is_exact_for_constant_columns():

@@ -13,6 +13,12 @@ Two kinds of pruning site per transformer block:
   one head), so the group is ``n_heads / n_kv_heads * head_dim`` contiguous
   columns of the output projection (transformers' ``repeat_kv`` maps query head
   h to key/value head h // n_rep).
+* ``heads`` with ``units="qheads"`` (grouped-query attention only): a unit is
+  one query head (producer: its q_proj rows; group: its head_dim columns of the
+  output projection); the shared keys and values stay, and every key/value
+  group keeps the same number of query heads (``TransformerSite.kv_groups``),
+  so the pruned attention is again grouped-query attention with fewer query
+  heads per group (SmolLM2: 9 units a layer instead of 3).
 
 Supported ``config.model_type``: bert, roberta, gpt2, opt, llama, mistral,
 qwen2, qwen3. Source: docs/how-it-works.md, "Terms" (groups); El Halabi et al., NeurIPS 2022.
@@ -30,6 +36,7 @@ from subprune.solver import group_columns
 from subprune.surgery import get_module, set_module
 
 HEADS, FFN = "heads", "ffn"
+UNITS = ("kv", "qheads")  # attention units: key/value groups (with their query heads), or query heads
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,11 @@ class TransformerSite:
     attention : str or None
         Full name of the attention module (heads sites only).
     head_dim : int
+    kv_groups : int
+        0, or (query-head units) the number of key/value groups: every group
+        keeps the same number of its ``channels / kv_groups`` query heads, so a
+        site keeps a multiple of ``kv_groups`` units; units of group j are
+        ``j * channels / kv_groups ...``.
     """
 
     name: str
@@ -138,6 +150,7 @@ class TransformerSite:
     group_size: int
     attention: str | None = None
     head_dim: int = 0
+    kv_groups: int = 0
 
 
 def model_type(model: nn.Module) -> str:
@@ -188,48 +201,78 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise TypeError(f"no module list named '*{spec.layers}' in this {model_type(model)} model")
 
 
-def find_transformer_sites(model: nn.Module) -> list[TransformerSite]:
+def find_transformer_sites(model: nn.Module, units: str = "kv") -> list[TransformerSite]:
     """The heads and FFN sites of every block, in forward order (heads before FFN in each block).
 
     Current widths are read from module shapes, so an already pruned model
-    (non-uniform heads and FFN widths) is described correctly.
+    (non-uniform heads and FFN widths, fewer query heads per key/value group) is
+    described correctly.
+
+    Parameters
+    ----------
+    model : transformers model
+    units : {"kv", "qheads"}
+        Attention units: key/value groups with their query heads, or query
+        heads inside the groups (grouped-query attention with separate q/k/v
+        projections; otherwise the same as "kv").
 
     Raises
     ------
     TypeError
         If the model is not a supported transformers model.
+    ValueError
+        On an unknown ``units``.
     """
+    if units not in UNITS:
+        raise ValueError(f"units={units!r} is unknown; choose one of {', '.join(UNITS)}")
     spec = SPECS[model_type(model)]
-    _, n_kv_dense, head_dim = head_geometry(model.config)
-    n_heads_dense = model.config.num_attention_heads
-    rep = n_heads_dense // n_kv_dense  # query heads per key/value head
+    _, _, head_dim = head_geometry(model.config)
     prefix, layers = blocks(model)
     sites = []
     for i, block in enumerate(layers):
         base = f"{prefix}.{i}"
         out = get_module(block, spec.out)
-        n_groups = in_features(out) // (rep * head_dim)  # key/value groups left
         if len(spec.qkv) == 1:  # fused [q | k | v], all of width n_heads * head_dim
-            width = n_groups * rep * head_dim
+            n_groups, rep = in_features(out) // head_dim, 1
+            width = n_groups * head_dim
             name = f"{base}.{spec.qkv[0]}"
             producers = tuple(Slice(name, j * width, head_dim) for j in range(3))
         else:
             q, k, v = (f"{base}.{m}" for m in spec.qkv)
+            n_groups = out_features(get_module(model, k)) // head_dim  # key/value groups left
+            rep = out_features(get_module(model, q)) // (n_groups * head_dim)  # query heads per group
             producers = (Slice(q, 0, rep * head_dim), Slice(k, 0, head_dim), Slice(v, 0, head_dim))
-        sites.append(TransformerSite(f"{base}.heads", HEADS, i, f"{base}.{spec.out}", producers, n_groups,
-                                     rep * head_dim, f"{base}.{spec.attention}", head_dim))
+        if units == "qheads" and len(spec.qkv) == 3 and rep > 1:
+            sites.append(TransformerSite(f"{base}.heads", HEADS, i, f"{base}.{spec.out}",
+                                         (Slice(f"{base}.{spec.qkv[0]}", 0, head_dim),), n_groups * rep, head_dim,
+                                         f"{base}.{spec.attention}", head_dim, kv_groups=n_groups))
+        else:
+            sites.append(TransformerSite(f"{base}.heads", HEADS, i, f"{base}.{spec.out}", producers, n_groups,
+                                         rep * head_dim, f"{base}.{spec.attention}", head_dim))
         down = get_module(block, spec.down)
         sites.append(TransformerSite(f"{base}.ffn", FFN, i, f"{base}.{spec.down}",
                                      tuple(Slice(f"{base}.{m}", 0, 1) for m in spec.up), in_features(down), 1))
     return sites
 
 
-def _new_linear_like(module: nn.Module, n_in: int, n_out: int) -> nn.Module:
+def check_group_quota(site: TransformerSite, keep: Tensor) -> None:
+    """ValueError unless ``keep`` holds the same number of query heads of every key/value group (``kv_groups`` > 0)."""
+    if not site.kv_groups:
+        return
+    per_group = site.channels // site.kv_groups
+    counts = torch.bincount(keep // per_group, minlength=site.kv_groups)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"{site.name}: every key/value group must keep the same number of query heads, "
+                         f"got {counts.tolist()} (keep a multiple of {site.kv_groups} heads, chosen per group)")
+
+
+def _new_linear_like(module: nn.Module, n_in: int, n_out: int, bias: bool | None = None) -> nn.Module:
+    """A Linear (or Conv1D) of shape n_in -> n_out like ``module``; ``bias`` None: a bias iff ``module`` has one."""
     factory = {"dtype": module.weight.dtype, "device": module.weight.device}
     if is_conv1d(module):
         new = type(module)(n_out, n_in)  # Conv1D(nf, nx)
         return new.to(**factory)
-    return nn.Linear(n_in, n_out, bias=module.bias is not None, **factory)
+    return nn.Linear(n_in, n_out, bias=module.bias is not None if bias is None else bias, **factory)
 
 
 @torch.no_grad()
@@ -248,10 +291,14 @@ def _slice_outputs(module: nn.Module, rows: Tensor) -> nn.Module:
 
 @torch.no_grad()
 def _replace_consumer(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    """A consumer with weight W' of shape (d_in', d_out) and the given bias."""
-    new = _new_linear_like(module, weight.shape[0], weight.shape[1])
+    """A consumer with weight W' of shape (d_in', d_out) and the given bias.
+
+    A consumer without a bias gains one when ``bias`` is given (FLAP's bias
+    compensation on LLaMA, whose projections have none).
+    """
+    new = _new_linear_like(module, weight.shape[0], weight.shape[1], bias=module.bias is not None or bias is not None)
     new.weight.copy_(weight if is_conv1d(module) else weight.T)
-    if module.bias is not None:
+    if new.bias is not None:
         new.bias.copy_(module.bias if bias is None else bias)
     new.train(module.training)
     return new
@@ -276,7 +323,8 @@ def prune_transformer_site_(
     weight : Tensor of shape (k * site.group_size, d_out), optional
         Refit consumer weight W'; ``None`` keeps the old weights of the kept columns.
     bias : Tensor of shape (d_out,), optional
-        New consumer bias (bias compensation); ``None`` keeps the old one.
+        New consumer bias (bias compensation); ``None`` keeps the old one. A
+        consumer without a bias gains one.
 
     Raises
     ------
@@ -288,6 +336,7 @@ def prune_transformer_site_(
     if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= site.channels or not distinct:
         raise ValueError(f"{site.name}: keep must hold 1..{site.channels} distinct units in 0..{site.channels - 1}")
     keep = torch.sort(keep).values
+    check_group_quota(site, keep)
     by_module: dict[str, list[Tensor]] = {}
     for part in site.producers:
         by_module.setdefault(part.module, []).append(part.offset + group_columns(keep, part.width))
@@ -304,17 +353,18 @@ def prune_transformer_site_(
     set_module(model, site.consumer, _replace_consumer(consumer, w, None if bias is None else bias.to(w)))
     if site.kind == HEADS:
         n_heads = keep.numel() * site.group_size // site.head_dim
-        SPECS[model_type(model)].set_heads(get_module(model, site.attention), n_heads, site.head_dim)
+        attention = get_module(model, site.attention)
+        SPECS[model_type(model)].set_heads(attention, n_heads, site.head_dim)
+        if site.kv_groups:  # fewer query heads per key/value group: LLaMA-style attention repeats k/v this often
+            attention.num_key_value_groups = keep.numel() // site.kv_groups
 
 
 def widths(model: nn.Module) -> list[dict[str, int]]:
     """Per block: ``{"heads": query heads, "kv_heads": key/value heads, "ffn": FFN width}``."""
-    n_heads, n_kv, head_dim = head_geometry(model.config)
-    rep = n_heads // n_kv
     out = []
     for site in find_transformer_sites(model):
         if site.kind == HEADS:
-            out.append({"heads": site.channels * rep, "kv_heads": site.channels})
+            out.append({"heads": site.channels * site.group_size // site.head_dim, "kv_heads": site.channels})
         else:
             out[-1]["ffn"] = site.channels
     return out

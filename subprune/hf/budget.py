@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from subprune.budgets import curve_plan, keep_ratio_for_compression, kept_channels
@@ -152,8 +153,11 @@ def transformer_budget(
     dict site name -> units kept
         For a unit target: per kind, the sum equals the uniform plan's. For a
         parameter target: the model has at most the target count; the uniform
-        rule is the largest keep ratio that fits, the curve rule adds units
-        (by gain per parameter) while they fit.
+        rule is the largest keep ratio that fits, its leftover then spread one
+        unit per site at a time over the sites of the cheapest units
+        (:func:`fill_uniformly`: with 3 key/value groups a layer, a ratio
+        that fits can otherwise leave some 5% of the target unused); the curve
+        rule adds units (by gain per parameter) while they fit.
 
     Raises
     ------
@@ -170,9 +174,11 @@ def transformer_budget(
                              f"{smallest - (counter.dense - counter.prunable):,} of {counter.prunable:,} prunable "
                              "parameters; ask for a larger fraction")
         if curves is not None:
-            return curve_plan(sites, curves, counter=counter, compression=compression)
+            plan = round_to_step(sites, curve_plan(sites, curves, counter=counter, compression=compression))
+            return fill_uniformly(sites, plan, counter, counter.budget(compression))
         ratio = keep_ratio_for_compression(counter, sites, compression)
-        return {s.name: kept_channels(ratio, s.channels) for s in sites}
+        kept = round_to_step(sites, {s.name: kept_channels(ratio, s.channels) for s in sites})
+        return fill_uniformly(sites, kept, counter, counter.budget(compression))
     if curves is None:
         return dict(plan)
     kept: dict[str, int] = {}
@@ -180,4 +186,115 @@ def transformer_budget(
         group = [s for s in sites if s.kind == kind]
         if group:
             kept.update(curve_plan(group, curves, total=sum(plan[s.name] for s in group)))
+    return kept
+
+
+def flap_plan(
+    sites: list[TransformerSite],
+    scores: Mapping[str, Tensor],
+    counter: TransformerParameterCounter,
+    target: int,
+) -> dict[str, int]:
+    """FLAP's adaptive structure: one global ranking of standardised unit scores under a parameter budget.
+
+    Every site first keeps its best unit; then units are taken in decreasing
+    score over all sites (attention and FFN together, "AL-AM"), each while the
+    model still fits ``target`` parameters (a unit that does not fit is
+    skipped). Within a site the kept units are its top-scoring ones, so the
+    result is a per-site count.
+
+    Parameters
+    ----------
+    sites : list of TransformerSite
+    scores : mapping site name -> Tensor of shape (channels,)
+        Standardised scores (:func:`subprune.hf.baselines.flap_standardised_scores`).
+    counter : TransformerParameterCounter
+    target : int
+        Parameter count of the whole pruned model.
+
+    Returns
+    -------
+    dict site name -> units kept (>= 1 each)
+
+    Raises
+    ------
+    ValueError
+        If one unit per site already exceeds ``target``, or a score vector has the wrong shape.
+
+    Notes
+    -----
+    Source: An et al., AAAI 2024, Sec. 4.2 (adaptive structure search) and its
+    code's ``AL-AM`` branch, which thresholds the sorted scores where the
+    cumulative cost (a head counted as 4 head_dim / 3 neurons on LLaMA) reaches
+    the kept fraction.
+    """
+    for s in sites:
+        if scores[s.name].shape != (s.channels,):
+            raise ValueError(f"scores of site {s.name} must have shape ({s.channels},), "
+                             f"got {tuple(scores[s.name].shape)}")
+    kept = {s.name: unit_step(s) for s in sites}
+    used = counter.count(kept)
+    if used > target:
+        raise ValueError(f"one unit per site keeps {used:,} parameters, above the target {target:,}")
+    entries = []  # (score, site name, cost): every unit (or level of query heads) but each site's best
+    for s in sites:
+        step = unit_step(s)
+        # query-head units: level j = the j-th best head of every group, scored by their mean
+        levels = torch.sort(scores[s.name].double().reshape(step, -1), dim=1, descending=True).values.mean(0)
+        cost = step * (counter.count({}) - counter.count({s.name: s.channels - 1}))
+        entries.extend((float(v), s.name, cost) for v in levels[1:])
+    entries.sort(key=lambda e: -e[0])
+    steps = {s.name: unit_step(s) for s in sites}
+    for _score, name, cost in entries:
+        if used + cost <= target:
+            kept[name] += steps[name]
+            used += cost
+    return kept
+
+
+def unit_step(site: TransformerSite) -> int:
+    """Units a site's count moves by: ``kv_groups`` for query-head units (one head in every group), else 1."""
+    return site.kv_groups or 1
+
+
+def round_to_step(sites: list[TransformerSite], kept: Mapping[str, int]) -> dict[str, int]:
+    """Round every count down to a multiple of :func:`unit_step` (at least one step): a plan the sites accept."""
+    steps = {s.name: unit_step(s) for s in sites}
+    return {name: max(steps[name], k // steps[name] * steps[name]) for name, k in kept.items()}
+
+
+def fill_uniformly(
+    sites: list[TransformerSite],
+    kept: Mapping[str, int],
+    counter: TransformerParameterCounter,
+    target: int,
+) -> dict[str, int]:
+    """Spend what a uniform plan leaves of ``target``: one more unit per site, in rounds, cheapest units first.
+
+    Parameters
+    ----------
+    sites : list of TransformerSite
+    kept : mapping site name -> units kept (the uniform plan, within ``target``)
+    counter : TransformerParameterCounter
+    target : int
+        Parameter count of the whole pruned model.
+
+    Returns
+    -------
+    dict site name -> units kept
+        Still within ``target``; every site of one kind grows by at most one
+        step more than any other, so the plan stays as uniform as the budget allows.
+    """
+    kept = dict(kept)
+    used = counter.count(kept)
+    cost = {s.name: unit_step(s) * (counter.count({}) - counter.count({s.name: s.channels - 1})) for s in sites}
+    order = sorted(sites, key=lambda s: cost[s.name])  # cheapest units first
+    grown = True
+    while grown:
+        grown = False
+        for s in order:
+            if kept[s.name] + unit_step(s) <= s.channels and used + cost[s.name] <= target:
+                kept[s.name] += unit_step(s)
+                used += cost[s.name]
+                grown = True
     return kept

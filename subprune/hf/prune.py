@@ -22,10 +22,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from subprune import validation
-from subprune.hf.architectures import FFN, HEADS, TransformerSite, consumer_weight, find_transformer_sites
+from subprune.hf.architectures import FFN, HEADS, UNITS, TransformerSite, consumer_weight, find_transformer_sites
 from subprune.hf.architectures import prune_transformer_site_ as cut_site_
-from subprune.hf.baselines import BASELINES, BIAS_COMPENSATED, MomentProblem, bias_compensation
-from subprune.hf.budget import TransformerParameterCounter, transformer_budget
+from subprune.hf.baselines import (
+    BASELINES,
+    BIAS_COMPENSATED,
+    DEFAULT_BUDGETS,
+    MomentProblem,
+    bias_compensation,
+    flap_standardised_scores,
+)
+from subprune.hf.budget import TransformerParameterCounter, flap_plan, round_to_step, transformer_budget
 from subprune.methods import METHODS, Method
 from subprune.pipeline import SiteReport, _keep_ratio
 from subprune.solver import group_columns, refit, ridge_value, weights_objective
@@ -37,7 +44,8 @@ log = logging.getLogger(__name__)
 
 INCHANGE = ("layer", "seq", "asym")  # the paper's methods; the CNN baselines of METHODS need a CNN pipeline
 TRANSFORMER_METHODS: dict[str, Method] = {**{k: METHODS[k] for k in INCHANGE}, **BASELINES}
-BUDGETS = ("uniform", "curve")
+BUDGETS = ("auto", "uniform", "curve", "flap")
+DENSE_BUDGETS = ("curve", "flap")  # rules that read every site's dense statistics before any site is pruned
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,14 @@ class TransformerPruneConfig:
         A ratio of 1 still selects and refits the site.
     budget : str
         Units per site: ``"uniform"`` (the keep ratios, or one ratio meeting
-        ``params``) or ``"curve"``: from the greedy objective curves f(S_k) of
+        ``params``); ``"curve"``: from the greedy objective curves f(S_k) of
         every site on the dense model's statistics, at the same number of heads
         and of FFN neurons as the uniform plan, or at ``params``
-        (:func:`subprune.hf.budget.transformer_budget`).
+        (:func:`subprune.hf.budget.transformer_budget`); ``"flap"``: FLAP's
+        adaptive structure, one global ranking of standardised fluctuation
+        scores over all sites at the uniform plan's parameter count or at
+        ``params`` (:func:`subprune.hf.budget.flap_plan`); ``"auto"`` (default):
+        the method's own (``flap`` for FLAP, ``uniform`` otherwise).
     params : float, optional
         Global parameter target in (0, 1]: the fraction of the prunable
         parameters (q/k/v rows and output-projection columns of the heads,
@@ -79,6 +91,12 @@ class TransformerPruneConfig:
         extension of the paper's objective, off by default.
     ridge, epsilon, seed
         As in :class:`subprune.PruneConfig`.
+    units : str
+        Attention units: ``"kv"`` (default: a key/value group with its query
+        heads) or ``"qheads"`` (query heads inside the groups, the shared keys
+        and values kept; every group keeps the same number, so a layer keeps a
+        multiple of its key/value groups). Grouped-query attention only; the
+        same as "kv" otherwise. See :func:`subprune.hf.architectures.find_transformer_sites`.
     batch_size : int
         Sequences per forward pass.
     progress : bool
@@ -88,13 +106,14 @@ class TransformerPruneConfig:
     heads: float | None = 0.5
     ffn: float | None = 0.5
     keep: Mapping[str, float] | None = None
-    budget: str = "uniform"
+    budget: str = "auto"
     params: float | None = None
     reweight: bool = True
     intercept: bool = False
     ridge: float = 0.0
     epsilon: float = 0.0
     seed: int = 0
+    units: str = "kv"
     batch_size: int = 16
     progress: bool = False
 
@@ -122,6 +141,7 @@ class TransformerPruneConfig:
         put("seed", validation.integer("seed", self.seed, 0))
         for name in ("reweight", "intercept", "progress"):
             put(name, validation.flag(name, getattr(self, name)))
+        put("units", validation.choice("units", self.units, UNITS))
 
 
 @dataclass
@@ -286,7 +306,14 @@ def _plan(sites: list[TransformerSite], config: TransformerPruneConfig) -> dict[
             ratio = None if ratio == 1 else ratio
         if ratio is not None:
             plan[site.name] = max(1, min(site.channels, round(ratio * site.channels)))
-    return plan
+    return round_to_step(sites, plan)
+
+
+def _parts(site: TransformerSite) -> Tensor | None:
+    """The key/value group of each query-head unit, shape (channels,), or None for other sites."""
+    if not site.kv_groups:
+        return None
+    return torch.arange(site.channels) // (site.channels // site.kv_groups)
 
 
 def _prune_site(
@@ -303,13 +330,14 @@ def _prune_site(
     weight = consumer_weight(consumer).to(gram.gram_)  # (d, m)
     energy = gram.target_energy(weight)
     mean = stats.sum_b / max(gram.n_rows_, 1)
+    parts = _parts(site)
     problem = MomentProblem(gram.gram_, gram.cross_, weight, energy, site.group_size, site.channels,
-                            mean=mean, rows=gram.n_rows_)
+                            parts=parts, mean=mean, rows=gram.n_rows_)
     intercept = config.intercept and consumer.bias is not None
     if intercept:  # covariance form: the objective with a free bias (scores of the baselines stay raw)
         gram_c, cross_c, energy_c = stats.centred(weight)
         fit = MomentProblem(gram_c, cross_c, weight, energy_c, site.group_size, site.channels,
-                            mean=mean, rows=gram.n_rows_)
+                            parts=parts, mean=mean, rows=gram.n_rows_)
     else:
         fit = problem
     selection = method.select(fit if config.method in INCHANGE else problem, k, config.epsilon, config.ridge,
@@ -327,8 +355,9 @@ def _prune_site(
         new_weight = weight[cols]
     if intercept:
         bias = consumer.bias.detach().to(torch.float64) + stats.bias_shift(weight, cols, new_weight)
-    elif not config.reweight and config.method in BIAS_COMPENSATED and consumer.bias is not None:
-        bias = consumer.bias.detach().to(torch.float64) + bias_compensation(problem, keep)
+    elif not config.reweight and config.method in BIAS_COMPENSATED:  # a bias-free consumer (LLaMA) gains one
+        shift = bias_compensation(problem, keep)  # (m,)
+        bias = shift if consumer.bias is None else consumer.bias.detach().to(shift) + shift
     objective = weights_objective(fit.gram, weight, fit.target_energy, keep, new_weight, site.group_size,
                                   cross=fit.cross)
     cut_site_(work, site, keep, new_weight, bias)
@@ -336,6 +365,46 @@ def _prune_site(
     producers = ",".join(dict.fromkeys(p.module for p in site.producers))
     return SiteReport(site.name, producers, site.consumer, site.channels, int(keep.numel()), site.group_size,
                       objective, curve, keep.tolist(), gram.n_rows_, ridge_value(gram.gram_, config.ridge))
+
+
+def budget_plan(model: nn.Module, sites: list[TransformerSite], plan: Mapping[str, int],
+                config: TransformerPruneConfig, dense_stats: Mapping[str, SiteMoments]) -> dict[str, int]:
+    """Units per site under the run's budget rule and parameter target.
+
+    Parameters
+    ----------
+    model : the dense model (not modified)
+    sites : the sites being pruned
+    plan : the uniform plan of the keep ratios
+    config : the run's settings (``budget``, ``params``, ``ridge``)
+    dense_stats : the dense model's statistics of ``sites``; needed by the rules of :data:`DENSE_BUDGETS`
+
+    Returns
+    -------
+    dict site name -> units kept
+    """
+    budget = resolve_budget(config)
+    counter = TransformerParameterCounter(model, sites)
+    if budget == "flap":
+        target = (counter.count(plan) if config.params is None
+                  else counter.budget(counter.compression_for_fraction(config.params)))
+        scores = {s.name: flap_standardised_scores(_moment_problem(model, s, dense_stats[s.name])) for s in sites}
+        return flap_plan(sites, scores, counter, target)
+    curves = _objective_curves(model, sites, dense_stats, config.ridge) if budget == "curve" else None
+    return transformer_budget(sites, plan, curves=curves, counter=counter, params=config.params)
+
+
+def resolve_budget(config: TransformerPruneConfig) -> str:
+    """The budget rule a run uses: ``config.budget``, or for ``"auto"`` the method's own (FLAP: ``"flap"``)."""
+    return DEFAULT_BUDGETS.get(config.method, "uniform") if config.budget == "auto" else config.budget
+
+
+def _moment_problem(model: nn.Module, site: TransformerSite, stats: SiteMoments) -> MomentProblem:
+    """The site's statistics and consumer weight of ``model`` as a :class:`MomentProblem` (raw, uncentred)."""
+    gram = stats.gram
+    weight = consumer_weight(get_module(model, site.consumer)).to(gram.gram_)  # (d, m)
+    return MomentProblem(gram.gram_, gram.cross_, weight, gram.target_energy(weight), site.group_size,
+                         site.channels, mean=stats.sum_b / max(gram.n_rows_, 1), rows=gram.n_rows_)
 
 
 def get_site(sites: list[TransformerSite], name: str) -> TransformerSite:
@@ -397,20 +466,19 @@ def prune_transformer(
     method = TRANSFORMER_METHODS[config.method]
     work = copy.deepcopy(model).eval()
     dense = copy.deepcopy(model).eval() if method.asymmetric or not method.sequential else None
-    sites = find_transformer_sites(work)
+    sites = find_transformer_sites(work, config.units)
     plan = _plan(sites, config)
     sites = [s for s in sites if s.name in plan]
     generator = torch.Generator().manual_seed(config.seed)
     common = dict(batch_size=config.batch_size, progress=config.progress)
-    budgeted = config.budget == "curve" or config.params is not None
+    budget = resolve_budget(config)
+    budgeted = budget in DENSE_BUDGETS or config.params is not None
     if budgeted and dense is None:
         dense = copy.deepcopy(model).eval()
-    dense_stats = not method.sequential or config.budget == "curve"
+    dense_stats = not method.sequential or budget in DENSE_BUDGETS
     layer_stats = collect_transformer_statistics(dense, sites, calibration, **common) if dense_stats else {}
     if budgeted:
-        curves = _objective_curves(dense, sites, layer_stats, config.ridge) if config.budget == "curve" else None
-        plan = transformer_budget(sites, plan, curves=curves, counter=TransformerParameterCounter(dense, sites),
-                                  params=config.params)
+        plan = budget_plan(dense, sites, plan, config, layer_stats)
         if not method.asymmetric:  # a fully kept site changes nothing without an upstream target to absorb
             plan = {name: k for name, k in plan.items() if k < get_site(sites, name).channels}
         sites = [s for s in sites if s.name in plan]

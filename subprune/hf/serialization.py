@@ -26,6 +26,7 @@ from subprune import validation
 from subprune.hf.architectures import HEADS, find_transformer_sites, widths
 from subprune.hf.architectures import prune_transformer_site_ as cut_site_
 from subprune.saving import atomic_directory, check_destination, current_version, read_version
+from subprune.surgery import get_module
 
 WIDTHS_KEY = "subprune_widths"
 REPORT_NAMES = ("report.json",)
@@ -139,6 +140,26 @@ def _stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _add_saved_biases(model: nn.Module, stored_keys) -> None:
+    """Give a consumer the bias the save holds for it (bias compensation added one to a bias-free Linear)."""
+    for site in find_transformer_sites(model):
+        module = get_module(model, site.consumer)
+        key = f"{site.consumer}.bias"
+        if key in stored_keys and isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                   device=module.weight.device))
+
+
+def _cut_query_heads(model: nn.Module, record) -> None:
+    """Cut every key/value group to the recorded number of query heads (query-head units were pruned)."""
+    for site in find_transformer_sites(model, units="qheads"):
+        heads = record[site.layer]["heads"]
+        if site.kind == HEADS and site.kv_groups and heads < site.channels:
+            per_group, kept = site.channels // site.kv_groups, heads // site.kv_groups
+            keep = torch.arange(site.kv_groups).unsqueeze(1) * per_group + torch.arange(kept)  # (kv_groups, kept)
+            cut_site_(model, site, keep.reshape(-1))
+
+
 def load_pruned(directory: str | os.PathLike, auto_class=None) -> nn.Module:
     """Reload a model written by :func:`save_pruned`, with its pruned shapes, in eval mode.
 
@@ -175,7 +196,7 @@ def load_pruned(directory: str | os.PathLike, auto_class=None) -> nn.Module:
     auto_class = auto_class or transformers.AutoModel
     config_file = directory / "config.json"
 
-    def build(config, record, device: str) -> nn.Module:
+    def build(config, record, device: str, stored_keys) -> nn.Module:
         with torch.device(device):
             model = auto_class.from_config(config)
         if device == "meta":  # the dense model is built before the widths cut it: within this machine's memory
@@ -191,6 +212,8 @@ def load_pruned(directory: str | os.PathLike, auto_class=None) -> nn.Module:
             k = layer["kv_heads"] if site.kind == HEADS else layer["ffn"]
             if k < site.channels:
                 cut_site_(model, site, torch.arange(k))
+        _cut_query_heads(model, record)
+        _add_saved_biases(model, stored_keys)
         return model
 
     def read(path: Path) -> nn.Module:
@@ -200,7 +223,7 @@ def load_pruned(directory: str | os.PathLike, auto_class=None) -> nn.Module:
         if not files:
             raise ValueError(f"no *.safetensors weights in {directory}")
         stored = _stored_shapes(files)
-        shapes = {k: tuple(v.shape) for k, v in build(config, record, "meta").state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in build(config, record, "meta", stored).state_dict().items()}
         wrong = sorted(k for k in stored.keys() & shapes.keys() if stored[k] != shapes[k])
         unexpected = sorted(stored.keys() - shapes.keys())
         if wrong or unexpected:
@@ -208,7 +231,7 @@ def load_pruned(directory: str | os.PathLike, auto_class=None) -> nn.Module:
             raise ValueError(f"{directory}: the weights do not match config.json and its '{WIDTHS_KEY}' ("
                              + "; ".join(details + [f"unexpected {unexpected[:3]}"] * bool(unexpected))
                              + "): the save is damaged")
-        model = build(config, record, "cpu")
+        model = build(config, record, "cpu", stored)
         state = {}
         for file in files:
             state.update(load_file(file))
