@@ -12,7 +12,8 @@ calibrated on. Also: parameters, prune seconds, decode tokens/s (greedy, batch
 A variant is ``METHOD[/BUDGET][/refit|/norefit][/rRIDGE][/heads|/ffn]``, e.g.
 ``flap`` (FLAP as published: its own adaptive structure, bias compensation, no
 refit), ``wanda-sp/norefit``, ``layer/flap/refit/r1e-3`` (LayerInChange with
-FLAP's structure and a ridge), ``layer/curve/refit/ffn`` (FFN only).
+FLAP's structure and a ridge), ``layer/curve/refit/ffn`` (FFN only), ``layer/flap/qheads``
+(query heads as attention units).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_sweep.py \\
         --variants flap wanda-sp layer/flap/refit/r1e-3 --removed 0.2 0.5 --seeds 0 1 2 --calib 128 \\
@@ -52,6 +53,7 @@ class Variant:
     reweight: bool | None = None  # None: the method's default (no refit for flap / wanda-sp / magnitude)
     ridge: float = 0.0
     kinds: str = "both"  # both, heads, ffn
+    units: str = "kv"  # attention units: kv groups, or query heads (qheads)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -66,11 +68,13 @@ class Variant:
                 kwargs["reweight"] = part == "refit"
             elif part in ("heads", "ffn"):
                 kwargs["kinds"] = part
+            elif part == "qheads":
+                kwargs["units"] = part
             elif part.startswith("r"):
                 kwargs["ridge"] = float(part[1:])
             else:
                 raise SystemExit(f"variant {spec!r}: cannot read {part!r} (a budget {BUDGETS}, refit/norefit, "
-                                 "rRIDGE, heads or ffn)")
+                                 "rRIDGE, heads, ffn or qheads)")
         return cls(spec, method, **kwargs)
 
     def config(self, removed: float, seed: int) -> TransformerPruneConfig:
@@ -78,6 +82,7 @@ class Variant:
         return TransformerPruneConfig(
             method=self.method, heads=None if self.kinds == "ffn" else 0.5, ffn=None if self.kinds == "heads" else 0.5,
             params=1.0 - removed, budget=self.budget, reweight=reweight, ridge=self.ridge, seed=seed, batch_size=16,
+            units=self.units,
         )
 
 
@@ -106,9 +111,10 @@ def decode_tokens_per_second(model, tokenizer, new_tokens: int = 32, rounds: int
     return new_tokens / statistics.median(times[1:])
 
 
-def evaluate(model, tokenizer, data: dict) -> dict:
+def evaluate(model, tokenizer, data: dict, decode: bool = True) -> dict:
     return {"wiki_ppl": perplexity(model, data["wiki"]), "lee_ppl": perplexity(model, data["lee"]),
-            "params": count_parameters(model), "decode_tps": decode_tokens_per_second(model, tokenizer)}
+            "params": count_parameters(model),
+            "decode_tps": decode_tokens_per_second(model, tokenizer) if decode else float("nan")}
 
 
 def calibration(tokenizer, passages: list[str], n: int, seed: int) -> dict:
@@ -179,6 +185,9 @@ def main() -> None:
     parser.add_argument("--plot", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--wiki-heldout", type=int, default=WIKI_HELDOUT, help="held-out Wikipedia passages")
+    parser.add_argument("--lee-heldout", type=int, default=LEE_HELDOUT, help="held-out news articles")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode tokens/s measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = [Variant.parse(v) for v in args.variants]
@@ -189,10 +198,10 @@ def main() -> None:
     dense = next((r for r in rows if r["variant"] == "dense"), None)
     model, tokenizer = load_model()
     passages = wikipedia_passages()
-    data = {"wiki": tokenize(tokenizer, passages[-WIKI_HELDOUT:], MAX_LENGTH),
-            "lee": tokenize(tokenizer, lee_articles()[:LEE_HELDOUT], MAX_LENGTH)}
+    data = {"wiki": tokenize(tokenizer, passages[-args.wiki_heldout:], MAX_LENGTH),
+            "lee": tokenize(tokenizer, lee_articles()[: args.lee_heldout], MAX_LENGTH)}
     if dense is None:
-        dense = {"variant": "dense", **evaluate(model, tokenizer, data)}
+        dense = {"variant": "dense", **evaluate(model, tokenizer, data, not args.no_decode)}
         with out.open("a") as handle:
             handle.write(json.dumps(dense) + "\n")
         rows.append(dense)
@@ -208,7 +217,7 @@ def main() -> None:
                 result = prune_transformer(model, calib, variant.config(removed, seed))
                 seconds = time.perf_counter() - start
                 row = {"variant": variant.spec, "removed": removed, "seed": seed, "calib": args.calib,
-                       **evaluate(result.model, tokenizer, data), "prune_seconds": seconds,
+                       **evaluate(result.model, tokenizer, data, not args.no_decode), "prune_seconds": seconds,
                        "objective": {s.name: round(s.objective, 5) for s in result.sites},
                        "kept": {s.name: s.kept for s in result.sites}}
                 print(json.dumps({k: v for k, v in row.items() if k not in ("objective", "kept")}), flush=True)

@@ -34,7 +34,8 @@ from subprune.accuracy_budget import equal_accuracy_keep
 from subprune.data import DATASETS, calibration_indices, load_dataset
 from subprune.evaluate import accuracy, count_parameters
 from subprune.finetune import finetune, paper_schedule
-from subprune.hf.baselines import BASELINES as HF_BASELINES
+from subprune.hf.baselines import BASELINES
+from subprune.hf.prune import SWAP_METHODS
 from subprune.methods import METHODS
 from subprune.models import MODELS, get_spec, load_model
 from subprune.models.cnn import ARCHITECTURES
@@ -43,6 +44,8 @@ from subprune.report import build_report, compare_models, print_report
 from subprune.saving import SaveInterrupted, current_version
 from subprune.serialization import REPORT_FILE, check_target, load_pruned, save_pruned, state_bytes
 from subprune.sites import find_sites
+
+HF_BASELINES = {**BASELINES, **SWAP_METHODS}  # methods of the transformer path only
 
 
 def _ratio(text: str) -> float:

@@ -165,3 +165,28 @@ def test_refit_with_ridge_is_ridge_regression():
     lam = 1e-2 * float(g.diagonal().mean())
     expected = torch.linalg.solve(g[keep][:, keep] + lam * torch.eye(3, dtype=torch.float64), (g @ w)[keep])
     torch.testing.assert_close(refit(g, w, keep, 1, ridge=1e-2), expected)
+
+
+def test_swap_search_objective_is_exact_and_never_below_greedy():
+    from subprune.local_search import swap_search
+
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(120, 10, generator=gen, dtype=torch.float64) @ torch.randn(10, 10, generator=gen,
+                                                                                 dtype=torch.float64)
+    w = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    g = b.T @ b
+    energy = float((w * (g @ w)).sum())
+
+    def f(keep):
+        w_new = torch.linalg.lstsq(b[:, keep], b @ w).solution
+        return 1 - float((b[:, keep] @ w_new - b @ w).square().sum()) / energy
+
+    best = max(f(list(c)) for c in itertools.combinations(range(10), 4))
+    for start in ([0, 1, 2, 3], [6, 7, 8, 9]):
+        keep, objective, swaps = swap_search(g, w, energy, 1, torch.tensor(start))
+        torch.testing.assert_close(objective, f(keep.tolist()), atol=1e-9, rtol=0)
+        assert objective >= f(start) - 1e-12 and keep.numel() == 4
+        assert objective >= best - 0.05  # a local optimum of single swaps, close to the best 4 of 10
+    parts = torch.tensor([0] * 5 + [1] * 5)
+    keep, _, _ = swap_search(g, w, energy, 1, torch.tensor([0, 1, 5, 6]), parts=parts)
+    assert torch.bincount(parts[keep], minlength=2).tolist() == [2, 2]  # swaps stay inside a part

@@ -33,7 +33,8 @@ from subprune.hf.baselines import (
     flap_standardised_scores,
 )
 from subprune.hf.budget import TransformerParameterCounter, flap_plan, round_to_step, transformer_budget
-from subprune.methods import METHODS, Method
+from subprune.local_search import swap_search
+from subprune.methods import METHODS, Method, Selection, SiteProblem, greedy_selection
 from subprune.pipeline import SiteReport, _keep_ratio
 from subprune.solver import group_columns, refit, ridge_value, weights_objective
 from subprune.solver_factored import greedy_select_factored
@@ -42,8 +43,22 @@ from subprune.surgery import get_module
 
 log = logging.getLogger(__name__)
 
-INCHANGE = ("layer", "seq", "asym")  # the paper's methods; the CNN baselines of METHODS need a CNN pipeline
-TRANSFORMER_METHODS: dict[str, Method] = {**{k: METHODS[k] for k in INCHANGE}, **BASELINES}
+def swap_selection(problem: SiteProblem, k: int, epsilon: float, ridge: float, generator: torch.Generator) -> Selection:
+    """Greedy, then the swap local search on the same statistics (:func:`subprune.local_search.swap_search`)."""
+    start = greedy_selection(problem, k, epsilon, ridge, generator)
+    keep, _, _ = swap_search(problem.gram, problem.weight, problem.target_energy, problem.group_size, start.keep,
+                             cross=problem.cross, ridge=ridge, parts=problem.parts)
+    return Selection(keep, keep, None)
+
+
+SWAP_METHODS = {
+    f"{name}-swap": Method(f"{METHODS[name].name}+swap", swap_selection, METHODS[name].sequential,
+                           METHODS[name].asymmetric, METHODS[name].description + ", then swap local search")
+    for name in ("layer", "seq", "asym")
+}
+INCHANGE = ("layer", "seq", "asym", *SWAP_METHODS)  # greedy on F(S); the CNN baselines of METHODS need a CNN pipeline
+TRANSFORMER_METHODS: dict[str, Method] = {**{k: METHODS[k] for k in ("layer", "seq", "asym")}, **SWAP_METHODS,
+                                          **BASELINES}
 BUDGETS = ("auto", "uniform", "curve", "flap")
 DENSE_BUDGETS = ("curve", "flap")  # rules that read every site's dense statistics before any site is pruned
 
