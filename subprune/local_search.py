@@ -103,14 +103,16 @@ def swap_search(
             if candidates.numel() == 0:
                 continue
             rest_cols = group_columns(rest.to(g64.device), g)
-            m_rest, w_rest = _objective(g64, h, rest_cols, lam)
             out_cols = group_columns(candidates.to(g64.device), g)
-            g_or = g64[out_cols][:, rest_cols]  # (o g, (k-1) g)
-            q = g_or @ m_rest  # (o g, (k-1) g)
             schur = g64[out_cols][:, out_cols].reshape(-1, g, candidates.numel(), g).diagonal(dim1=0, dim2=2)
-            schur = schur.permute(2, 0, 1) - (q.reshape(-1, g, q.shape[1]) @ g_or.reshape(-1, g, q.shape[1])
-                                              .transpose(1, 2))  # (o, g, g)
-            schur = schur + lam * torch.eye(g, dtype=g64.dtype, device=g64.device)
+            schur = schur.permute(2, 0, 1) + lam * torch.eye(g, dtype=g64.dtype, device=g64.device)  # (o, g, g)
+            g_or = g64[out_cols][:, rest_cols]  # (o g, (k-1) g)
+            if rest.numel():
+                m_rest, w_rest = _objective(g64, h, rest_cols, lam)
+                q = g_or @ m_rest  # (o g, (k-1) g)
+                schur = schur - q.reshape(-1, g, q.shape[1]) @ g_or.reshape(-1, g, q.shape[1]).transpose(1, 2)
+            else:
+                w_rest = torch.zeros(0, h.shape[1], dtype=g64.dtype, device=g64.device)
             r = (h[out_cols] - g_or @ w_rest).reshape(-1, g, h.shape[1])  # (o, g, m)
             eye = 1e-12 * schur.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-300)
             schur = schur + eye[:, None, None] * torch.eye(g, dtype=g64.dtype, device=g64.device)

@@ -187,6 +187,9 @@ def test_swap_search_objective_is_exact_and_never_below_greedy():
         torch.testing.assert_close(objective, f(keep.tolist()), atol=1e-9, rtol=0)
         assert objective >= f(start) - 1e-12 and keep.numel() == 4
         assert objective >= best - 0.05  # a local optimum of single swaps, close to the best 4 of 10
+    keep, objective, _ = swap_search(g, w, energy, 2, torch.tensor([0]))  # one group of 2 kept: exhaustive
+    best_one = max(f([2 * c, 2 * c + 1]) for c in range(5))
+    torch.testing.assert_close(objective, best_one, atol=1e-9, rtol=0)
     parts = torch.tensor([0] * 5 + [1] * 5)
     keep, _, _ = swap_search(g, w, energy, 1, torch.tensor([0, 1, 5, 6]), parts=parts)
     assert torch.bincount(parts[keep], minlength=2).tolist() == [2, 2]  # swaps stay inside a part
