@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=_bounded("--epsilon", 0, 1), default=0.0,
                    help="stochastic greedy epsilon in [0, 1)")
     p.add_argument("--ridge", type=_bounded("--ridge", 0), default=0.0, help="relative ridge (times mean diag of G)")
+    p.add_argument("--units", default="kv", choices=["kv", "qheads"],
+                   help="hf: grouped-query attention: prune key/value groups with their query heads (kv), or query "
+                        "heads inside the groups, keeping the shared keys/values (qheads)")
     p.add_argument("--batch-size", type=_bounded("--batch-size", 1, integer=True), default=128,
                    help="calibration batch size")
     p.add_argument("--threads", type=_bounded("--threads", 1, integer=True), default=None,
@@ -248,8 +251,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         cmd_prune_transformer(args, console)
         return
     if args.model not in MODELS or args.data is not None or args.weights is not None:
-        if args.heads is not None or args.ffn is not None or args.params is not None:
-            raise ValueError("--heads, --ffn and --params apply to hf: (transformers) models only; "
+        if args.heads is not None or args.ffn is not None or args.params is not None or args.units != "kv":
+            raise ValueError("--heads, --ffn, --params and --units apply to hf: (transformers) models only; "
                              "use --keep or --compression for this model")
         if args.method in HF_BASELINES:
             raise ValueError(f"--method {args.method} is for hf: (transformers) models only; for this model choose "
@@ -258,8 +261,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
 
         cmd_prune_user(args, console)
         return
-    if args.heads is not None or args.ffn is not None or args.params is not None:
-        raise ValueError("--heads, --ffn and --params apply to hf: (transformers) models only; "
+    if args.heads is not None or args.ffn is not None or args.params is not None or args.units != "kv":
+        raise ValueError("--heads, --ffn, --params and --units apply to hf: (transformers) models only; "
                          "use --keep or --compression for this model")
     if args.finetune_epochs is not None and args.finetune == "none":
         raise ValueError("--finetune-epochs needs --finetune limited or --finetune full")

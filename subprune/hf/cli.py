@@ -49,7 +49,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     """Prune, evaluate, save and print; returns the report."""
     from subprune.hf.evaluate import embedding_cosine, perplexity, sentence_embeddings
     from subprune.hf.models import load_transformer
-    from subprune.hf.prune import TransformerPruneConfig, prune_transformer
+    from subprune.hf.prune import TransformerPruneConfig, prune_transformer, resolve_budget
     from subprune.hf.serialization import save_pruned
     from subprune.hf.text import split_passages, tokenize
 
@@ -89,7 +89,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         heads = ffn = args.keep
     config = TransformerPruneConfig(
         method=args.method, heads=heads, ffn=ffn, budget=args.budget, params=args.params,
-        reweight=not args.no_reweight, ridge=args.ridge,
+        reweight=not args.no_reweight, ridge=args.ridge, units=args.units,
         epsilon=args.epsilon, seed=args.seed, batch_size=min(args.batch_size, 32), progress=not args.quiet,
     )
     result = prune_transformer(model, tokenize(tokenizer, calib_text), config)
@@ -104,7 +104,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
                                                         sentence_embeddings(result.model, heldout))
     report = {
         "model": args.model, "dataset": dataset, "calibration_samples": calib, "seed": args.seed,
-        "method": config.method, "budget": config.budget, "params": config.params,
+        "method": config.method, "budget": resolve_budget(config), "params": config.params, "units": config.units,
         **({"heads": heads, "ffn": ffn} if config.params is None else
            {"pruned_kinds": [k for k, r in (("heads", heads), ("ffn", ffn)) if r is not None]}),
         "reweight": config.reweight,
@@ -121,7 +121,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         print(json.dumps(report, indent=2))
         return report
     target = f"prunable parameters kept {config.params}" if config.params else f"heads keep {heads}, FFN keep {ffn}"
-    table = Table(title=f"{args.model}: {config.method}, {config.budget} budget, {target}")
+    table = Table(title=f"{args.model}: {config.method}, {resolve_budget(config)} budget, {target}")
     for column in ("site", "kept / units", "group size", "f(S)"):
         table.add_column(column)
     for s in result.sites:
