@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_sweep import Variant, calibration, load_model  # noqa: E402
+from llm_sweep import SharedStatistics, Variant, calibration, load_model  # noqa: E402
 
+import subprune.hf.prune as prune_module  # noqa: E402
 from subprune.hf.architectures import HEADS, blocks, consumer_weight, find_transformer_sites  # noqa: E402
 from subprune.hf.evaluate import perplexity  # noqa: E402
-from subprune.hf.prune import collect_transformer_statistics, prune_transformer  # noqa: E402
+from subprune.hf.prune import prune_transformer  # noqa: E402
 from subprune.hf.text import tokenize, wikipedia_passages  # noqa: E402
 from subprune.solver import group_columns, ridge_value  # noqa: E402
 from subprune.surgery import get_module  # noqa: E402
@@ -97,7 +98,7 @@ def block_errors(dense, pruned, tokens) -> list[dict]:
 def suspects(model, calib, kept: dict[str, list[int]], ridge: float) -> list[dict]:
     """Massive-feature energy shares, refit conditioning and Gram precision per site, from dense statistics."""
     sites = find_transformer_sites(model)
-    stats = collect_transformer_statistics(model, sites, calib, batch_size=16)
+    stats = prune_module.collect_transformer_statistics(model, sites, calib, batch_size=16)
     rows = []
     for site in sites:
         s = stats[site.name]
@@ -196,6 +197,7 @@ def main() -> None:
     calib = calibration(tokenizer, passages, args.calib, args.seed)
     heldout = tokenize(tokenizer, passages[-HELDOUT:], 128)
     report = {"variants": {}}
+    SharedStatistics()  # the dense statistics of the calibration draw, computed once for every variant that reads them
     lines = [f"Command: `HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_diagnose.py "
              f"{' '.join(sys.argv[1:])}`", "",
              f"SmolLM2-135M, {args.removed:.0%} of the prunable parameters removed, {args.calib} calibration "
