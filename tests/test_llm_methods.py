@@ -193,3 +193,16 @@ def test_swap_search_objective_is_exact_and_never_below_greedy():
     parts = torch.tensor([0] * 5 + [1] * 5)
     keep, _, _ = swap_search(g, w, energy, 1, torch.tensor([0, 1, 5, 6]), parts=parts)
     assert torch.bincount(parts[keep], minlength=2).tolist() == [2, 2]  # swaps stay inside a part
+
+
+def test_parameter_fraction_names_the_same_size_for_query_head_units(tokens):
+    model = llama()
+    sizes = {}
+    for units in ("kv", "qheads"):
+        result = prune_transformer(model, tokens, TransformerPruneConfig(method="magnitude", params=0.6,
+                                                                         reweight=False, units=units))
+        sizes[units] = sum(p.numel() for p in result.model.parameters())
+    counter = TransformerParameterCounter(model, find_transformer_sites(model))
+    target = counter.budget(counter.compression_for_fraction(0.6))
+    assert target - 2 * 3 * HIDDEN * KV < sizes["qheads"] <= target  # within a step of neurons
+    assert target - 2 * 3 * HIDDEN * KV < sizes["kv"] <= target

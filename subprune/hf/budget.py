@@ -96,12 +96,23 @@ class TransformerParameterCounter:
         The dense model the sites were found in (not modified).
     sites : list of TransformerSite
         The sites that may be pruned.
+
+    Attributes
+    ----------
+    prunable : int
+        The parameters a fraction (``params``) refers to: every parameter of
+        the pruned kinds' attention (q/k/v rows, output-projection columns) and
+        FFN, counted over the key/value-group sites of those kinds whatever the
+        unit, so ``params=0.5`` names the same model size with query-head units
+        (which cannot remove the shared keys and values) as with key/value groups.
     """
 
     def __init__(self, model: nn.Module, sites: list[TransformerSite]) -> None:
         self.dense = sum(p.numel() for p in model.parameters())
         self._units = {s.name: (s.channels, parameters_per_unit(model, s)) for s in sites}
-        self.prunable = sum(n * per_unit for n, per_unit in self._units.values())
+        kinds = {s.kind for s in sites}
+        reference = [s for s in find_transformer_sites(model) if s.kind in kinds and s.name in self._units]
+        self.prunable = sum(s.channels * parameters_per_unit(model, s) for s in reference)
 
     def count(self, kept: Mapping[str, int]) -> int:
         """Parameters of the model when site ``name`` keeps ``kept[name]`` units (others: all)."""
