@@ -67,8 +67,8 @@ def block_errors(dense, pruned, tokens) -> list[dict]:
             lambda mod, args, out, i=i: outs_p.__setitem__(i, (out[0] if isinstance(out, tuple) else out).clone())))
     real = tokens["attention_mask"].bool()
     try:
-        dense(**tokens)
-        pruned(**tokens)
+        dense(**tokens, use_cache=False)  # no KV cache: the captured block inputs are re-run below
+        pruned(**tokens, use_cache=False)
         massive = outs_d[n - 2][real].abs().amax(0).topk(3).indices  # (3,) dims of largest activation
         rows = []
         for i in range(n):
