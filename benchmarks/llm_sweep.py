@@ -219,6 +219,8 @@ def main() -> None:
     parser.add_argument("--plot", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="more JSON-lines files of the same protocol (other seeds run in parallel) for the table")
     parser.add_argument("--wiki-heldout", type=int, default=WIKI_HELDOUT, help="held-out Wikipedia passages")
     parser.add_argument("--lee-heldout", type=int, default=LEE_HELDOUT, help="held-out news articles")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode tokens/s measurement")
@@ -232,10 +234,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     dense = next((r for r in rows if r["variant"] == "dense"), None)
-    model, tokenizer = load_model()
+    if args.table_only and dense is not None:
+        model = tokenizer = None
+    else:
+        model, tokenizer = load_model()
     passages = wikipedia_passages()
-    data = {"wiki": tokenize(tokenizer, passages[-args.wiki_heldout:], MAX_LENGTH),
-            "lee": tokenize(tokenizer, lee_articles()[: args.lee_heldout], MAX_LENGTH)}
+    if tokenizer is not None:
+        data = {"wiki": tokenize(tokenizer, passages[-args.wiki_heldout:], MAX_LENGTH),
+                "lee": tokenize(tokenizer, lee_articles()[: args.lee_heldout], MAX_LENGTH)}
     if dense is None:
         dense = {"variant": "dense", **evaluate(model, tokenizer, data, not args.no_decode)}
         with out.open("a") as handle:
@@ -244,7 +250,7 @@ def main() -> None:
     print(f"dense: {dense}", flush=True)
     done = {(r["variant"], r["removed"], r["seed"], r["calib"]) for r in rows if r["variant"] != "dense"}
     shared = SharedStatistics() if args.share_statistics else None
-    for seed in args.seeds:
+    for seed in [] if args.table_only else args.seeds:
         calib = calibration(tokenizer, passages, args.calib, seed)
         if shared is not None:
             shared.reset()
@@ -266,6 +272,8 @@ def main() -> None:
                 with out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 rows.append(row)
+    for extra in args.merge:
+        rows += [json.loads(line) for line in Path(extra).read_text().splitlines()]
     runs = [r for r in rows if r["variant"] != "dense"]
     command = "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_sweep.py " + " ".join(sys.argv[1:])
     text = table(runs, dense, command)
