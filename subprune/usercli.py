@@ -94,7 +94,8 @@ def _measures(dense, pruned, data: LoadedData, indices: torch.Tensor, batch_size
 def cmd_prune_user(args: argparse.Namespace, console: Console) -> dict:
     """Prune a model from any source on data from a file or folder; print, save; return the report."""
     unsupported = [flag for flag, given in (
-        ("--budget accuracy", args.budget == "accuracy"), ("--finetune", args.finetune != "none"),
+        ("--budget accuracy", args.budget == "accuracy"), ("--budget flap (hf: models only)", args.budget == "flap"),
+        ("--finetune", args.finetune != "none"),
         ("--finetune-epochs", args.finetune_epochs is not None), ("--dataset", args.dataset is not None),
         ("--held-out", args.held_out is not None),
     ) if given]
@@ -126,7 +127,8 @@ def cmd_prune_user(args: argparse.Namespace, console: Console) -> dict:
     calib_idx, held_idx = _split(n, calib, args.seed)
     keep = dict(args.keep_site) if args.keep_site else None if args.compression is not None else args.keep
     config = PruneConfig(
-        method=args.method, keep=keep, compression=args.compression, budget=args.budget,
+        method=args.method, keep=keep, compression=args.compression,
+        budget="uniform" if args.budget == "auto" else args.budget,
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
