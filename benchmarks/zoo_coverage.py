@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -60,7 +61,7 @@ ARCHITECTURES = [
     ("VoVNet", "ese_vovnet19b_dw", 64), ("SelecSLS", "selecsls42b", 64),
     ("ConvNeXt", "convnext_atto", 64), ("ConvNeXt", "convnextv2_atto", 64),
     ("ViT", "vit_tiny_patch16_224", 64), ("DeiT", "deit_tiny_patch16_224", 64),
-    ("Swin", "swin_tiny_patch4_window7_224", 112), ("Mixer", "mixer_s16_224", 64), ("ResMLP", "resmlp_12_224", 64),
+    ("Swin", "swin_tiny_patch4_window7_224", 128), ("Mixer", "mixer_s16_224", 64), ("ResMLP", "resmlp_12_224", 64),
     ("PoolFormer", "poolformer_s12", 64), ("LeViT", "levit_128s", 64),
     ("CSP", "cspresnet50", 64), ("CSP", "cspdarknet53", 64), ("CSP", "cs3darknet_s", 64),
     ("RepVGG", "repvgg_a0", 64), ("Inception", "inception_v3", 96), ("Xception", "xception41", 64),
@@ -69,8 +70,11 @@ ARCHITECTURES = [
 TRANSFORMERS = ("vit", "deit", "swin", "mixer", "resmlp", "levit")
 
 
+EXTRA = {"swin_tiny_patch4_window7_224": {"window_size": 4}}  # 128 px: 32 -> 16 -> 8 -> 4 tokens, windows of 4
+
+
 def build(timm, name: str, size: int) -> nn.Module:
-    kwargs = {"img_size": size} if name.startswith(TRANSFORMERS) else {}
+    kwargs = {"img_size": size, **EXTRA.get(name, {})} if name.startswith(TRANSFORMERS) else {}
     return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
 
 
@@ -124,6 +128,17 @@ def subprune_row(model: nn.Module, x: torch.Tensor) -> dict:
     return row
 
 
+TP_SECONDS = 300  # Torch-Pruning's dependency graph search can run away (rexnet): give up after this
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _timeout(signum, frame):
+    raise _Timeout(f"no result after {TP_SECONDS} s")
+
+
 def torch_pruning_row(model: nn.Module, x: torch.Tensor) -> dict:
     try:
         import torch_pruning as tp
@@ -132,6 +147,8 @@ def torch_pruning_row(model: nn.Module, x: torch.Tensor) -> dict:
     model = copy.deepcopy(model)
     dense = n_params(model)
     t0 = time.perf_counter()
+    signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(TP_SECONDS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -144,6 +161,8 @@ def torch_pruning_row(model: nn.Module, x: torch.Tensor) -> dict:
     except Exception as exc:
         return {"tp_status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}",
                 "tp_seconds": time.perf_counter() - t0}
+    finally:
+        signal.alarm(0)
     row = {"tp_params_ratio": dense / n_params(model), "tp_seconds": time.perf_counter() - t0}
     try:
         with torch.no_grad():
@@ -187,8 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     timm = import_timm()
     chosen = ARCHITECTURES if not args.archs else [
         next((a for a in ARCHITECTURES if a[1] == name), ("-", name, 64)) for name in args.archs.split(",")]
-    rows = []
+    rows, done = [], {}
+    if args.out and Path(args.out).with_suffix(".jsonl").exists():  # resume: finished architectures are kept
+        done = {r["arch"]: r for r in map(json.loads, Path(args.out).with_suffix(".jsonl").read_text().splitlines())}
     for family, name, size in chosen:
+        if name in done:
+            rows.append(done[name])
+            continue
         torch.manual_seed(0)
         row = {"family": family, "arch": name, "input": size}
         try:
@@ -202,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "skipped_reasons"}), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(Path(args.out).with_suffix(".jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
     text = table(rows)
     ok = [r for r in rows if "fatal" not in r]
     most = sum(r["share"] > 0.5 for r in ok)
@@ -212,10 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     print(text + summary)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.with_suffix(".jsonl"), "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_coverage.py " + " ".join(sys.argv[1:])
         reasons = sorted({reason for r in ok for reason in r.get("skipped_reasons", [])
                           if "outputs are the model's outputs" not in reason})

@@ -13,8 +13,10 @@ integer ``num_heads`` dividing them as above, and *confirmed by behaviour*: on
 its own input from the example batch, the module with head 0 cut out (the rows
 and columns sliced, ``num_heads`` and ``attn_dim`` decremented) must equal the
 module with head 0's ``proj`` columns zeroed. A module that fails the check
-(relative position biases per head as in Swin, q/k/v of different widths as in
-LeViT, a gate) is reported with the reason; nothing is assumed from class names.
+(q/k/v of different widths as in LeViT, a gate) is reported with the reason;
+nothing is assumed from class names. Parameters of the module with exactly one
+axis of the heads' size (Swin's relative position bias table) are sliced with
+the heads, and the behaviour check covers them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ def _layout(module: nn.Module) -> tuple[int, int] | str:
     if qkv.out_features != 3 * width or width % heads:
         return f"qkv has {qkv.out_features} outputs, not 3 x proj's {width} inputs split into {heads} heads"
     return heads, width // heads
+
+
+def head_parameters(module: nn.Module, heads: int) -> list[tuple[str, int]]:
+    """(name, axis) of the module's own per-head parameters (one axis of size ``heads``: Swin's bias table)."""
+    found = []
+    for name, param in module.named_parameters():
+        if name.startswith(("qkv.", "proj.")):
+            continue
+        axes = [axis for axis, size in enumerate(param.shape) if size == heads]
+        if len(axes) == 1:
+            found.append((name, axes[0]))
+    return found
 
 
 def cut_heads_(module: nn.Module, kept: int) -> None:
@@ -67,12 +81,17 @@ def confirm(module: nn.Module, x: Tensor) -> str | None:
         if proj.bias is not None:
             new_proj.bias.copy_(proj.bias)
         cut.qkv, cut.proj = new_qkv, new_proj
+        for name, axis in head_parameters(module, heads):  # per-head tables keep heads 1.. too
+            owner_name, _, leaf = name.rpartition(".")
+            owner = cut.get_submodule(owner_name) if owner_name else cut
+            kept = getattr(owner, leaf).index_select(axis, torch.arange(1, heads))
+            owner._parameters[leaf] = nn.Parameter(kept.clone())
         cut_heads_(cut, heads - 1)
         try:
             same = torch.allclose(cut(x), masked(x), atol=1e-5, rtol=1e-4)
         except Exception as exc:
             return f"its forward fails with a head removed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
-    return None if same else "removing a head changes the other heads' outputs (per-head parameters?)"
+    return None if same else "removing a head changes the other heads' outputs"
 
 
 def attention_inputs(model: nn.Module, run) -> dict[str, Tensor]:
@@ -80,8 +99,12 @@ def attention_inputs(model: nn.Module, run) -> dict[str, Tensor]:
     candidates = {name: m for name, m in model.named_modules() if not isinstance(_layout(m), str)
                   or (hasattr(m, "qkv") and hasattr(m, "proj") and hasattr(m, "num_heads"))}
     inputs: dict[str, Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0][:2]))
-               for n, m in candidates.items()]
+
+    def keep(name: str, args: tuple) -> None:  # returns None: a pre-hook's return value would replace the input
+        if args and isinstance(args[0], Tensor):
+            inputs.setdefault(name, args[0][:2])
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(n, args)) for n, m in candidates.items()]
     try:
         with torch.no_grad():
             run(model)

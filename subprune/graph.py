@@ -126,8 +126,11 @@ class _ConcreteTracer(_Tracer):
 
     def iter(self, obj: torch.fx.Proxy):
         node = obj.node
-        if node.meta.get("concrete_known") and not node.meta.get("data_dependent", True):
-            return iter([obj[i] for i in range(len(node.meta["concrete"]))])
+        value = node.meta.get("concrete")
+        # The length of a shape or of a split's parts depends on shapes only, never on tensor values.
+        if node.meta.get("concrete_known") and (isinstance(value, (tuple, list)) or not node.meta.get("data_dependent",
+                                                                                                       True)):
+            return iter([obj[i] for i in range(len(value))])
         return super().iter(obj)
 
 
@@ -234,7 +237,10 @@ def _shapes(batch: Batch) -> str:
 def _failing_module(model: nn.Module, batch: Batch, leaf_modules: tuple[str, ...]) -> str | None:
     """The smallest submodule whose own forward stops tracing, found by tracing each child alone."""
     inputs: dict[str, tuple] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args))
+    def keep(name: str, args: tuple) -> None:  # returns None: a pre-hook's return value would replace the input
+        inputs.setdefault(name, args)
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(n, args))
                for n, m in model.named_modules() if n and n not in leaf_modules]
     try:
         with torch.no_grad():

@@ -82,12 +82,15 @@ def architecture(model: nn.Module, base_model: str | None = None, source: dict |
             modules[name] = {"type": type(m).__name__, "config": module_config(m)}
             continue
         own = {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
-        if own or any(isinstance(getattr(m, k, None), int) for k in HEAD_ATTRIBUTES):
+        lists = {k: list(v) for k, v in vars(m).items()
+                 if isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)}
+        if own or lists or any(isinstance(getattr(m, k, None), int) for k in HEAD_ATTRIBUTES):
             tensors[name] = {
                 "type": type(m).__name__,
                 "shapes": {k: list(t.shape) for k, t in own.items()},
                 "attributes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(m).items()
                                if k in _SIZE_ATTRIBUTES and isinstance(v, (int, tuple)) and not isinstance(v, bool)},
+                "lists": lists,
             }
     out = {"format": FORMAT, "base_model": base_model, "model_class": type(model).__name__, "modules": modules,
            "tensors": tensors}
@@ -116,6 +119,8 @@ def _resize_tensors(module: nn.Module, entry: dict) -> None:
             module._buffers[key] = empty
     for key, value in entry.get("attributes", {}).items():
         setattr(module, key, tuple(value) if isinstance(value, list) else value)
+    for key, value in entry.get("lists", {}).items():  # split sizes and other size lists
+        setattr(module, key, list(value))
 
 
 REPORT_FILE = "report.json"

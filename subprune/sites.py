@@ -57,7 +57,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from subprune.attention import attention_inputs, confirm
+from subprune.attention import attention_inputs, confirm, head_parameters
 from subprune.calibration import forward
 from subprune.convs import conv_kind
 from subprune.graph import (
@@ -113,7 +113,7 @@ CHANNELWISE_METHODS = {
 }
 _RESHAPES = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"}
 _PERMUTES = {"permute", "transpose", "swapaxes", "movedim"}
-_MEANS = {"mean", "amax", "amin", "sum", "max", "min"}
+_MEANS = {"mean", "amax", "amin", "sum", "norm", "vector_norm"}
 _SPLITS = {"split", "chunk", "unbind", "tensor_split"}
 _NORMS = {"batch_norm": 1, "layer_norm": -1, "group_norm": 1, "instance_norm": 1}  # function -> channel dim
 
@@ -194,6 +194,26 @@ class ParameterRange:
 
 
 @dataclass(frozen=True)
+class SizeEntry:
+    """An entry of a module's list of split sizes (``torch.split(x, self.splits, 1)``) that a site shrinks.
+
+    Attributes
+    ----------
+    module, attribute : str
+        The module whose forward splits, and its attribute holding the sizes.
+    index : int
+        The part the site's channels lie in.
+    width : int
+        Indices per unit of the site.
+    """
+
+    module: str
+    attribute: str
+    index: int
+    width: int
+
+
+@dataclass(frozen=True)
 class PruningSite:
     """A set of channels removed together, with every module that holds them.
 
@@ -241,6 +261,8 @@ class PruningSite:
     heads : tuple of str
         Attention modules whose heads are the site's units (:mod:`subprune.attention`):
         their ``num_heads`` (and ``attn_dim``) shrink with the cut.
+    sizes : tuple of SizeEntry
+        Split sizes held by module attributes (MixNet's ``splits``) that shrink with the cut.
     """
 
     name: str
@@ -258,6 +280,7 @@ class PruningSite:
     parameters: tuple[ParameterRange, ...] = ()
     renormalised: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
+    sizes: tuple[SizeEntry, ...] = ()
 
     def __post_init__(self) -> None:
         # A site built by hand as a plain chain: one producer, BatchNorms, one consumer reading all.
@@ -320,6 +343,7 @@ class _Graph:
     def __init__(self, graph_module: torch.fx.GraphModule, model: nn.Module, leaf_modules: Iterable[str]):
         self.graph_module = graph_module
         self.modules = dict(graph_module.named_modules())
+        self.model_modules = dict(model.named_modules())  # also those the graph traced through
         self.leaf_modules = tuple(leaf_modules)
         self.call_counts: dict[str, int] = {}
         self.data: set[torch.fx.Node] = set()  # nodes computed from the input's values
@@ -376,6 +400,7 @@ class _Flood:
         self.groupwise: list[str] = []
         self.coupled_by: list[str] = []
         self.renormalised: list[str] = []
+        self.sizes: dict[tuple[str, str, int], SizeEntry] = {}
         self.zero_pads: dict[tuple[str, str], ZeroPadRange] = {}
         self.queue: list[torch.fx.Node] = []
         out = _shape(start)
@@ -407,8 +432,8 @@ class _Flood:
                 return "getitem"
             if target in (torch.split, torch.chunk, torch.unbind, torch.tensor_split) or name in _SPLITS:
                 return "split"
-            if target in ADDITIONS | PRODUCTS | DIVISIONS:
-                return "join" if n_inputs == 2 else "unary"
+            if target in ADDITIONS | PRODUCTS | DIVISIONS or name in ("addcmul", "addcdiv"):
+                return "join" if n_inputs >= 2 else "unary"
             if name in _NORMS:
                 return "norm"
             if name in CHANNELWISE_FUNCTIONS and n_inputs == 1:
@@ -430,8 +455,10 @@ class _Flood:
             target = node.target
             if target in _SPLITS:
                 return "split"
-            if target.strip("_") in ("add", "sub", "mul", "div", "truediv"):
-                return "join" if n_inputs == 2 else "unary"
+            if target.strip("_") in ("add", "sub", "mul", "div", "truediv", "addcmul", "addcdiv"):
+                return "join" if n_inputs >= 2 else "unary"
+            if target in ("reshape_as", "view_as"):
+                return "reshape"
             if target in CHANNELWISE_METHODS:
                 return "unary"
             if target in _RESHAPES:
@@ -628,6 +655,8 @@ class _Flood:
         if kind == "mean":
             return self._through_mean(node, state, forward)
         if kind == "reshape":
+            if node.args[0] is not source:
+                return None  # reshape_as(y) reads only y's shape
             src, dst = (_shape(source), _shape(node)) if forward else (_shape(node), _shape(source))
             mapped = map_dim(src, dst, dim, columns) if src is not None and dst is not None else None
             if mapped is None:
@@ -731,17 +760,22 @@ class _Flood:
         if name not in self.renormalised:
             self.renormalised.append(name)
 
-    def _through_mean(self, node: torch.fx.Node, state: State, forward: bool) -> State:
+    def _through_mean(self, node: torch.fx.Node, state: State, forward: bool) -> State | None:
         offset, width, columns, dim = state
         ndim = len(_shape(node.args[0]))
-        dims = _arg(node, 1, "dim")
+        is_norm = getattr(node.target, "__name__", node.target) in ("norm", "vector_norm")
+        dims = _arg(node, 2, "dim") if is_norm else _arg(node, 1, "dim")
         if dims is None or columns != 1:
             raise _Fail(f"{_describe(node)} reduces over the channels")
         dims = sorted({d % ndim for d in ([dims] if isinstance(dims, int) else dims)})
-        keep = bool(_arg(node, 2, "keepdim", False))
+        keep = bool(_arg(node, 3 if is_norm else 2, "keepdim", False))
         kept_dims = list(range(ndim)) if keep else [d for d in range(ndim) if d not in dims]
         if forward:
             if dim in dims:
+                mean = getattr(node.target, "__name__", node.target) == "mean"
+                if mean and keep and dims == [dim]:  # a statistic of all channels (ConvNeXt-V2's GRN): it changes
+                    self._renormalise(node.name)
+                    return None
                 raise _Fail(f"{_describe(node)} reduces over the channels")
             return offset, width, columns, kept_dims.index(dim)
         if kept_dims[dim] in dims:
@@ -867,9 +901,16 @@ class _Flood:
         start = sum(sizes[:i])
         # Only split(x, size) keeps its earlier parts when the channels shrink (the last takes the rest);
         # chunk(x, k) recomputes every size and split(x, [sizes]) fixes them all.
-        by_size = (split.target if isinstance(split.target, str) else split.target.__name__) == "split" and \
-            isinstance(_arg(split, 1, "split_size_or_sections", _arg(split, 1, "split_size")), int)
-        fixed = not (by_size and i == len(parts) - 1)
+        name = split.target if isinstance(split.target, str) else split.target.__name__
+        sizes_arg = _arg(split, 1, "split_size_or_sections", _arg(split, 1, "split_size"))
+        fixed = not (name == "split" and isinstance(sizes_arg, int) and i == len(parts) - 1)
+        if fixed and split_dim == dim and name == "split" and isinstance(sizes_arg, (list, tuple)):
+            owner = self._size_attribute(split, list(sizes_arg))  # split(x, self.splits): the list can shrink
+            if owner is not None:
+                end = offset + self.n * width  # forward: relative to the split's input; backward: to the part
+                if not forward or (start <= offset and end <= start + sizes[i]):
+                    self.sizes[(*owner, i)] = SizeEntry(*owner, i, width)
+                    fixed = False
         if forward:
             if split_dim == dim:
                 if removes:
@@ -881,6 +922,15 @@ class _Flood:
         if split_dim == dim:
             self._check_fixed(split, start, fixed)
         return (offset + start if split_dim == dim else offset), width, columns, dim
+
+    def _size_attribute(self, node: torch.fx.Node, value: list) -> tuple[str, str] | None:
+        """(module, attribute) holding ``value`` in the module whose forward made ``node``, if exactly one does."""
+        stack = list(node.meta.get("nn_module_stack", {}))
+        if not stack or stack[-1] not in self.g.model_modules:
+            return None
+        owner = self.g.model_modules[stack[-1]]
+        names = [k for k, v in vars(owner).items() if isinstance(v, (list, tuple)) and list(v) == value]
+        return (stack[-1], names[0]) if len(names) == 1 else None
 
     def _cat_dim(self, node: torch.fx.Node) -> int:
         return _arg(node, 1, "dim", 0) % len(_shape(node))
@@ -945,7 +995,7 @@ def _flood_site(graph: _Graph, node: torch.fx.Node, coupled: bool, start: int = 
         groupwise=tuple(sorted(flood.groupwise, key=order.get)), coupled_by=tuple(flood.coupled_by),
         zero_pads=tuple(sorted(flood.zero_pads.values(), key=lambda z: (order[z.module], z.side))),
         parameters=tuple(sorted(flood.params.values(), key=lambda p: order.get(p.name, 0))),
-        renormalised=tuple(flood.renormalised),
+        renormalised=tuple(flood.renormalised), sizes=tuple(flood.sizes.values()),
     )
     return site, producers, set(flood.groupwise)
 
@@ -964,10 +1014,12 @@ def _attention_sites(model: nn.Module, example, graph: _Graph) -> tuple[dict[str
             continue
         heads = model.get_submodule(name).num_heads
         width = model.get_submodule(proj).in_features
+        tables = tuple(ParameterRange(f"{prefix}{p}", axis, 0, heads)
+                       for p, axis in head_parameters(model.get_submodule(name), heads))
         sites[qkv] = PruningSite(
             name=qkv, producer=qkv, consumer=proj, batchnorms=(), channels=heads, group_size=width // heads,
             producers=tuple(ChannelRange(qkv, part * width, width) for part in range(3)),
-            consumers=(ChannelRange(proj, 0, width),), heads=(name,),
+            consumers=(ChannelRange(proj, 0, width),), heads=(name,), parameters=tables,
         )
     return sites, reasons
 

@@ -356,6 +356,11 @@ def prune_site_(
         resized[id(owner)] = (owner, first_old, new)
     for owner, old, new in resized.values():
         _resize_attributes(owner, old, new)
+    for entry in site.sizes:  # split sizes held by a module attribute: the site's part shrinks
+        owner = get_module(model, entry.module)
+        sizes = list(getattr(owner, entry.attribute))
+        sizes[entry.index] -= (site.channels - keep.numel()) * entry.width
+        setattr(owner, entry.attribute, sizes)
     for name in site.heads:  # attention modules: fewer heads
         cut_heads_(get_module(model, name), int(keep.numel()))
     for ref in site.zero_pads:  # option-A shortcuts: fewer zero channels (all alike, so only the count matters)

@@ -396,16 +396,17 @@ def test_sliced_norms_scales_and_conv_subclasses_save_and_reload(tmp_path):
 class _Attention(nn.Module):
     """timm's Attention: qkv -> (B, N, 3, heads, head_dim) -> scaled dot product -> proj."""
 
-    def __init__(self, dim=8, heads=4, per_head_bias=False):
+    def __init__(self, dim=8, heads=4, per_head_bias=False, fixed_heads=False):
         super().__init__()
-        self.num_heads, self.head_dim = heads, dim // heads
+        self.num_heads, self.head_dim, self.fixed = heads, dim // heads, fixed_heads
         self.attn_dim = dim
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.bias = nn.Parameter(torch.randn(heads, 1, 1)) if per_head_bias else None
 
     def forward(self, x):
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        heads = 4 if self.fixed else self.num_heads  # a head count written into forward() cannot shrink
+        q, k, v = self.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
         if self.bias is not None:
             attn = attn + self.bias
@@ -414,10 +415,10 @@ class _Attention(nn.Module):
 
 
 class _ViTBlock(nn.Module):
-    def __init__(self, per_head_bias=False):
+    def __init__(self, per_head_bias=False, fixed_heads=False):
         super().__init__()
         self.embed, self.norm = nn.Linear(3, 8), nn.LayerNorm(8)
-        self.attn = _Attention(per_head_bias=per_head_bias)
+        self.attn = _Attention(per_head_bias=per_head_bias, fixed_heads=fixed_heads)
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):  # (N, T, 3)
@@ -442,5 +443,54 @@ def test_attention_heads_recognised_by_behaviour():
     keep = {site.name: torch.tensor([0, 2])}
     with torch.no_grad():
         torch.testing.assert_close(prune_model(model, [site], keep)(x), _masked(model, [site], keep)(x))
-    _, skipped = find_sites(_ViTBlock(per_head_bias=True), x[:2])
+    sites, _ = check(_ViTBlock(per_head_bias=True), x, expect=["attn.qkv"])  # Swin-like per-head table: sliced
+    assert [(p.name, p.axis, p.span) for p in sites[0].parameters] == [("attn.bias", 0, 4)]
+    _, skipped = find_sites(_ViTBlock(fixed_heads=True), x[:2])
     assert "the attention heads of 'attn' are not pruned" in {s.name: s.reason for s in skipped}["attn.qkv"]
+
+
+def test_affine_addcmul_and_global_response_norm():
+    class Block(nn.Module):  # ResMLP's Affine (addcmul) and ConvNeXt-V2's GRN (a mean over the channels)
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc1, self.fc2, self.head = nn.Linear(3, 6), nn.Linear(6, 10), nn.Linear(10, 6), \
+                nn.Linear(6, 2)
+            self.alpha, self.beta = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6))
+            self.gamma, self.delta = nn.Parameter(torch.rand(10)), nn.Parameter(torch.randn(10))
+
+        def forward(self, x):  # (N, T, 3)
+            h = torch.addcmul(self.beta, self.alpha, self.embed(x))
+            u = F.gelu(self.fc1(h))
+            g = u.norm(p=2, dim=1, keepdim=True)  # over tokens: per channel
+            u = u + torch.addcmul(self.delta, self.gamma, u * (g / (g.mean(dim=-1, keepdim=True) + 1e-6)))
+            return self.head((h + self.fc2(u)).mean(1))
+
+    torch.manual_seed(0)
+    sites, _ = check(Block(), torch.randn(40, 5, 3), coupled=True, expect=["embed", "fc1"], method="seq")
+    by = {s.name: s for s in sites}
+    assert {p.name for p in by["embed"].parameters} == {"alpha", "beta"}
+    assert {p.name for p in by["fc1"].parameters} == {"gamma", "delta"} and by["fc1"].renormalised == ("mean",)
+
+
+def test_split_sizes_held_by_a_module_attribute_shrink():
+    class Mixed(nn.Module):  # timm's MixedConv2d: torch.split(x, self.splits, 1), one conv per part, cat
+        def __init__(self):
+            super().__init__()
+            self.splits = [3, 5]
+            self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(5, 2, 5, padding=2)])
+
+        def forward(self, x):
+            return torch.cat([c(p) for c, p in zip(self.convs, torch.split(x, self.splits, 1), strict=True)], 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.mixed, self.head = nn.Conv2d(3, 8, 1), Mixed(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.mixed(torch.relu(self.stem(x))).mean((2, 3)))
+
+    sites, _ = check(Net(), torch.randn(16, 3, 6, 6), expect=["stem[0:3]", "stem[3:8]", "mixed.convs.0",
+                                                                "mixed.convs.1"])
+    cut = prune_model(Net(), sites, {"stem[0:3]": torch.tensor([1]), "stem[3:8]": torch.tensor([0, 4])})
+    assert cut.mixed.splits == [1, 2] and cut.stem.out_channels == 3
