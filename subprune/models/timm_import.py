@@ -1,6 +1,6 @@
 """Import timm on a machine without torchvision.
 
-timm (every release from 0.9 to 1.0.31) imports torchvision at import time, but
+timm (every release tried, 0.9.16 to 1.0.31) imports torchvision at import time, but
 its model definitions never call it: ``timm.layers`` imports
 ``torchvision.ops.misc.FrozenBatchNorm2d`` (for ``freeze_batch_norm_2d``) and
 ``timm.data`` imports torchvision's transforms and datasets (for its training
@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import sys
 import types
