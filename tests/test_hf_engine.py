@@ -1,0 +1,106 @@
+"""The block engine: block executions counted with hooks, refits against direct least squares, the model untouched."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from test_hf import LAYERS, bert, gpt2, llama, opt  # noqa: E402
+
+from subprune.hf import TransformerPruneConfig, find_transformer_sites, prune_transformer  # noqa: E402
+from subprune.hf.architectures import blocks  # noqa: E402
+from subprune.solver import group_columns  # noqa: E402
+from subprune.statistics import capture_inputs  # noqa: E402
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 100, (40, 16), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[:5, 12:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("build", [bert, gpt2, llama, opt])
+@pytest.mark.parametrize("method, per_batch", [("layer", 1), ("seq", 2), ("wanda", 2), ("asym", 3)])
+def test_block_executions_are_bounded(build, method, per_batch, tokens):
+    model = build()
+    _, layers = blocks(model)
+    calls = []
+    # deepcopy carries forward hooks over, so the working copies of the blocks count too
+    handles = [b.register_forward_pre_hook(lambda m, a: calls.append(1)) for b in layers]
+    try:
+        result = prune_transformer(model, tokens, TransformerPruneConfig(method=method, batch_size=BATCH))
+    finally:
+        for h in handles:
+            h.remove()
+    batches = -(-tokens["input_ids"].shape[0] // BATCH)
+    assert len(calls) == result.block_executions == per_batch * LAYERS * batches
+    assert result.batches == batches
+
+
+def _rows(model, name, tokens):
+    captured = {}
+    with capture_inputs({name: model.get_submodule(name)}, captured.__setitem__), torch.no_grad():
+        model(**tokens)
+    return captured[name].reshape(-1, captured[name].shape[-1])[tokens["attention_mask"].bool().reshape(-1)].double()
+
+
+@pytest.mark.parametrize("build, method", [(llama, "asym"), (bert, "seq"), (gpt2, "asym")])
+def test_last_block_refits_equal_least_squares_on_the_partly_pruned_model(build, method, tokens):
+    """Heads of block 1 read the model with block 0 pruned; its FFN reads that model with block 1's heads pruned."""
+    model = build()
+    result = prune_transformer(model, tokens, TransformerPruneConfig(method=method, heads=0.5, ffn=0.5))
+    prefix, dense_layers = blocks(model)
+    _, pruned_layers = blocks(result.model)
+    heads, ffn = find_transformer_sites(model)[2:4]
+    reports = {s.name: s for s in result.sites}
+
+    # heads: block 0 pruned, block 1 dense
+    hybrid = copy.deepcopy(result.model)
+    blocks(hybrid)[1][1] = copy.deepcopy(dense_layers[1])
+    head_cols = group_columns(torch.tensor(reports[heads.name].keep), heads.group_size)
+    for site, cols, source in ((heads, head_cols, hybrid), (ffn, torch.tensor(reports[ffn.name].keep), None)):
+        if source is None:  # FFN: block 0 and block 1's heads pruned, block 1's FFN dense
+            source = copy.deepcopy(result.model)
+            dense_block, hybrid_block = dense_layers[1], blocks(source)[1][1]
+            for name, child in dense_block.named_children():
+                if name in ("mlp", "intermediate", "output"):
+                    setattr(hybrid_block, name, copy.deepcopy(child))
+        b = _rows(source, site.consumer, tokens)[:, cols]  # (tokens, k g)
+        a = _rows(model if method == "asym" else source, site.consumer, tokens)  # (tokens, d)
+        consumer = model.get_submodule(site.consumer)
+        w = (consumer.weight.detach().double() if type(consumer).__name__ == "Conv1D"
+             else consumer.weight.detach().double().T)  # (d, m)
+        expected = torch.linalg.lstsq(b, a @ w).solution  # (k g, m)
+        new = result.model.get_submodule(site.consumer)
+        got = new.weight.detach().double() if type(new).__name__ == "Conv1D" else new.weight.detach().double().T
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_user_model_untouched_and_nothing_shared(tokens):
+    model = llama()
+    model.train()  # the engine runs in eval mode and gives every module its flag back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune_transformer(model, tokens, TransformerPruneConfig(method="asym", heads=0.5, ffn=0.5))
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not ours & {p.data_ptr() for p in result.model.parameters()}
+    assert result.model.lm_head.weight is result.model.model.embed_tokens.weight or not model.config.tie_word_embeddings
+    assert not result.model.training
+
+
+def test_curve_budget_layer_runs_blocks_once(tokens):
+    model = gpt2()
+    result = prune_transformer(model, tokens, TransformerPruneConfig(method="layer", budget="curve", batch_size=BATCH))
+    assert result.block_executions == LAYERS * result.batches  # the dense statistics pass only
