@@ -57,6 +57,14 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _cpu() -> float:
+    """User + system CPU seconds of this process (all threads): less sensitive than wall-clock to a shared machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _load(spec: dict):
     import torch
     import transformers
@@ -87,13 +95,15 @@ def worker(spec: dict) -> dict:
     model, tokenizer = _load(spec)
     passages = wikipedia_passages()
     calibration = tokenize(tokenizer, passages[: spec["passages"]])
-    row = dict(spec, tokens=int(calibration["attention_mask"].sum()), seq_len=int(calibration["input_ids"].shape[1]))
+    row = dict(spec, tokens=int(calibration["attention_mask"].sum()), seq_len=int(calibration["input_ids"].shape[1]),
+               load_average=os.getloadavg()[0])  # the machine is shared: its 1-minute load when the run started
     if spec["method"] == "dense":
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu()
         with torch.no_grad():
             for i in range(0, spec["passages"], BATCH):
                 model(**{k: v[i : i + BATCH] for k, v in calibration.items()})
         row["dense_forward_s"] = time.perf_counter() - start
+        row["dense_forward_cpu_s"] = _cpu() - cpu
         if spec.get("evaluate", True):
             row.update(_quality(model, tokenizer, passages))
         return row
@@ -102,26 +112,28 @@ def worker(spec: dict) -> dict:
     executions = []
     for block in layers:
         block.register_forward_pre_hook(lambda m, a: executions.append(1))
-    solver = [0.0]
+    solver = [0.0, 0.0]
     original = prune_module._prune_site
 
     def timed(*args, **kwargs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu()
         try:
             return original(*args, **kwargs)
         finally:
             solver[0] += time.perf_counter() - start
+            solver[1] += _cpu() - cpu
 
     prune_module._prune_site = timed
     row["rss_loaded_mb"] = _status("VmRSS") / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     config = prune_module.TransformerPruneConfig(method=spec["method"], heads=0.5, ffn=0.5, params=spec["params"],
                                                  batch_size=BATCH)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     result = prune_module.prune_transformer(model, calibration, config)
     row["prune_s"] = time.perf_counter() - start
+    row["prune_cpu_s"] = _cpu() - cpu
     row["peak_rss_mb"] = _status("VmHWM") / 2**20
-    row["solver_s"] = solver[0]
+    row["solver_s"], row["solver_cpu_s"] = solver
     row["block_executions"] = len(executions)
     row["batches"] = -(-spec["passages"] // BATCH)
     row["keep"] = {s.name: s.keep for s in result.sites}
@@ -154,26 +166,26 @@ def runs(groups: list[str], old_asym: bool) -> list[dict]:
     for n in [n for n, group in ((32, "engine"), (128, "engine"), (512, "engine512")) if group in groups]:
         out.append({"model": "smollm2", "layers": 30, "passages": n, "method": "dense", "engine": "new",
                     "evaluate": n == 32})
-        for method in ("layer", "seq", "asym") if n < 512 else ("layer", "asym"):
+        # the old engine passes the calibration set through the model per site: affordable on this shared
+        # 2-core machine only for Layer (one pass) and Seq at 32 passages (Asym at 32 with --old-asym)
+        methods = {32: ("layer", "asym", "seq"), 128: ("layer", "asym", "seq"), 512: ("layer",)}[n]
+        for method in methods:
             out.append({"model": "smollm2", "layers": 30, "passages": n, "method": method, "engine": "new",
                         "params": 0.5})
-            # the old engine passes the calibration set through the model per site: affordable here only at 32
-            # passages (and its Layer, one pass, at 128)
-            if (n == 32 and (method != "asym" or old_asym)) or (n == 128 and method == "layer"):
+            if method == "layer" and n < 512 or (n == 32 and (method == "seq" or old_asym and method == "asym")):
                 out.append({"model": "smollm2", "layers": 30, "passages": n, "method": method, "engine": "old",
                             "params": 0.5})
-    if "grid" in groups:
-        for params in (0.8, 0.5):
-            for method in ("layer", "seq", "asym", "wanda", "flap"):
+    if "grid" in groups:  # Layer/Seq/Asym at 50% come from the engine group
+        for params, methods in ((0.5, ("wanda", "flap")), (0.8, ("wanda", "flap", "layer", "asym", "seq"))):
+            for method in methods:
                 out.append({"model": "smollm2", "layers": 30, "passages": 128, "method": method, "engine": "new",
                             "params": params})
     if "depth" in groups:
         for layers in (8, 16, 32):
             out.append({"model": "random", "layers": layers, "passages": 32, "method": "dense", "engine": "new",
                         "evaluate": False})
-            for method in ("layer", "asym"):
-                out.append({"model": "random", "layers": layers, "passages": 32, "method": method, "engine": "new",
-                            "params": 0.5, "evaluate": False})
+            out.append({"model": "random", "layers": layers, "passages": 32, "method": "asym", "engine": "new",
+                        "params": 0.5, "evaluate": False})
     return out
 
 
@@ -206,39 +218,45 @@ def _fmt(value, digits=1):
 
 
 def table(rows: list[dict]) -> str:
-    dense = {(r["model"], r["layers"], r["passages"]): r["dense_forward_s"] for r in rows if r["method"] == "dense"}
+    dense = {(r["model"], r["layers"], r["passages"]): r for r in rows if r["method"] == "dense"}
     new = {key(r): r for r in rows if r["engine"] == "new" and r["method"] != "dense"}
     lines = [f"`{COMMAND}`", "",
-             "Pruning SmolLM2-135M-Instruct and LLaMA-shaped random models with `prune_transformer`, "
+             "Pruning SmolLM2-135M-Instruct and LLaMA-shaped random models (SmolLM2 width) with `prune_transformer`, "
              f"50% of the prunable parameters kept (`params=0.5`), batches of {BATCH} passages of at most 128 tokens; "
              "each row a fresh process; old = commit c4a0384 (per-site engine), new = block engine. "
-             "Solver = selection + refit + surgery of all sites (same code in both). "
-             "Executions = block forward calls counted with hooks (partial calls included); "
-             "per-block-batch = executions / (blocks x batches). Peak RSS: during the prune, "
-             "the loaded model included. Perplexities on the last "
-             f"{HELDOUT} Wikipedia passages and the first {HELDOUT} Lee news articles.", "",
-             "| model | blocks | passages | method | engine | prune s | solver s | prune - solver s | dense fwd s "
-             "| prune / fwd | (prune - solver) / fwd | peak RSS MB | RSS loaded MB | executions | per block-batch "
-             "| wiki ppl | lee ppl | same units as new |",
-             "|" + "---|" * 18]
-    for r in rows:
-        if r["method"] == "dense" or r.get("params") != 0.5:
-            continue
-        fwd = dense.get((r["model"], r["layers"], r["passages"]))
+             "Solver = selection + refit + surgery of all sites (`_prune_site`, the same code in both engines). "
+             "fwd = one dense forward of the whole model (head included) over the same calibration set. "
+             "CPU = user + system seconds of the process: the machine (2 cores) was shared with other jobs "
+             "(load = its 1-minute load average when the run started), which inflates wall-clock unevenly; CPU "
+             "seconds are the steadier measure. Executions = block forward calls counted with hooks (partial calls "
+             "included); per block-batch = executions / (blocks x batches). Peak RSS: during the prune, the loaded "
+             f"model included. Perplexities on the last {HELDOUT} Wikipedia passages and the first {HELDOUT} Lee news "
+             "articles; 'same units' = the old engine kept exactly the units the new one kept.", "",
+             "| model | blocks | passages | method | engine | load | prune s | solver s | fwd s "
+             "| (prune - solver) / fwd | prune CPU s | solver CPU s | fwd CPU s | (prune - solver) / fwd, CPU "
+             "| peak RSS MB | RSS loaded MB | executions | per block-batch | wiki ppl | lee ppl | same units |",
+             "|" + "---|" * 21]
+    for r in sorted((r for r in rows if r["method"] != "dense" and r.get("params") == 0.5),
+                    key=lambda r: (r["model"], r["layers"], r["passages"], r["method"], r["engine"])):
+        d = dense.get((r["model"], r["layers"], r["passages"]), {})
+        fwd, fwd_cpu = d.get("dense_forward_s"), d.get("dense_forward_cpu_s")
         rest = r["prune_s"] - r["solver_s"]
+        rest_cpu = r["prune_cpu_s"] - r["solver_cpu_s"] if "prune_cpu_s" in r else None
         counterpart = new.get(key(dict(r, engine="new")))
         same = "" if r["engine"] == "new" or counterpart is None else ("yes" if counterpart["keep"] == r["keep"]
                                                                        else "no")
         lines.append(
-            f"| {r['model']} | {r['layers']} | {r['passages']} | {r['method']} | {r['engine']} | {_fmt(r['prune_s'])} "
-            f"| {_fmt(r['solver_s'])} | {_fmt(rest)} | {_fmt(fwd)} | {_fmt(fwd and r['prune_s'] / fwd, 2)} "
-            f"| {_fmt(fwd and rest / fwd, 2)} | {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['rss_loaded_mb'], 0)} "
+            f"| {r['model']} | {r['layers']} | {r['passages']} | {r['method']} | {r['engine']} "
+            f"| {_fmt(r.get('load_average'))} | {_fmt(r['prune_s'])} | {_fmt(r['solver_s'])} | {_fmt(fwd)} "
+            f"| {_fmt(fwd and rest / fwd, 2)} | {_fmt(r.get('prune_cpu_s'))} | {_fmt(r.get('solver_cpu_s'))} "
+            f"| {_fmt(fwd_cpu)} | {_fmt(fwd_cpu and rest_cpu is not None and rest_cpu / fwd_cpu, 2)} "
+            f"| {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['rss_loaded_mb'], 0)} "
             f"| {r['block_executions']:,} | {r['block_executions'] / (r['layers'] * r['batches']):.2f} "
             f"| {_fmt(r.get('wiki_ppl'), 2)} | {_fmt(r.get('lee_ppl'), 2)} | {same} |")
     grid = [r for r in rows if r["model"] == "smollm2" and r["passages"] == 128 and r["engine"] == "new"
             and r["method"] != "dense"]
     if grid:
-        dense_ppl = [r for r in rows if r["method"] == "dense" and "wiki_ppl" in r]
+        dense_ppl = [r for r in rows if r["model"] == "smollm2" and r["method"] == "dense" and "wiki_ppl" in r]
         lines += ["", "SmolLM2-135M, 128 calibration passages, new engine: perplexity by method and fraction of the "
                   "prunable (attention + FFN) parameters removed.", "",
                   "| method | removed | params kept | wiki ppl | lee ppl | prune s |", "|---|---|---|---|---|---|"]
@@ -256,10 +274,13 @@ def main() -> None:
     parser.add_argument("--groups", nargs="+", default=["engine", "depth", "grid", "engine512"],
                         choices=["engine", "depth", "grid", "engine512", "smoke"])
     parser.add_argument("--old-asym", action="store_true", help="also run the old engine's Asym at 32 passages")
+    parser.add_argument("--engine", choices=["new", "old"], default=None,
+                        help="only the runs of this engine (dense forwards count as new); for parallel parents")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/llm_engine.jsonl")
     parser.add_argument("--table", default=None)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--inputs", nargs="*", default=[], help="more JSON-lines files for the table (parallel runs)")
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(Path(args.worker[0]).read_text())
@@ -273,7 +294,8 @@ def main() -> None:
 
         directory = smollm2_directory()
         done = {key(r) for r in rows}
-        specs = [spec for group in args.groups for spec in runs([group], args.old_asym)]
+        specs = [spec for group in args.groups for spec in runs([group], args.old_asym)
+                 if args.engine is None or spec["engine"] == args.engine]
         for spec in specs:
             if key(spec) in done:
                 continue
@@ -283,7 +305,8 @@ def main() -> None:
             with out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print({k: v for k, v in row.items() if k != "keep"}, flush=True)
-    text = table(rows)
+    extra = [json.loads(line) for path in args.inputs for line in Path(path).read_text().splitlines()]
+    text = table(rows + extra)
     if args.table:
         Path(args.table).write_text(text)
     print(text)
