@@ -46,6 +46,9 @@ HELDOUT = 32
 BATCH = 16
 COMMAND = ("OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 "
            "--out results/llm_engine.jsonl --table results/llm_engine.md")
+NOTE = ("This table: three parents of that command in parallel (`--groups engine --engine new`, `--groups engine "
+        "--engine old`, `--groups depth grid`), stopped when the session ended; their rows merged into "
+        "results/llm_engine.jsonl, the table rebuilt with `--table-only --out results/llm_engine.jsonl`.")
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -220,7 +223,7 @@ def _fmt(value, digits=1):
 def table(rows: list[dict]) -> str:
     dense = {(r["model"], r["layers"], r["passages"]): r for r in rows if r["method"] == "dense"}
     new = {key(r): r for r in rows if r["engine"] == "new" and r["method"] != "dense"}
-    lines = [f"`{COMMAND}`", "",
+    lines = [f"`{COMMAND}`", "", NOTE, "",
              "Pruning SmolLM2-135M-Instruct and LLaMA-shaped random models (SmolLM2 width) with `prune_transformer`, "
              f"50% of the prunable parameters kept (`params=0.5`), batches of {BATCH} passages of at most 128 tokens; "
              "each row a fresh process; old = commit c4a0384 (per-site engine), new = block engine. "
@@ -253,6 +256,11 @@ def table(rows: list[dict]) -> str:
             f"| {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['rss_loaded_mb'], 0)} "
             f"| {r['block_executions']:,} | {r['block_executions'] / (r['layers'] * r['batches']):.2f} "
             f"| {_fmt(r.get('wiki_ppl'), 2)} | {_fmt(r.get('lee_ppl'), 2)} | {same} |")
+    for r in rows:
+        if r["method"] == "dense" and "wiki_ppl" in r:
+            lines += ["", f"Dense {r['model']}: wiki ppl {r['wiki_ppl']:.2f}, lee ppl {r['lee_ppl']:.2f} "
+                          f"({r['params_kept']:,} parameters)."]
+            break
     grid = [r for r in rows if r["model"] == "smollm2" and r["passages"] == 128 and r["engine"] == "new"
             and r["method"] != "dense"]
     if grid:
