@@ -10,7 +10,8 @@ measures, for the dense and then the pruned model (the order alternates between 
 
 Medians over the rounds; the ratio dense / pruned (> 1: the pruned model is faster). CPU, fixed thread count.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llm_speed.py --rounds 7 --table results/llm_speed.md
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llm_speed.py --rounds 5 --json results/llm_speed.json \
+        --table results/llm_speed.md
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from subprune.hf import TransformerPruneConfig, load_pruned, prune_transformer
 from subprune.hf.smollm2 import load_smollm2
 from subprune.hf.text import tokenize, wikipedia_passages
 
-COMMAND = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llm_speed.py --rounds 7 --table results/llm_speed.md"
+COMMAND = ("OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llm_speed.py --rounds 5 --json results/llm_speed.json "
+           "--table results/llm_speed.md")
 
 
 @torch.no_grad()
