@@ -278,7 +278,7 @@ def _check_module_entry(name: str, entry, current: nn.Module, arch_file: Path) -
         if key in _PRUNED_KEYS:
             low = 0 if key in ("front", "back") else 1
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= dense[key]:
-                raise ValueError(f"{where} has {key}={value!r}; a pruned {key} lies in {low}..{dense[key]} "
+                raise ValueError(f"{where} has {key}={value!r}; a pruned {key} is an integer in {low}..{dense[key]} "
                                  "(the dense model's): the save is damaged or was made from another model")
         elif value != dense[key] or type(value) is not type(dense[key]):
             raise ValueError(f"{where} has {key}={value!r}, the dense model {dense[key]!r}; pruning never changes "
@@ -318,8 +318,8 @@ def _check_tensor_entry(name: str, entry, current: nn.Module, arch_file: Path) -
         if (type(value) is not type(dense) or not isinstance(limits, list) or len(values) != len(limits)
                 or not all(isinstance(v, int) and not isinstance(v, bool) and isinstance(d, int) and 1 <= v <= d
                            for v, d in zip(values, limits, strict=True))):
-            raise ValueError(f"{where} has {key}={value!r}; a pruned {key} lies in 1..{dense!r} (the dense model's): "
-                             "the save is damaged or was made from another model")
+            raise ValueError(f"{where} has {key}={value!r}; a pruned {key} is an integer in 1..{dense!r} "
+                             "(the dense model's): the save is damaged or was made from another model")
 
 
 def load_pruned(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

@@ -129,11 +129,12 @@ def _edit(out, name, **changes):
     ("conv2", {"stride": [0, 0]}, r"stride=\[0, 0\], the dense model \[1, 1\]"),
     ("conv2", {"padding": [10**6, 10**6]}, r"padding=\[1000000, 1000000\], the dense model \[1, 1\]"),
     ("conv2", {"dilation": [7, 7]}, "dilation="),
-    ("conv2", {"groups": 5}, r"groups=5; a pruned groups lies in 1..1"),
+    ("conv2", {"groups": 5}, r"groups=5; a pruned groups is an integer in 1..1"),
     ("bn1", {"eps": -1.0}, "eps=-1.0, the dense model 1e-05; pruning never changes eps"),
     ("bn1", {"momentum": "fast"}, "momentum='fast'"),
-    ("bn1", {"num_features": 0}, r"num_features=0; a pruned num_features lies in 1..6"),
+    ("bn1", {"num_features": 0}, r"num_features=0; a pruned num_features is an integer in 1..6"),
     ("fc1", {"out_features": 2.5}, "out_features=2.5"),
+    ("fc1", {"out_features": 2.0}, r"out_features=2.0; a pruned out_features is an integer in 1..20"),
     ("fc1", {"extra": 1}, r"has keys \['extra'\] it should not have"),
 ])
 def test_saved_architecture_is_checked_before_building(tmp_path, name, changes, match):
@@ -150,7 +151,7 @@ def test_grouped_conv_groups_are_bounded_by_the_dense_model(tmp_path):
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.ReLU(), nn.Conv2d(8, 2, 1))
     out = save_pruned(model, tmp_path / "p")
     _edit(out, "0", groups=8)
-    with pytest.raises(ValueError, match=r"groups=8; a pruned groups lies in 1..4"):
+    with pytest.raises(ValueError, match=r"groups=8; a pruned groups is an integer in 1..4"):
         load_pruned(out, model=model)
     _edit(out, "0", groups=3)
     with pytest.raises(ValueError, match="groups=3, which does not divide in_channels=4"):
