@@ -106,9 +106,10 @@ def suspects(model, calib, kept: dict[str, list[int]], ridge: float) -> list[dic
         w = consumer_weight(get_module(model, site.consumer)).to(g)  # (d, m)
         per_dim = (w * (g @ w)).sum(0)  # (m,) energy per output (hidden) dimension
         share = per_dim.sort(descending=True).values / per_dim.sum()
+        ev_all = torch.linalg.eigvalsh(g)
         row = {"site": site.name, "tokens": s.gram.n_rows_, "columns": g.shape[0],
                "top1_share": float(share[0]), "top5_share": float(share[:5].sum()),
-               "top_dim": int(per_dim.argmax())}
+               "top_dim": int(per_dim.argmax()), "cond_G": float(ev_all[-1] / ev_all[0].clamp_min(1e-300))}
         if site.name in kept:
             cols = group_columns(torch.tensor(kept[site.name]), site.group_size)
             g_ss = g[cols][:, cols]
@@ -183,7 +184,8 @@ def first_token_share(model, calib) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["asym", "seq", "layer", "flap", "wanda-sp"])
+    parser.add_argument("--variants", nargs="*", default=["asym", "seq", "layer", "flap", "wanda-sp"],
+                        help="variants to prune and trace; none: only the dense-model suspects")
     parser.add_argument("--removed", type=float, default=0.5)
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -212,7 +214,7 @@ def main() -> None:
         f = {s.name: s.objective for s in result.sites}
         kept = {s.name: s.keep for s in result.sites}
         kept_of_first = kept_of_first or kept
-        ppl = perplexity(result.model, tokenize(tokenizer, passages[-128:], 128))
+        ppl = perplexity(result.model, tokenize(tokenizer, passages[-64:], 128))  # the sweep's 64 passages
         report["variants"][spec] = {"errors": errors, "f": f, "kept": kept, "perplexity": ppl, "seconds": seconds}
         prefix = blocks(model)[0]
         lines += [f"### {spec}: held-out Wikipedia perplexity {ppl:,.1f} (prune {seconds:.0f} s)", "",
@@ -226,20 +228,22 @@ def main() -> None:
                          f"{e['stream']:.3f} | {e['stream-3']:.3f} |")
         lines.append("")
         print("\n".join(lines[-len(errors) - 5:]), flush=True)
+    if not args.variants:  # the dense model against itself: the activation statistics of every block
+        errors, massive = block_errors(model, model, heldout)
     report["massive_dims"] = massive
     dense_rows = errors  # max/median from the last run's dense pass (the same dense model every time)
     lines += ["### Massive residual features (dense model, held-out)", "",
               f"Hidden dimensions of largest activation: {massive}. Per block: max |h| / median |h|: " +
               ", ".join(f"{r['block']}: {r['max_abs']:.0f}/{r['median_abs']:.2f}" for r in dense_rows), ""]
-    sus = suspects(model, calib, kept_of_first, 0.0)
+    sus = suspects(model, calib, kept_of_first or {}, 0.0)
     report["suspects"] = sus
     lines += ["### Site statistics (dense, calibration): energy share of the top output dims, refit conditioning "
-              f"at the kept sets of {args.variants[0]}", "",
-              "| site | tokens | columns | kept cols | top-1 dim share | top-5 share | top dim | cond G_SS | "
-              "cond, ridge 1e-3 |", "|---|---|---|---|---|---|---|---|---|"]
+              f"at the kept sets of {args.variants[0] if args.variants else '-'}", "",
+              "| site | tokens | columns | kept cols | top-1 dim share | top-5 share | top dim | cond G | cond G_SS | "
+              "cond, ridge 1e-3 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sus:
         lines.append(f"| {r['site']} | {r['tokens']} | {r['columns']} | {r.get('kept_columns', '-')} | "
-                     f"{r['top1_share']:.3f} | {r['top5_share']:.3f} | {r['top_dim']} | "
+                     f"{r['top1_share']:.3f} | {r['top5_share']:.3f} | {r['top_dim']} | {r['cond_G']:.2e} | "
                      f"{r.get('cond', float('nan')):.2e} | {r.get('cond_ridge', float('nan')):.2e} |")
     sites = find_transformer_sites(model)
     sink = first_token_share(model, calib)
