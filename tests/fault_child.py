@@ -105,7 +105,12 @@ def start(job: dict, **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
-def run(job: dict, timeout: float = 60) -> tuple[int, list[dict], str]:
+# A child saves a tiny model in well under a second; the margin is for a CI machine loaded by other jobs
+# (on 2 cores at load average 15-20 a child took over 60 s to answer its signal).
+CHILD_TIMEOUT_S = 300
+
+
+def run(job: dict, timeout: float = CHILD_TIMEOUT_S) -> tuple[int, list[dict], str]:
     """Run a child to its end: exit status, events, stderr."""
     child = start(job)
     out, err = child.communicate(timeout=timeout)

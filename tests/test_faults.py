@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_conv_net
-from fault_child import ROOT, run, start, which
+from fault_child import CHILD_TIMEOUT_S, ROOT, run, start, which
 
 from subprune import saving
 from subprune.pipeline import PruneConfig, prune
@@ -120,7 +120,7 @@ def _kill_loop(target: Path, protocol: str, sig: int, delay: float, versions) ->
     assert first, child.stderr.read()
     time.sleep(delay)
     child.send_signal(sig)
-    out, err = child.communicate(timeout=60)
+    out, err = child.communicate(timeout=CHILD_TIMEOUT_S)
     assert "Traceback" not in err, err
     return child.returncode, [json.loads(first)] + [json.loads(x) for x in out.splitlines() if x.strip()]
 
@@ -162,7 +162,7 @@ def test_concurrent_saves_and_reads(protocol, tmp_path, versions):
         assert held in (0, 1, 2)
         reads += 1
     for c in children:
-        out, err = c.communicate(timeout=60)
+        out, err = c.communicate(timeout=CHILD_TIMEOUT_S)
         assert c.returncode == 0, err
         assert len(out.splitlines()) == 4
     assert reads > 0 and which(target, versions) in (0, 1, 2)
@@ -174,7 +174,7 @@ def test_concurrent_saves_and_reads(protocol, tmp_path, versions):
         c.stdout.readline()
     for c in children:
         c.kill()
-        c.communicate(timeout=60)
+        c.communicate(timeout=CHILD_TIMEOUT_S)
     state = which(saving.current_version(target), versions)
     assert state in (0, 1, 2)
     _next_run(target, versions, state, by_save=False)
@@ -269,7 +269,7 @@ def test_save_pruned_killed_in_a_real_process(sig, tmp_path):
     assert child.stdout.readline(), child.stderr.read()
     time.sleep(random.Random(int(sig)).uniform(0, 0.05))
     child.send_signal(sig)
-    out, err = child.communicate(timeout=60)
+    out, err = child.communicate(timeout=CHILD_TIMEOUT_S)
     assert "Traceback" not in err, err
     version = json.loads(saving.read_version(target, lambda p: (p / "report.json").read_text()))["version"]
     reloaded = load_pruned(target, model=make_conv_net())
