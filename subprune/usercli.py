@@ -181,7 +181,10 @@ def evaluate_user(directory: str, pruned, saved: dict, data_path: str | None, co
         indices, where = torch.arange(len(data)), f"all {len(data)} samples of {data_path}"
     out = {"directory": directory, "params": count_parameters(pruned)}
     dense = None
-    if source_record:
+    if source_record and source_record.get("weights") is None and source_record.get("kind") != "registered":
+        console.print("the dense model was pruned without --weights (a random initialisation, which cannot be "
+                      "rebuilt): no comparison with it", markup=False, soft_wrap=True)
+    elif source_record:
         try:
             dense = ModelSource.from_record(source_record).load()
         except (OSError, ValueError, ImportError) as exc:

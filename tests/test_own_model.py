@@ -200,6 +200,18 @@ def test_cli_prune_evaluate_export_a_file_factory_model(user, capsys):
         assert onnx_parity(pruned, root / "m.onnx", images[:37]) <= 1e-4  # another batch size: the axis is dynamic
 
 
+def test_evaluate_without_weights_does_not_compare_with_a_new_random_model(user, capsys):
+    root, _, _ = user
+    out = root / "random"
+    assert main(["prune", "--model", f"{root / 'my_net.py'}:build", "--data", str(root / "images"), "--keep", "0.5",
+                 "--calib", "24", "--quiet", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "without --weights" in printed and "agreement with the dense model" not in printed
+    assert "accuracy" in printed  # the class folders still give the pruned model's accuracy
+
+
 def test_cli_errors_for_own_models(user, capsys):
     root, _, _ = user
     factory = f"{root / 'my_net.py'}:build"
