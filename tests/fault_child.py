@@ -99,10 +99,19 @@ def _child(job: dict) -> int:
 # --- the parent's side ----------------------------------------------------------------------------------------------
 
 
+def default_sigint() -> None:
+    """In a child before exec: Ctrl-C back to its default, so Python installs its KeyboardInterrupt handler.
+
+    A shell starts background jobs (``make test &``) with SIGINT ignored, and children inherit that: their
+    Ctrl-C would then do nothing and every Ctrl-C test would wait for its timeout.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(job: dict, **popen) -> subprocess.Popen:
     """Start a child running ``job``; stdout is a pipe of JSON lines."""
     return subprocess.Popen([sys.executable, __file__, json.dumps(job)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, **popen)
 
 
 # A child saves a tiny model in well under a second; the margin is for a CI machine loaded by other jobs

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_conv_net
-from fault_child import CHILD_TIMEOUT_S, ROOT, run, start, which
+from fault_child import CHILD_TIMEOUT_S, ROOT, default_sigint, run, start, which
 
 from subprune import saving
 from subprune.pipeline import PruneConfig, prune
@@ -268,7 +268,7 @@ def test_save_pruned_killed_in_a_real_process(sig, tmp_path):
     target = tmp_path / "out"
     save_pruned(make_conv_net(0), target, extra_json={"report.json": {"version": 0}})
     child = subprocess.Popen([sys.executable, "-c", TORCH_CHILD, str(target)], cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     assert child.stdout.readline(), child.stderr.read()
     time.sleep(random.Random(int(sig)).uniform(0, 0.05))
     child.send_signal(sig)
