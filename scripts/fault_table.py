@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 from conftest import make_conv_net  # noqa: E402
-from fault_child import run, start, which  # noqa: E402
+from fault_child import kill_concurrent_savers, run, start, which  # noqa: E402
 
 from subprune import saving  # noqa: E402
 from subprune.pipeline import PruneConfig, prune  # noqa: E402
@@ -167,13 +167,7 @@ def concurrent_rows(work: Path, vs: list[Path], protocol: str) -> list[Row]:
     for i in range(3):
         target = work / f"conck-{protocol}-{i}" / "out"
         shutil.copytree(vs[0], target)
-        children = [start({"mode": "loop", "target": str(target), "versions": [str(v) for v in vs],
-                           "protocol": protocol, "first": k}) for k in range(3)]
-        for c in children:
-            c.stdout.readline()
-        for c in children:
-            c.kill()
-            c.communicate()
+        kill_concurrent_savers(target, vs, protocol)
         settle(killed, target, vs, {0, 1, 2}, None, next_save=i % 2 == 1)
     return [row, killed]
 

@@ -255,6 +255,13 @@ def save_pruned(
     return target
 
 
+def _check_entry_type(where: str, entry: dict, current: nn.Module) -> None:
+    """The saved module type is the model's, or ValueError naming both."""
+    if type(current).__name__ != entry.get("type"):
+        raise ValueError(f"{where} is a {type(current).__name__} in the model, the save has a {entry.get('type')!r}: "
+                         "the save was made from another model")
+
+
 def _check_module_entry(name: str, entry, current: nn.Module, arch_file: Path) -> dict | None:
     """The saved config of module ``name`` checked against its dense version; None when it is the dense one.
 
@@ -267,9 +274,7 @@ def _check_module_entry(name: str, entry, current: nn.Module, arch_file: Path) -
     where = f"{arch_file}: module '{name}'"
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
         raise ValueError(f"{where} has no 'config' mapping: the save is damaged; prune the model again")
-    if type(current).__name__ != entry.get("type"):
-        raise ValueError(f"{where} is a {type(current).__name__} in the model, the save has a {entry.get('type')!r}: "
-                         "the save was made from another model")
+    _check_entry_type(where, entry, current)
     config, dense = entry["config"], module_config(current)
     if set(config) != set(dense):
         extra, missing = sorted(set(config) - set(dense)), sorted(set(dense) - set(config))
@@ -295,9 +300,7 @@ def _check_tensor_entry(name: str, entry, current: nn.Module, arch_file: Path) -
     where = f"{arch_file}: module '{name}'"
     if not isinstance(entry, dict) or not isinstance(entry.get("shapes"), dict):
         raise ValueError(f"{where} has no 'shapes' mapping: the save is damaged; prune the model again")
-    if type(current).__name__ != entry.get("type"):
-        raise ValueError(f"{where} is a {type(current).__name__} in the model, the save has a {entry.get('type')!r}: "
-                         "the save was made from another model")
+    _check_entry_type(where, entry, current)
     own = {**dict(current.named_parameters(recurse=False)), **dict(current.named_buffers(recurse=False))}
     for key, shape in entry["shapes"].items():
         if key not in own:

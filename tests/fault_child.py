@@ -126,6 +126,17 @@ def run(job: dict, timeout: float = CHILD_TIMEOUT_S) -> tuple[int, list[dict], s
     return child.returncode, [json.loads(line) for line in out.splitlines() if line.strip()], err
 
 
+def kill_concurrent_savers(target: Path, versions: list[Path], protocol: str, timeout: float = CHILD_TIMEOUT_S) -> None:
+    """Start three children saving ``versions`` to ``target`` in a loop at once, then kill -9 all three mid-save."""
+    children = [start({"mode": "loop", "target": str(target), "versions": [str(v) for v in versions],
+                       "protocol": protocol, "first": k}) for k in range(3)]
+    for c in children:
+        c.stdout.readline()  # each has begun saving
+    for c in children:
+        c.kill()
+        c.communicate(timeout=timeout)
+
+
 def snapshot(directory: Path) -> dict[str, bytes] | None:
     """Every file of ``directory`` by name (None if it is not a directory)."""
     if not directory.is_dir():

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_conv_net
-from fault_child import CHILD_TIMEOUT_S, ROOT, default_sigint, run, start, which
+from fault_child import CHILD_TIMEOUT_S, ROOT, default_sigint, kill_concurrent_savers, run, start, which
 
 from subprune import saving
 from subprune.pipeline import PruneConfig, prune
@@ -171,13 +171,7 @@ def test_concurrent_saves_and_reads(protocol, tmp_path, versions):
     assert reads > 0 and which(target, versions) in (0, 1, 2)
     assert saving.strays(target) == []  # each save cleaned up after itself
     # and killed while saving concurrently: still one whole version, and the next run cleans up
-    children = [start({"mode": "loop", "target": str(target), "versions": [str(v) for v in versions],
-                       "protocol": protocol, "first": k}) for k in range(3)]
-    for c in children:
-        c.stdout.readline()
-    for c in children:
-        c.kill()
-        c.communicate(timeout=CHILD_TIMEOUT_S)
+    kill_concurrent_savers(target, versions, protocol)
     state = which(saving.current_version(target), versions)
     assert state in (0, 1, 2)
     _next_run(target, versions, state, by_save=False)
