@@ -23,10 +23,13 @@ from subprune import validation
 from subprune.baselines import LossFn, ScoreContext, default_loss
 from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_ratio_for_compression, kept_channels
 from subprune.calibration import Batch, Calibration, as_calibration, check_module
+from subprune.core.plan import MIN_CALIBRATION_SAMPLES, check_sample_count, objective_curves, plan_units
+from subprune.core.site import SiteOptions, SiteReport, prune_site
 from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
-from subprune.distributed import all_reduce_statistics, check_same_selection, require_initialized
+from subprune.distributed import all_reduce_statistics, require_initialized
+from subprune.graph_adapter import GraphSiteAdapter
 from subprune.joint_refit import JointRefit
-from subprune.methods import METHODS, Method, SiteProblem, get_method
+from subprune.methods import METHODS, Method, get_method
 from subprune.sites import (
     ChannelRange,
     NothingToPruneError,
@@ -36,7 +39,6 @@ from subprune.sites import (
     find_sites,
     select_sites,
 )
-from subprune.solver import greedy_select, group_columns, refit, ridge_value, stack_problems, weights_objective
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
     PRECISIONS,
@@ -45,11 +47,10 @@ from subprune.statistics import (
     consumer_input_rows,
     run_to_capture,
 )
-from subprune.surgery import ChannelLayout, consumer_weight_matrix, get_module, prune_site_
+from subprune.surgery import ChannelLayout, get_module
 
 log = logging.getLogger(__name__)
 
-MIN_CALIBRATION_SAMPLES = 2
 BUDGETS = ("uniform", "curve")
 
 
@@ -204,54 +205,6 @@ def _keep_ratio(name: str, value) -> float:
 
 
 @dataclass
-class SiteReport:
-    """What was done at one site.
-
-    Attributes
-    ----------
-    name, producer, consumer : str
-    channels : int
-        Producer channels before pruning.
-    kept : int
-    group_size : int
-    objective : float
-        f(S) of the weights written to the consumer: the share of the consumer's
-        pre-activation energy (on the calibration set) that the pruned model keeps.
-    objective_curve : list of float
-        Greedy's f(S_1..S_k) with refit weights (empty for methods without it).
-    keep : list of int
-        Sorted kept channel indices.
-    rows : int
-        Rows of B (samples or patches) that the statistics summed.
-    ridge : float
-        Absolute ridge added to G.
-    seconds : float
-        Wall-clock of statistics, selection, refit and surgery of this site.
-    producers, consumers : list of str
-        Every producer and consumer of the site (several for coupled sites or
-        channels read by several layers).
-    coupled : bool
-        The site ties several producers through residual additions.
-    """
-
-    name: str
-    producer: str
-    consumer: str
-    channels: int
-    kept: int
-    group_size: int
-    objective: float
-    objective_curve: list[float] = field(default_factory=list)
-    keep: list[int] = field(default_factory=list)
-    rows: int = 0
-    ridge: float = 0.0
-    seconds: float = 0.0
-    producers: list[str] = field(default_factory=list)
-    consumers: list[str] = field(default_factory=list)
-    coupled: bool = False
-
-
-@dataclass
 class PruneResult:
     """The pruned model and the per-site report.
 
@@ -277,30 +230,12 @@ def _check_calibration(calibration: Calibration) -> None:
     tensors = calibration.head(1).tensors()
     for tensor in tensors:
         validation.tensor("calibration", tensor)  # (not on the meta device)
-    if len(calibration) < MIN_CALIBRATION_SAMPLES or not tensors or tensors[0].ndim < 1:
-        raise ValueError(
-            f"too few calibration samples: got {len(calibration)} ({calibration.describe()}), need at least "
-            f"{MIN_CALIBRATION_SAMPLES} samples along dim 0 (a few hundred is typical)"
-        )
+    check_sample_count(len(calibration) if tensors and tensors[0].ndim >= 1 else 0, calibration.describe())
     calibration.check_finite()
 
 
 _kept_count = kept_channels
-
-
-def _plan(sites: list[PruningSite], keep: float | Mapping[str, float], found: set[str] = frozenset()) -> dict[str, int]:
-    """Channels to keep per site name (``found``: every site of the model, selected by ``layers`` or not)."""
-    if not isinstance(keep, Mapping):
-        return {s.name: _kept_count(keep, s.channels) for s in sites}
-    names = {s.name for s in sites}
-    excluded = sorted((set(keep) - names) & set(found))
-    if excluded:
-        raise ValueError(f"keep names sites {excluded} that layers= (CLI --layers) leaves out; add them to "
-                         "layers or drop them from keep")
-    unknown = sorted(set(keep) - names)
-    if unknown:
-        raise ValueError(f"keep names unknown sites {unknown}; the sites are {sorted(names)}")
-    return {s.name: _kept_count(keep[s.name], s.channels) for s in sites if s.name in keep}
+_plan = plan_units  # (the name the drivers and tests used)
 
 
 def _site_rows(module: nn.Module, x: Tensor, ref: ChannelRange, start: int, chunk_bytes: int):
@@ -447,50 +382,11 @@ def _check_labels(method: Method, calibration: Calibration) -> None:
                          f"method that needs no labels: {names}")
 
 
-@dataclass
-class _SiteSystem:
-    """One site's problem over all its consumers (stacked when several) and the per-consumer parts."""
-
-    problem: SiteProblem
-    weights: list[Tensor]
-    energies: list[float]
-    group_sizes: list[int]
-
-
-def _site_system(
-    model: nn.Module, site: PruningSite, stats: list[GramStatistics], layout: ChannelLayout | None,
-    scores: Tensor | None = None,
-) -> _SiteSystem:
-    """Consumer weights of ``site`` in ``model`` and the (stacked) problem the selection sees."""
-    weights, energies, group_sizes = [], [], []
-    for ref, stat in zip(site.consumers, stats, strict=True):
-        start = (ref.start if layout is None else layout.start(ref.module, "in", ref.start)) * ref.kernel
-        full = consumer_weight_matrix(get_module(model, ref.module))  # (d, m)
-        weight = full[start : start + ref.span * ref.kernel].to(stat.gram_)  # (n g_j, m)
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"the weight of '{ref.module}' holds NaN or infinite values; fix the model first")
-        weights.append(weight)
-        energies.append(stat.target_energy(weight))
-        group_sizes.append(site.consumer_group_size(ref))
-    if len(stats) == 1:
-        gram, cross, weight, group_size = stats[0].gram_, stats[0].cross_, weights[0], group_sizes[0]
-    else:
-        gram, weight, cross, group_size = stack_problems(
-            [s.gram_ for s in stats], weights, group_sizes, [s.cross_ for s in stats]
-        )
-    problem = SiteProblem(gram, cross, weight, sum(energies), group_size, site.channels, scores)
-    return _SiteSystem(problem, weights, energies, group_sizes)
-
-
 def _objective_curves(sites: list[PruningSite], dense: nn.Module, stats: dict[str, list[GramStatistics]],
                       ridge: float) -> dict[str, Tensor]:
     """Greedy's whole nested curve f(S_1..S_n) of every site, from the dense model's statistics."""
-    curves = {}
-    for site in sites:
-        p = _site_system(dense, site, stats[site.name], None).problem
-        curves[site.name] = greedy_select(p.gram, p.weight, p.target_energy, p.group_size, site.channels,
-                                          cross=p.cross, ridge=ridge).objective
-    return curves
+    adapter = GraphSiteAdapter()
+    return objective_curves({s.name: adapter.system(dense, s, stats[s.name]).problem for s in sites}, ridge)
 
 
 def _budget(method: Method, config: PruneConfig, dense: nn.Module | None, sites: list[PruningSite],
@@ -510,6 +406,12 @@ def _budget(method: Method, config: PruneConfig, dense: nn.Module | None, sites:
     return plan
 
 
+def site_options(config: PruneConfig) -> SiteOptions:
+    """The settings of ``config`` that the per-site step reads."""
+    return SiteOptions(reweight=config.reweight, epsilon=config.epsilon, ridge=config.ridge,
+                       distributed=config.distributed)
+
+
 def _prune_one_site(
     work: nn.Module,
     site: PruningSite,
@@ -520,43 +422,10 @@ def _prune_one_site(
     layout: ChannelLayout,
     scores: Tensor | None = None,
 ) -> SiteReport:
-    """Select, refit and cut one site of ``work`` in place (its objective summed over its consumers)."""
-    method = get_method(config.method)
-    system = _site_system(work, site, stats, layout, scores)
-    problem = system.problem
-    selection = method.select(problem, k, config.epsilon, config.ridge, generator)
-    keep = selection.keep
-    if config.distributed:
-        check_same_selection(site.name, keep)
-    # a refit, or greedy's own refits: least squares near or past interpolation (double-descent peak at rows = columns)
-    least_squares = config.reweight or selection.objective is not None
-    for ref, stat, g in zip(site.consumers, stats, system.group_sizes, strict=True):
-        rows, columns = stat.n_rows_, keep.numel() * g
-        if least_squares and rows < 2 * columns:
-            log.warning(
-                "site %s, consumer %s: %d calibration rows for %d refit columns: the refit (nearly) interpolates "
-                "the calibration set and f(S) overstates what is kept; %s",
-                site.name, ref.module, rows, columns, validation.interpolation_advice(config.ridge),
-            )
-    new_weights, kept_energy = {}, 0.0
-    parts = zip(site.consumers, stats, system.weights, system.group_sizes, system.energies, strict=True)
-    for ref, stat, w, g, e in parts:
-        if config.reweight:
-            new_w = refit(stat.gram_, w, keep, g, cross=stat.cross_, ridge=config.ridge)
-        else:
-            new_w = w[group_columns(keep.to(w.device), g)]
-        kept_energy += e * weights_objective(stat.gram_, w, e, keep, new_w, g, cross=stat.cross_)
-        new_weights[ref.module] = new_w
-    energy = problem.target_energy
-    objective = kept_energy / energy if energy > 0 else 0.0
-    prune_site_(work, site, keep, new_weights if config.reweight else None, layout)
-    curve = [] if selection.objective is None else selection.objective.tolist()
-    return SiteReport(
-        site.name, site.producer, site.consumer, site.channels, int(keep.numel()), problem.group_size,
-        objective, curve, keep.tolist(), stats[0].n_rows_, ridge_value(problem.gram, config.ridge),
-        producers=[p.module for p in site.producers], consumers=[c.module for c in site.consumers],
-        coupled=site.coupled,
-    )
+    """Select, refit and cut one site of ``work`` in place (:func:`subprune.core.site.prune_site`, fx adapter)."""
+    adapter = GraphSiteAdapter(layout, scores, config.reweight, config.ridge)
+    return prune_site(work, site, stats, k, adapter, get_method(config.method).select, site_options(config),
+                      generator)
 
 
 def _check_runs(model: nn.Module, batch: Batch, device: torch.device, offload: bool) -> None:

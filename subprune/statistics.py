@@ -112,6 +112,9 @@ class GramStatistics:
         Where the float64 accumulators live.
     name : str
         Consumer name, used in error messages.
+    sums : bool
+        Also accumulate the column sums of B (and A): the first moments that a
+        consumer bias needs (:meth:`centred`, :meth:`bias_shift`, FLAP's variance).
     precision : {"float64", "mixed"}
         "float64": every product in float64 (the reference). "mixed": each
         block of at most ``MIXED_BLOCK_ROWS`` rows is multiplied in float32 (TF32
@@ -126,10 +129,14 @@ class GramStatistics:
     target_gram_ : Tensor of shape (d, d), float64, or None
     n_rows_ : int
         Rows M seen so far (samples or patches).
+    sum_b_ : Tensor of shape (d,), float64, or None
+        Column sums of B (``sums=True``).
+    sum_a_ : Tensor of shape (d,), float64, or None
+        Column sums of A; ``sum_b_`` itself when symmetric.
     """
 
     def __init__(self, dim: int, asymmetric: bool = False, device="cpu", name: str = "consumer",
-                 precision: str = "float64"):
+                 precision: str = "float64", sums: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         self.dim, self.asymmetric, self.name, self.precision = dim, asymmetric, name, precision
@@ -138,6 +145,8 @@ class GramStatistics:
         self.cross_ = zeros.clone() if asymmetric else None
         self.target_gram_ = zeros.clone() if asymmetric else None
         self.n_rows_ = 0
+        self.sum_b_ = torch.zeros(dim, dtype=torch.float64, device=device) if sums else None
+        self.sum_a_ = None if not sums else self.sum_b_.clone() if asymmetric else self.sum_b_
 
     def update(self, b: Tensor, a: Tensor | None = None) -> None:
         """Add a chunk of rows.
@@ -175,6 +184,10 @@ class GramStatistics:
                 a = a.to(self.gram_)
                 self.cross_.addmm_(b.T, a)
                 self.target_gram_.addmm_(a.T, a)
+        if self.sum_b_ is not None:
+            self.sum_b_ += b.sum(0, dtype=torch.float64).to(self.sum_b_.device)
+            if a is not None:
+                self.sum_a_ += a.sum(0, dtype=torch.float64).to(self.sum_a_.device)
         self.n_rows_ += b.shape[0]
 
     def _update_mixed(self, b: Tensor, a: Tensor | None) -> None:
@@ -195,12 +208,73 @@ class GramStatistics:
         if self.asymmetric:
             self.cross_ += other.cross_
             self.target_gram_ += other.target_gram_
+        if self.sum_b_ is not None:
+            self.sum_b_ += other.sum_b_
+            if self.asymmetric:
+                self.sum_a_ += other.sum_a_
         self.n_rows_ += other.n_rows_
         return self
 
     def tensors(self) -> list[Tensor]:
         """The accumulators, for an all-reduce."""
-        return [t for t in (self.gram_, self.cross_, self.target_gram_) if t is not None]
+        sums = [self.sum_b_, self.sum_a_ if self.asymmetric else None]
+        return [t for t in (self.gram_, self.cross_, self.target_gram_, *sums) if t is not None]
+
+    @property
+    def gram(self) -> GramStatistics:
+        """The statistics themselves (the ``.gram`` of the former transformer ``SiteMoments``)."""
+        return self
+
+    @property
+    def mean_b_(self) -> Tensor:
+        """Column means of B, shape (d,), float64; ValueError without ``sums``."""
+        return self._sums("b") / max(self.n_rows_, 1)
+
+    def _sums(self, which: str) -> Tensor:
+        if self.sum_b_ is None:
+            raise ValueError(f"{self.name}: first moments were not accumulated (GramStatistics(..., sums=True))")
+        return self.sum_b_ if which == "b" else self.sum_a_
+
+    def centred(self, weight: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """Covariance form (G_c, C_c, ||(A - 1 mu_A) W||^2): the objective with a free consumer bias.
+
+        Least squares with an intercept equals least squares on centred data, so
+        greedy and refit on these statistics choose and fit as if the consumer
+        bias were refit too; the bias itself is :meth:`bias_shift`. Needs ``sums``.
+
+        Parameters
+        ----------
+        weight : Tensor of shape (d, m)
+
+        Returns
+        -------
+        gram_c : Tensor of shape (d, d)
+        cross_c : Tensor of shape (d, d) or None (symmetric)
+        target_energy : float
+        """
+        m = max(self.n_rows_, 1)
+        mu_b, mu_a = self._sums("b") / m, self._sums("a") / m
+        gram_c = self.gram_ - m * torch.outer(mu_b, mu_b)
+        cross_c = None if self.cross_ is None else self.cross_ - m * torch.outer(mu_b, mu_a)
+        target = self.gram_ if self.target_gram_ is None else self.target_gram_
+        target_c = target - m * torch.outer(mu_a, mu_a)
+        w = weight.to(target_c)
+        return gram_c, cross_c, float((w * (target_c @ w)).sum())
+
+    def bias_shift(self, weight: Tensor, cols: Tensor, new_weight: Tensor) -> Tensor:
+        """mu_A W - mu_B[cols] W', shape (m,): add to the consumer bias after an intercept fit (needs ``sums``).
+
+        Parameters
+        ----------
+        weight : Tensor of shape (d, m)
+            The old consumer weight.
+        cols : Tensor of shape (d',), int64
+            The kept columns.
+        new_weight : Tensor of shape (d', m)
+        """
+        m = max(self.n_rows_, 1)
+        return ((self._sums("a") / m) @ weight.to(torch.float64)
+                - (self._sums("b")[cols] / m) @ new_weight.to(torch.float64))
 
     def target_energy(self, weight: Tensor) -> float:
         """||A W||_F^2 for a weight W of shape (d, m) (A = B when symmetric)."""

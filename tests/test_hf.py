@@ -144,9 +144,10 @@ def test_statistics_skip_padding(tokens):
     model = bert()
     sites = find_transformer_sites(model)[:1]
     moments = collect_transformer_statistics(model, sites, tokens)[sites[0].name]
-    stats, sums = moments.gram, moments.sum_b
+    stats, sums = moments, moments.sum_b_  # GramStatistics with column sums
     assert stats.n_rows_ == int(tokens["attention_mask"].sum())
     assert sums.shape == (HIDDEN,)
+    torch.testing.assert_close(moments.mean_b_, sums / stats.n_rows_)
 
 
 @pytest.mark.parametrize("build,auto", [(bert, "AutoModel"), (gpt2, "AutoModelForCausalLM"),

@@ -45,69 +45,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from subprune.core.site import SiteReport
 from subprune.hf.architectures import FFN, HEADS, TransformerSite, blocks, consumer_weight, ffn_output_norm
-from subprune.pipeline import SiteReport
 from subprune.solver import group_columns
 from subprune.statistics import GramStatistics, StopForward, capture_inputs
 from subprune.surgery import get_module
 
 log = logging.getLogger(__name__)
 
-PruneSiteFn = Callable[[nn.Module, TransformerSite, "SiteMoments", int], SiteReport]
+PruneSiteFn = Callable[[nn.Module, TransformerSite, GramStatistics, int], SiteReport]
 
 
-@dataclass
-class SiteMoments:
-    """Statistics of one site: Gram sums and the column sums needed for means.
+def site_moments(dim: int, asymmetric: bool, device, name: str, precision: str = "float64") -> GramStatistics:
+    """Empty statistics of one transformer site: Gram sums and column sums (means for biases and FLAP)."""
+    return GramStatistics(dim, asymmetric, device, name, precision, sums=True)
 
-    Attributes
-    ----------
-    gram : GramStatistics
-        G = B^T B (and C = B^T A, A^T A when asymmetric), over real tokens.
-    sum_b : Tensor of shape (d,), float64
-        Column sums of B.
-    sum_a : Tensor of shape (d,), float64
-        Column sums of A (the dense model's consumer input); ``sum_b`` when symmetric.
-    """
 
-    gram: GramStatistics
-    sum_b: Tensor
-    sum_a: Tensor
-
-    @classmethod
-    def empty(cls, dim: int, asymmetric: bool, device, name: str) -> SiteMoments:
-        zeros = torch.zeros(dim, dtype=torch.float64, device=device)
-        return cls(GramStatistics(dim, asymmetric, device, name), zeros, zeros.clone() if asymmetric else zeros)
-
-    def update(self, b: Tensor, a: Tensor | None = None) -> None:
-        """Add rows of B (tokens, d) and, when asymmetric, the same rows of A."""
-        b = b.to(self.gram.gram_)
-        a = None if a is None else a.to(self.gram.gram_)
-        self.gram.update(b, a)
-        self.sum_b += b.sum(0)
-        if a is not None:
-            self.sum_a += a.sum(0)
-
-    def centred(self, weight: Tensor) -> tuple[Tensor, Tensor | None, float]:
-        """Covariance form (G_c, C_c, ||(A - 1 mu_A) W||^2): the objective with a free consumer bias.
-
-        Least squares with an intercept equals least squares on centred data, so
-        greedy and refit on these statistics choose and fit as if the consumer
-        bias were refit too; the bias itself is :meth:`bias_shift`.
-        """
-        g, m = self.gram, max(self.gram.n_rows_, 1)
-        mu_b, mu_a = self.sum_b / m, self.sum_a / m
-        gram_c = g.gram_ - m * torch.outer(mu_b, mu_b)
-        cross_c = None if g.cross_ is None else g.cross_ - m * torch.outer(mu_b, mu_a)
-        target = g.gram_ if g.target_gram_ is None else g.target_gram_
-        target_c = target - m * torch.outer(mu_a, mu_a)
-        w = weight.to(target_c)
-        return gram_c, cross_c, float((w * (target_c @ w)).sum())
-
-    def bias_shift(self, weight: Tensor, cols: Tensor, new_weight: Tensor) -> Tensor:
-        """mu_A W - mu_B[cols] W', shape (m,): add to the consumer bias after an intercept fit."""
-        m = max(self.gram.n_rows_, 1)
-        return (self.sum_a / m) @ weight.to(torch.float64) - (self.sum_b[cols] / m) @ new_weight.to(torch.float64)
+SiteMoments = GramStatistics  # the former name of a transformer site's statistics (now with ``sums=True``)
 
 
 @dataclass
@@ -319,7 +273,7 @@ def collect_block_statistics(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = False,
-) -> tuple[dict[str, SiteMoments], int]:
+) -> tuple[dict[str, GramStatistics], int]:
     """Statistics of the consumer inputs of ``sites`` in the unpruned ``model``, one block at a time.
 
     The calibration set is embedded once and pushed through each block once
@@ -336,7 +290,7 @@ def collect_block_statistics(
 
     Returns
     -------
-    stats : dict site name -> SiteMoments
+    stats : dict site name -> GramStatistics
     block_executions : int
     """
     with eval_mode(model):
@@ -349,14 +303,14 @@ def _collect_block_statistics(model, sites, calibration, batch_size, device, pro
     prefix, layers = blocks(model)
     last = max((s.layer for s in sites), default=-1)
     runner = _Executor(cache, device)
-    stats: dict[str, SiteMoments] = {}
+    stats: dict[str, GramStatistics] = {}
     for i in tqdm(range(last + 1), desc="statistics", disable=not progress, leave=False):
         block = layers[i] if device == model_device(model) else copy.deepcopy(layers[i]).to(device)
         here = [s for s in sites if s.layer == i]
         name = f"{prefix}.{i}"
         modules = {s.name: get_module(block, _relative(s.consumer, name)) for s in here}
         for s in here:
-            stats[s.name] = SiteMoments.empty(consumer_weight(modules[s.name]).shape[0], False, device, s.consumer)
+            stats[s.name] = site_moments(consumer_weight(modules[s.name]).shape[0], False, device, s.consumer)
         hidden = []
         for b in range(len(cache.hidden)):
             out, inputs = runner.run(block, cache.hidden[b], b, modules)
@@ -377,7 +331,7 @@ def prune_blocks(
     *,
     sequential: bool,
     asymmetric: bool,
-    statistics: Mapping[str, SiteMoments] | None = None,
+    statistics: Mapping[str, GramStatistics] | None = None,
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -402,7 +356,7 @@ def prune_blocks(
         baselines); else from the dense model (Layer).
     asymmetric : bool
         Targets from the dense model (AsymInChange): C = B^T A and A^T A.
-    statistics : mapping site name -> SiteMoments, optional
+    statistics : mapping site name -> GramStatistics, optional
         Dense statistics collected beforehand (a curve budget needs them): a
         non-sequential run then executes no block at all.
     batch_size : int
@@ -439,7 +393,7 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
     norm_name = ffn_output_norm(model)
     reports: list[SiteReport] = []
 
-    def cut(site: TransformerSite, moments: SiteMoments) -> SiteReport:
+    def cut(site: TransformerSite, moments: GramStatistics) -> SiteReport:
         site_start = time.perf_counter()
         report = prune_site(skeleton, site, moments, plan[site.name])
         report.seconds = time.perf_counter() - site_start
@@ -466,8 +420,8 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
         def module(site: TransformerSite, block_name=block_name, work=work) -> nn.Module:
             return get_module(work, _relative(site.consumer, block_name))
 
-        def moments(site: TransformerSite, asym: bool) -> SiteMoments:
-            return SiteMoments.empty(consumer_weight(module(site)).shape[0], asym, device, site.consumer)
+        def moments(site: TransformerSite, asym: bool) -> GramStatistics:
+            return site_moments(consumer_weight(module(site)).shape[0], asym, device, site.consumer)
 
         if not sequential:  # LayerInChange: the dense block's statistics; its output is the next input
             here = [s for s in (heads, ffn) if s is not None]

@@ -6,7 +6,8 @@ The same pipeline as :mod:`subprune.pipeline` (statistics -> selection -> refit
 attention mask (only the rows of real tokens, mask 1, enter the statistics),
 and the block engine (:mod:`subprune.hf.engine`) as the sequential driver: one
 pass over the calibration set, one block at a time. ``_prune_site`` is the
-per-site step (selection by the method's function, refit, surgery).
+per-site step: the one of every architecture (:func:`subprune.core.site.prune_site`)
+with the transformer adapter (:mod:`subprune.hf.adapter`).
 Methods: the paper's ``layer``/``seq``/``asym`` and the baselines ``magnitude``,
 ``wanda``, ``flap`` (:mod:`subprune.baselines`), each with or without refit.
 """
@@ -23,24 +24,17 @@ import torch
 from torch import Tensor, nn
 
 from subprune import validation
-from subprune.hf.architectures import FFN, HEADS, UNITS, TransformerSite, consumer_weight, find_transformer_sites
-from subprune.hf.architectures import prune_transformer_site_ as cut_site_
-from subprune.hf.baselines import (
-    BASELINES,
-    BIAS_COMPENSATED,
-    DEFAULT_BUDGETS,
-    MomentProblem,
-    bias_compensation,
-    flap_standardised_scores,
-)
+from subprune.core.plan import check_sample_count, objective_curves, plan_units
+from subprune.core.site import SiteOptions, SiteReport, prune_site
+from subprune.hf.adapter import TransformerSiteAdapter, moment_problem
+from subprune.hf.architectures import FFN, HEADS, UNITS, TransformerSite, find_transformer_sites
+from subprune.hf.baselines import BASELINES, BIAS_COMPENSATED, DEFAULT_BUDGETS, MomentProblem, flap_standardised_scores
 from subprune.hf.budget import TransformerParameterCounter, flap_plan, round_to_step, transformer_budget
-from subprune.hf.engine import SiteMoments, collect_block_statistics, prune_blocks
+from subprune.hf.engine import collect_block_statistics, prune_blocks
 from subprune.local_search import swap_search
 from subprune.methods import METHODS, Method, Selection, SiteProblem, greedy_selection
-from subprune.pipeline import SiteReport, _keep_ratio
-from subprune.solver import group_columns, refit, ridge_value, weights_objective
-from subprune.solver_factored import greedy_select_factored
-from subprune.surgery import get_module
+from subprune.pipeline import _keep_ratio
+from subprune.statistics import GramStatistics
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +189,9 @@ def check_calibration(calibration: Mapping[str, Tensor]) -> None:
     for name, value in calibration.items():
         if isinstance(value, Tensor):
             validation.tensor(f"calibration[{name!r}]", value)
-    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] < 2:
+    if not isinstance(ids, Tensor) or ids.ndim != 2:
         raise ValueError(f"calibration input_ids must be a (N, T) tensor with N >= 2, got {getattr(ids, 'shape', ids)}")
+    check_sample_count(ids.shape[0], f"input_ids of shape {tuple(ids.shape)}")
     mask = calibration.get("attention_mask")
     if mask is not None and mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
@@ -210,7 +205,7 @@ def collect_transformer_statistics(
     batch_size: int = 16,
     progress: bool = False,
     device: str | torch.device | None = None,
-) -> dict[str, SiteMoments]:
+) -> dict[str, GramStatistics]:
     """Gram statistics and column sums of the consumer inputs of ``sites`` in ``model``, over real tokens.
 
     One pass of the block engine (:func:`subprune.hf.engine.collect_block_statistics`):
@@ -227,7 +222,7 @@ def collect_transformer_statistics(
 
     Returns
     -------
-    dict site name -> SiteMoments
+    dict site name -> GramStatistics
         Rows are the tokens whose attention mask is 1.
     """
     check_calibration(calibration)
@@ -237,83 +232,42 @@ def collect_transformer_statistics(
 
 
 def _plan(sites: list[TransformerSite], config: TransformerPruneConfig) -> dict[str, int]:
-    """Units to keep per site; sites left at their full width are not in the plan."""
-    overrides = dict(config.keep or {})
-    unknown = sorted(set(overrides) - {s.name for s in sites})
-    if unknown:
-        raise ValueError(f"keep names unknown sites {unknown}; the sites are {[s.name for s in sites]}")
-    plan = {}
-    for site in sites:
-        if config.keep is not None:
-            ratio = overrides.get(site.name)
-        else:
-            ratio = config.heads if site.kind == HEADS else config.ffn
-            ratio = None if ratio == 1 else ratio
-        if ratio is not None:
-            plan[site.name] = max(1, min(site.channels, round(ratio * site.channels)))
-    return round_to_step(sites, plan)
+    """Units to keep per site (:func:`subprune.core.plan.plan_units`); sites left at their full width are not in it."""
+    if config.keep is not None:
+        ratios = dict(config.keep)
+    else:
+        by_kind = {HEADS: config.heads, FFN: config.ffn}
+        ratios = {s.name: by_kind[s.kind] for s in sites if by_kind[s.kind] not in (None, 1)}
+    return round_to_step(sites, plan_units(sites, ratios))
 
 
-def _parts(site: TransformerSite) -> Tensor | None:
-    """The key/value group of each query-head unit, shape (channels,), or None for other sites."""
-    if not site.kv_groups:
-        return None
-    return torch.arange(site.channels) // (site.channels // site.kv_groups)
+def site_adapter(config: TransformerPruneConfig) -> TransformerSiteAdapter:
+    """The transformer adapter of the per-site step with the run's refit and bias settings."""
+    return TransformerSiteAdapter(reweight=config.reweight, intercept=config.intercept,
+                                  greedy=config.method in INCHANGE, compensate=config.method in BIAS_COMPENSATED,
+                                  ridge=config.ridge)
+
+
+def site_options(config: TransformerPruneConfig) -> SiteOptions:
+    """The settings of ``config`` that the per-site step reads (a refit warns below one row per column)."""
+    return SiteOptions(reweight=config.reweight, epsilon=config.epsilon, ridge=config.ridge, warn_rows=1.0)
 
 
 def _prune_site(
     work: nn.Module,
     site: TransformerSite,
-    stats: SiteMoments,
+    stats: GramStatistics,
     k: int,
     config: TransformerPruneConfig,
     generator: torch.Generator,
 ) -> SiteReport:
-    method = TRANSFORMER_METHODS[config.method]
-    gram = stats.gram
-    consumer = get_module(work, site.consumer)
-    weight = consumer_weight(consumer).to(gram.gram_)  # (d, m)
-    energy = gram.target_energy(weight)
-    mean = stats.sum_b / max(gram.n_rows_, 1)
-    parts = _parts(site)
-    problem = MomentProblem(gram.gram_, gram.cross_, weight, energy, site.group_size, site.channels,
-                            parts=parts, mean=mean, rows=gram.n_rows_)
-    intercept = config.intercept and consumer.bias is not None
-    if intercept:  # covariance form: the objective with a free bias (scores of the baselines stay raw)
-        gram_c, cross_c, energy_c = stats.centred(weight)
-        fit = MomentProblem(gram_c, cross_c, weight, energy_c, site.group_size, site.channels,
-                            parts=parts, mean=mean, rows=gram.n_rows_)
-    else:
-        fit = problem
-    selection = method.select(fit if config.method in INCHANGE else problem, k, config.epsilon, config.ridge,
-                              generator)
-    keep = selection.keep
-    if gram.n_rows_ < keep.numel() * site.group_size:
-        log.warning("site %s: %d calibration tokens for %d refit columns: the refit interpolates; %s",
-                    site.name, gram.n_rows_, keep.numel() * site.group_size,
-                    validation.interpolation_advice(config.ridge))
-    bias = None
-    cols = group_columns(keep.to(weight.device), site.group_size)
-    if config.reweight:
-        new_weight = refit(fit.gram, weight, keep, site.group_size, cross=fit.cross, ridge=config.ridge)
-    else:
-        new_weight = weight[cols]
-    if intercept:
-        bias = consumer.bias.detach().to(torch.float64) + stats.bias_shift(weight, cols, new_weight)
-    elif not config.reweight and config.method in BIAS_COMPENSATED:  # a bias-free consumer (LLaMA) gains one
-        shift = bias_compensation(problem, keep)  # (m,)
-        bias = shift if consumer.bias is None else consumer.bias.detach().to(shift) + shift
-    objective = weights_objective(fit.gram, weight, fit.target_energy, keep, new_weight, site.group_size,
-                                  cross=fit.cross)
-    cut_site_(work, site, keep, new_weight, bias)
-    curve = [] if selection.objective is None else selection.objective.tolist()
-    producers = ",".join(dict.fromkeys(p.module for p in site.producers))
-    return SiteReport(site.name, producers, site.consumer, site.channels, int(keep.numel()), site.group_size,
-                      objective, curve, keep.tolist(), gram.n_rows_, ridge_value(gram.gram_, config.ridge))
+    """Select, refit and cut one site of ``work`` in place (:func:`subprune.core.site.prune_site`)."""
+    return prune_site(work, site, stats, k, site_adapter(config), TRANSFORMER_METHODS[config.method].select,
+                      site_options(config), generator)
 
 
 def budget_plan(model: nn.Module, sites: list[TransformerSite], plan: Mapping[str, int],
-                config: TransformerPruneConfig, dense_stats: Mapping[str, SiteMoments]) -> dict[str, int]:
+                config: TransformerPruneConfig, dense_stats: Mapping[str, GramStatistics]) -> dict[str, int]:
     """Units per site under the run's budget rule and parameter target.
 
     Parameters
@@ -344,32 +298,20 @@ def resolve_budget(config: TransformerPruneConfig) -> str:
     return DEFAULT_BUDGETS.get(config.method, "uniform") if config.budget == "auto" else config.budget
 
 
-def _moment_problem(model: nn.Module, site: TransformerSite, stats: SiteMoments) -> MomentProblem:
+def _moment_problem(model: nn.Module, site: TransformerSite, stats: GramStatistics) -> MomentProblem:
     """The site's statistics and consumer weight of ``model`` as a :class:`MomentProblem` (raw, uncentred)."""
-    gram = stats.gram
-    weight = consumer_weight(get_module(model, site.consumer)).to(gram.gram_)  # (d, m)
-    return MomentProblem(gram.gram_, gram.cross_, weight, gram.target_energy(weight), site.group_size,
-                         site.channels, mean=stats.sum_b / max(gram.n_rows_, 1), rows=gram.n_rows_)
+    return moment_problem(model, site, stats)
 
 
 def get_site(sites: list[TransformerSite], name: str) -> TransformerSite:
     return next(s for s in sites if s.name == name)
 
 
-def _objective_curves(dense: nn.Module, sites: list[TransformerSite], stats: Mapping[str, SiteMoments],
+def _objective_curves(dense: nn.Module, sites: list[TransformerSite], stats: Mapping[str, GramStatistics],
                       ridge: float) -> dict[str, Tensor]:
-    """Greedy's whole nested curve f(S_1..S_n), shape (channels,), of every site, from the dense statistics.
-
-    The factored greedy (same choices and objective as :func:`subprune.solver.greedy_select`, about twice as
-    fast to the full width): on a 1,536-neuron FFN site this is some 30 s of one CPU core per site.
-    """
-    curves = {}
-    for site in sites:
-        gram = stats[site.name].gram
-        weight = consumer_weight(get_module(dense, site.consumer)).to(gram.gram_)  # (d, m)
-        curves[site.name] = greedy_select_factored(gram.gram_, weight, gram.target_energy(weight), site.group_size,
-                                                   site.channels, ridge=ridge).objective
-    return curves
+    """Greedy's whole nested curve f(S_1..S_n), shape (channels,), of every site, from the dense statistics
+    (:func:`subprune.core.plan.objective_curves`; raw statistics, no key/value-group quota)."""
+    return objective_curves({s.name: moment_problem(dense, s, stats[s.name]) for s in sites}, ridge)
 
 
 def prune_transformer(
@@ -428,7 +370,7 @@ def prune_transformer(
             plan = {name: k for name, k in plan.items() if k < get_site(sites, name).channels}
         sites = [s for s in sites if s.name in plan]
 
-    def prune_site(work: nn.Module, site: TransformerSite, stats: SiteMoments, k: int) -> SiteReport:
+    def prune_site(work: nn.Module, site: TransformerSite, stats: GramStatistics, k: int) -> SiteReport:
         return _prune_site(work, site, stats, k, config, generator)
 
     run = prune_blocks(model, sites, plan, calibration, prune_site, sequential=method.sequential,
