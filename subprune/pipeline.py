@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,7 @@ from subprune.sites import (
     find_sites,
     select_sites,
 )
+from subprune.staged import staged_statistics
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
     PRECISIONS,
@@ -52,6 +54,7 @@ from subprune.surgery import ChannelLayout, get_module
 log = logging.getLogger(__name__)
 
 BUDGETS = ("uniform", "curve")
+ENGINES = ("staged", "per-site")
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,12 @@ class PruneConfig:
     allow_unpruned : bool
         Return an unpruned copy, with a warning, when the model has no pruning
         site at all; off: that raises :class:`subprune.sites.NothingToPruneError`.
+    engine : {"staged", "per-site"}
+        How Seq/Asym collect each site's statistics: "staged" runs the traced graph
+        stage by stage from cached tensors (about 2 dense-forward equivalents for
+        Seq, 3 for Asym, :mod:`subprune.staged`), falling back to "per-site" (one
+        run from the input to each site) where it does not apply, with the reason
+        in the log and in :attr:`PruneResult.engine`. Both give the same statistics.
     """
 
     method: str = "asym"
@@ -142,6 +151,7 @@ class PruneConfig:
     coupled: bool = False
     leaf_modules: tuple[str, ...] = ()
     allow_unpruned: bool = False
+    engine: str = "staged"
 
     def __post_init__(self) -> None:
         """Check every field once; numpy/torch scalars become plain numbers (TypeError names other types)."""
@@ -194,6 +204,7 @@ class PruneConfig:
                 raise ValueError("layers=() names no layer: give producer names, or None to prune every site")
             put("layers", tuple(layers))
         put("precision", validation.choice("precision", self.precision, PRECISIONS))
+        put("engine", validation.choice("engine", self.engine, ENGINES))
 
 
 def _keep_ratio(name: str, value) -> float:
@@ -214,6 +225,10 @@ class PruneResult:
     ``unselected`` names the pruning sites that were found but left dense
     because ``config.layers`` or a per-site ``keep`` mapping did not name them
     (``skipped`` holds the layers that cannot be pruned at all).
+    ``engine`` says how the statistics were collected ("dense, one pass" for
+    the non-sequential methods, "staged", or "per-site" with the reason the staged
+    engine did not apply); ``passes`` the staged engine's dense-forward
+    equivalents per stream ("pruned", "dense"), empty for the other drivers.
     """
 
     model: nn.Module
@@ -224,6 +239,8 @@ class PruneResult:
     memory: PeakMemory | None = None
     joint_refits: dict[str, float] = field(default_factory=dict)
     unselected: list[str] = field(default_factory=list)
+    engine: str = ""
+    passes: dict[str, float] = field(default_factory=dict)
 
 
 def _check_calibration(calibration: Calibration) -> None:
@@ -245,6 +262,60 @@ def _site_rows(module: nn.Module, x: Tensor, ref: ChannelRange, start: int, chun
     else:
         x = x[..., start * ref.kernel : (start + ref.span) * ref.kernel]  # (N, span * kernel)
     return consumer_input_rows(module, x, chunk_bytes)
+
+
+def add_batch_statistics(
+    sites: list[PruningSite],
+    stats: dict[str, list[GramStatistics]],
+    consumers: Mapping[str, nn.Module],
+    inputs: Mapping[str, Tensor],
+    targets: Mapping[str, Tensor] | None,
+    layout: ChannelLayout | None,
+    chunk_bytes: int,
+) -> None:
+    """Add one batch of consumer inputs to the statistics of ``sites`` (both sequential drivers call this).
+
+    Parameters
+    ----------
+    sites : list of PruningSite
+    stats : dict site name -> list of GramStatistics
+        Updated in place, in the order of ``site.consumers``.
+    consumers : mapping consumer name -> module
+        The consumers in the model being pruned.
+    inputs : mapping consumer name -> Tensor
+        Each consumer's input on the batch (B): (N, C, H, W) for a Conv2d, (..., d) for a Linear.
+    targets : mapping consumer name -> Tensor, optional
+        The same consumers' inputs in the dense model on the same batch (A); None for symmetric statistics.
+    layout : ChannelLayout, optional
+        Where earlier cuts moved the sites' columns (``targets`` are addressed in dense indices).
+    chunk_bytes : int
+        Memory bound of one chunk of unfolded patches.
+
+    Raises
+    ------
+    ValueError
+        A Linear consumer reads a tensor whose other dimensions hold pruned channels (no row pairing for Asym).
+    """
+    for site in sites:
+        for ref, stat in zip(site.consumers, stats[site.name], strict=True):
+            module = consumers[ref.module]
+            here = ref.start if layout is None else layout.start(ref.module, "in", ref.start)
+            rows_b = _site_rows(module, inputs[ref.module], ref, here, chunk_bytes)
+            if targets is None:
+                for b in rows_b:
+                    stat.update(b)
+            else:
+                if targets[ref.module].shape[:-1] != inputs[ref.module].shape[:-1] and not isinstance(
+                        module, nn.Conv2d):
+                    raise ValueError(
+                        f"consumer '{ref.module}' reads a tensor whose other dimensions hold pruned channels "
+                        f"({tuple(targets[ref.module].shape)} in the dense model, "
+                        f"{tuple(inputs[ref.module].shape)} now; a Linear acting across a pruned dimension, "
+                        "as Mixer's token MLP): the asymmetric target cannot pair its rows; use method "
+                        "'seq' or 'layer', or coupled=False")
+                rows_a = _site_rows(module, targets[ref.module], ref, ref.start, chunk_bytes)
+                for b, a in zip(rows_b, rows_a, strict=True):
+                    stat.update(b, a)
 
 
 def collect_site_statistics(
@@ -327,26 +398,8 @@ def collect_site_statistics(
             inputs, targets = capture_paired(
                 model, dense, consumers, dense_consumers, lambda m, b=batch: run_to_capture(m, b), stop
             )
-            for site in sites:
-                for ref, stat in zip(site.consumers, stats[site.name], strict=True):
-                    module = consumers[ref.module]
-                    here = ref.start if layout is None else layout.start(ref.module, "in", ref.start)
-                    rows_b = _site_rows(module, inputs[ref.module], ref, here, chunk_bytes)
-                    if dense is None:
-                        for b in rows_b:
-                            stat.update(b)
-                    else:
-                        if targets[ref.module].shape[:-1] != inputs[ref.module].shape[:-1] and not isinstance(
-                                module, nn.Conv2d):
-                            raise ValueError(
-                                f"consumer '{ref.module}' reads a tensor whose other dimensions hold pruned channels "
-                                f"({tuple(targets[ref.module].shape)} in the dense model, "
-                                f"{tuple(inputs[ref.module].shape)} now; a Linear acting across a pruned dimension, "
-                                "as Mixer's token MLP): the asymmetric target cannot pair its rows; use method "
-                                "'seq' or 'layer', or coupled=False")
-                        rows_a = _site_rows(module, targets[ref.module], ref, ref.start, chunk_bytes)
-                        for b, a in zip(rows_b, rows_a, strict=True):
-                            stat.update(b, a)
+            add_batch_statistics(sites, stats, consumers, inputs, targets if dense is not None else None, layout,
+                                 chunk_bytes)
     if distributed:
         for site_stats in stats.values():
             for stat in site_stats:
@@ -590,6 +643,16 @@ def _prune(
     # Consumers read by several sites (after a concatenation) are refit once more, jointly, after their last site.
     joint = JointRefit(sites, dense, method.sequential, method.asymmetric, calibration, config.ridge,
                        **common) if config.reweight else None
+    driver, engine = None, "dense, one pass"
+    if method.sequential and sites:
+        engine = "per-site (engine='per-site')"
+        if config.engine == "staged":
+            driver, engine = staged_statistics(work, dense if method.asymmetric else None, sites, calibration, layout,
+                                               leaf_modules=config.leaf_modules, add_batch=add_batch_statistics,
+                                               **common)
+            if driver is None:
+                log.info("statistics site by site: the staged engine does not apply (%s)", engine)
+                engine = f"per-site ({engine})"
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
         site_start = time.perf_counter()
         k = plan[site.name]
@@ -603,7 +666,9 @@ def _prune(
             if joint is not None:
                 joint.after(site, False, work, layout)
             continue
-        if method.sequential:
+        if driver is not None:
+            stats = driver.statistics(site)
+        elif method.sequential:
             stats = collect_site_statistics(
                 work, [site], calibration, dense=dense if method.asymmetric else None, layout=layout,
                 description=site.name, **common,
@@ -617,6 +682,13 @@ def _prune(
         report.seconds = time.perf_counter() - site_start
         reports.append(report)
         log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)
-    _check_runs(work, calibration.head(MIN_CALIBRATION_SAMPLES, device), device, config.offload)
+    head = calibration.head(MIN_CALIBRATION_SAMPLES, device)
+    _check_runs(work, head, device, config.offload)
+    if driver is not None and not driver.replays(work, head, calibration.concrete_args):
+        log.warning("the traced graph no longer reproduces the pruned model (a cut changed a value the trace "
+                    "fixed): pruning again with per-site statistics")
+        return _prune(model, calibration, dataclasses.replace(config, engine="per-site"), device, loss_fn,
+                      score_data)
     return PruneResult(work, reports, skipped, config, time.perf_counter() - start_time,
-                       joint_refits={} if joint is None else joint.results_, unselected=unselected)
+                       joint_refits={} if joint is None else joint.results_, unselected=unselected, engine=engine,
+                       passes={} if driver is None else driver.passes())
