@@ -241,6 +241,7 @@ class PruneResult:
     unselected: list[str] = field(default_factory=list)
     engine: str = ""
     passes: dict[str, float] = field(default_factory=dict)
+    engine_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _check_calibration(calibration: Calibration) -> None:
@@ -691,4 +692,5 @@ def _prune(
                       score_data)
     return PruneResult(work, reports, skipped, config, time.perf_counter() - start_time,
                        joint_refits={} if joint is None else joint.results_, unselected=unselected, engine=engine,
-                       passes={} if driver is None else driver.passes())
+                       passes={} if driver is None else driver.passes(),
+                       engine_seconds={} if driver is None else dict(driver.counts.seconds))

@@ -1,0 +1,187 @@
+"""Cost of Layer/Seq/AsymInChange on CNNs: the per-site driver against the staged engine, one table.
+
+For every model and method, the same prune runs with ``engine="per-site"`` (one
+run from the input to each site, as before) and ``engine="staged"``
+(:mod:`subprune.staged`), interleaved, ``--repeats`` times; the table gives the
+medians of: wall-clock and CPU seconds (user + sys of this process), their ratio
+to one dense forward pass over the same calibration images (the median of 3,
+timed in the same run, same batch size), how often the model ran (dense-forward
+equivalents, counted with forward pre-hooks on every parameter-free leaf module:
+1.0 = each ran once on every calibration image), the staged engine's own split
+of its time (graph runs, statistics updates), the peak RSS of the run, and
+whether both engines kept the same units (and the largest output difference of
+the two pruned models).
+
+Models: timm ``efficientnet_b0`` (random weights, ``--size`` px random images,
+needs ``make zoo-extras``), the registered ``resnet-fmnist`` (CIFAR ResNet-20 trained here) on
+Fashion-MNIST training images and ``lenet`` on MNIST training images. Run on one
+CPU thread unless ``--threads`` says otherwise.
+
+    python benchmarks/cnn_engine.py --quick
+    OMP_NUM_THREADS=1 python benchmarks/cnn_engine.py --table results/cnn_engine.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from subprune.pipeline import PruneConfig, prune
+from subprune.staged import counting_calls, dense_forward_equivalents
+
+ENGINES = ("per-site", "staged")
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load(name: str, n: int, size: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """The model (eval mode), ``n`` calibration images and a description of both."""
+    if name == "efficientnet_b0":
+        from subprune.models.timm_import import import_timm
+
+        torch.manual_seed(0)
+        model = import_timm().create_model("efficientnet_b0", pretrained=False).eval()
+        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+        return model, x, f"timm efficientnet_b0, random weights, {n} random images 3x{size}x{size}"
+    from subprune.data import load_dataset
+    from subprune.models import get_spec, load_model
+
+    spec = get_spec(name)
+    images, _ = load_dataset(spec.dataset, "train")
+    x = spec.preprocess(images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]])
+    return load_model(name), x, f"registered {name} (trained weights), {n} {spec.dataset} training images"
+
+
+def dense_forward(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of one forward pass over ``x`` in batches, 3 runs."""
+    walls, cpus = [], []
+    for _ in range(3):
+        wall, cpu = time.perf_counter(), _cpu()
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                model(x[start : start + batch_size])
+        walls.append(time.perf_counter() - wall)
+        cpus.append(_cpu() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def one_run(model, x, method: str, engine: str, batch_size: int, keep: float) -> dict:
+    config = PruneConfig(method=method, keep=keep, engine=engine, batch_size=batch_size, progress=False)
+    with counting_calls(model, min_batch=3) as counts:
+        wall, cpu = time.perf_counter(), _cpu()
+        result = prune(model, x, config)
+        wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+    return {"wall": wall, "cpu": cpu, "passes": dense_forward_equivalents(counts, len(x)), "result": result,
+            "rss": result.memory.peak_bytes / 2**20, "rss_what": result.memory.what}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name in args.models:
+        model, x, what = load(name, args.calib, args.size)
+        dense_wall, dense_cpu = dense_forward(model, x, args.batch_size)
+        print(f"{what}: one dense forward {dense_wall:.2f} s wall, {dense_cpu:.2f} s CPU", file=sys.stderr)
+        for method in args.methods:
+            runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
+            for _ in range(args.repeats):
+                for engine in ENGINES:
+                    runs[engine].append(one_run(model, x, method, engine, args.batch_size, args.keep))
+            last = {e: runs[e][-1]["result"] for e in ENGINES}
+            same = [s.keep for s in last["per-site"].sites] == [s.keep for s in last["staged"].sites]
+            with torch.no_grad():
+                diff = float((last["per-site"].model(x[:16]) - last["staged"].model(x[:16])).abs().max())
+            for engine in ENGINES:
+                med = {k: statistics.median(r[k] for r in runs[engine]) for k in ("wall", "cpu", "passes", "rss")}
+                seconds = last[engine].engine_seconds
+                rows.append({
+                    "model": name, "what": what, "method": method, "engine": engine, "sites": len(last[engine].sites),
+                    "used": last[engine].engine, "dense_wall": dense_wall, "dense_cpu": dense_cpu, **med,
+                    "cpu_ratio": med["cpu"] / dense_cpu, "wall_ratio": med["wall"] / dense_wall,
+                    "stream_passes": last[engine].passes, "seconds": seconds, "same": same, "diff": diff,
+                    "repeats": args.repeats, "rss_what": runs[engine][-1]["rss_what"],
+                })
+                r = rows[-1]
+                print(f"{name} {method} {engine}: {r['cpu']:.1f} s CPU (x{r['cpu_ratio']:.1f} dense), "
+                      f"{r['passes']:.2f} passes, same keep {same}", file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict], args: argparse.Namespace, command: str, load_start: tuple[float, ...]) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Keep ratio {args.keep} at every site (block-internal sites, reweighting), batch size {args.batch_size}, "
+        f"{torch.get_num_threads()} CPU thread(s), medians of {args.repeats} interleaved run(s) per engine; "
+        f"load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f} (1/5/15 min) on a "
+        "2-core machine shared with other jobs, so wall-clock is noisier than CPU seconds.",
+        "",
+        "*x dense*: seconds / one dense forward pass over the same calibration images (same run, same batch size). "
+        "*passes*: module executions in dense-forward equivalents (hooks on every parameter-free leaf module; 1.0 = "
+        "each ran once per image; the 2-sample trace/check runs are not counted). *staged split*: the staged "
+        "engine's dense-forward equivalents per stream (pruned + dense). Peak RSS: the process's peak during the "
+        "run (VmHWM reset before each run), model and data included. *staged runs / statistics s*: the staged engine's "
+        "wall-clock in graph runs and in Gram updates (the rest is tracing, selection, refit and surgery).",
+        "",
+    ]
+    for what in dict.fromkeys(r["what"] for r in rows):
+        first = next(r for r in rows if r["what"] == what)
+        lines += [f"**{what}**: one dense forward {first['dense_wall']:.2f} s wall, {first['dense_cpu']:.2f} s CPU.",
+                  "",
+                  "| method | engine | sites | wall s | CPU s | wall x dense | CPU x dense | passes | staged split | "
+                  "staged runs / statistics s | peak RSS MiB | same kept units | max output diff | speed-up (CPU) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        here = [r for r in rows if r["what"] == what]
+        for r in here:
+            base = next(b for b in here if b["method"] == r["method"] and b["engine"] == "per-site")
+            split = " + ".join(f"{v:.2f}" for v in r["stream_passes"].values()) if r["stream_passes"] else "-"
+            sec = r["seconds"]
+            parts = f"{sec['forward']:.1f} / {sec['statistics']:.1f}" if sec else "-"
+            engine = r["engine"] if r["used"] in ("staged", "dense, one pass") or r["engine"] == "per-site" else \
+                f"{r['engine']} ({r['used']})"
+            lines.append(
+                f"| {r['method']} | {engine} | {r['sites']} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+                f"{r['wall_ratio']:.1f} | {r['cpu_ratio']:.1f} | {r['passes']:.2f} | {split} | {parts} | "
+                f"{r['rss']:.0f} | {'yes' if r['same'] else 'NO'} | {r['diff']:.1e} | {base['cpu'] / r['cpu']:.2f} |")
+        lines.append("")
+    lines.append("Layer collects every site's statistics from the dense model in one pass with either engine "
+                 "(the engine only changes Seq and Asym), so its two rows differ by noise only.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["efficientnet_b0", "resnet-fmnist", "lenet"])
+    parser.add_argument("--methods", nargs="+", default=["layer", "seq", "asym"])
+    parser.add_argument("--calib", type=int, default=128)
+    parser.add_argument("--size", type=int, default=128, help="image side for efficientnet_b0")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="lenet and efficientnet_b0 at 32 images of 64 px")
+    parser.add_argument("--table", type=Path, help="write the markdown table here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.calib, args.size = ["lenet", "efficientnet_b0"], 32, 64
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    rows = run(args)
+    command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/cnn_engine.py", *(argv or sys.argv[1:])])
+    text = table(rows, args, command, load_start)
+    print(text)
+    if args.table:
+        args.table.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
