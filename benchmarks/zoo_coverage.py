@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from subprune.baselines import ScoreContext, default_loss, weight_norm_scores
+from subprune.convs import freeze_conv_weights
 from subprune.graph import LAYERS
 from subprune.models.timm_import import import_timm
 from subprune.sites import find_sites
@@ -65,7 +66,8 @@ ARCHITECTURES = [
     ("PoolFormer", "poolformer_s12", 64), ("LeViT", "levit_128s", 64),
     ("CSP", "cspresnet50", 64), ("CSP", "cspdarknet53", 64), ("CSP", "cs3darknet_s", 64),
     ("RepVGG", "repvgg_a0", 64), ("Inception", "inception_v3", 96), ("Xception", "xception41", 64),
-    ("VGG", "vgg11_bn", 64), ("NFNet", "nf_resnet26", 64), ("GENet", "gernet_s", 64),
+    ("VGG", "vgg11_bn", 64), ("NFNet", "nf_resnet26", 64), ("NFNet", "nf_resnet26:frozen", 64),
+    ("GENet", "gernet_s", 64),
 ]
 TRANSFORMERS = ("vit", "deit", "swin", "mixer", "resmlp", "levit")
 
@@ -74,8 +76,13 @@ EXTRA = {"swin_tiny_patch4_window7_224": {"window_size": 4}}  # 128 px: 32 -> 16
 
 
 def build(timm, name: str, size: int) -> nn.Module:
+    """The timm model; ``NAME:frozen``: with its weight-standardised convolutions frozen to plain ones."""
+    name, _, variant = name.partition(":")
     kwargs = {"img_size": size, **EXTRA.get(name, {})} if name.startswith(TRANSFORMERS) else {}
-    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    if variant == "frozen":
+        model, _ = freeze_conv_weights(model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    return model
 
 
 def n_params(model: nn.Module) -> int:

@@ -488,7 +488,8 @@ class _Flood:
             if self.g.conv_kinds.get(node.target) is None:
                 raise _Fail(f"{type(module).__name__} '{node.target}' is a Conv2d subclass whose forward is neither a "
                             "plain nor a 'SAME'-padded convolution of its input (weight standardisation?); write it "
-                            "as nn.Conv2d to prune through it")
+                            "as nn.Conv2d, or prune subprune.convs.freeze_conv_weights(model, example)[0], which holds "
+                            "the plain convolution a weight-standardised one computes")
             return "conv" if module.groups == 1 else "groupwise"
         if isinstance(module, nn.Linear):
             return "linear"
@@ -821,6 +822,12 @@ class _Flood:
         """x[...] on a tensor: basic indexing that keeps the channels (a slice of them cuts the site)."""
         offset, width, columns, dim = state
         in_shape = _shape(node.args[0])
+        if in_shape is None:  # a part of a module's tuple output (nn.MultiheadAttention returns (out, weights))
+            source = node.args[0]
+            module = self._module(source) if isinstance(source, torch.fx.Node) else None
+            what = f"{type(module).__name__} '{source.target}'" if module is not None else _describe(source)
+            raise _Fail(f"its channels reach the output of {what}, which is not one tensor: no site follows "
+                        "channels through it")
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if any(isinstance(i, (torch.fx.Node, list, Tensor)) for i in index):
             raise _Fail(f"{_describe(node)} indexes the tensor with another tensor")
@@ -1138,8 +1145,15 @@ def find_sites(
     for name, module in model.named_modules():
         if isinstance(module, LAYERS) and name not in seen and name not in skipped_names:
             leaf = next((leaf for leaf in graph.leaf_modules if name.startswith(leaf + ".")), None)
-            reason = f"inside the leaf module '{leaf}', which is kept whole" if leaf else "not called in the traced " \
-                "forward pass"
+            called = next((m for m in graph.call_counts if name.startswith(m + ".")), None)  # a torch.nn leaf
+            if leaf:
+                reason = f"inside the leaf module '{leaf}', which is kept whole"
+            elif called:
+                reason = (f"inside {type(graph.modules[called]).__name__} '{called}', which the trace keeps whole "
+                          "(nn.MultiheadAttention: its heads are not pruned; a Linear/Conv-built attention, as in "
+                          "timm, is)")
+            else:
+                reason = "not called in the traced forward pass"
             skipped.append(SkippedLayer(name, reason))
     return sites, skipped
 

@@ -8,6 +8,7 @@ pipeline's refit runs on it.
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -494,3 +495,199 @@ def test_split_sizes_held_by_a_module_attribute_shrink():
                                                                 "mixed.convs.1"])
     cut = prune_model(Net(), sites, {"stem[0:3]": torch.tensor([1]), "stem[3:8]": torch.tensor([0, 4])})
     assert cut.mixed.splits == [1, 2] and cut.stem.out_channels == 3
+
+
+class _WSConv(nn.Conv2d):
+    """Weight standardisation as NFNets' ScaledStdConv2d computes it (per output channel, over its fan-in)."""
+
+    def forward(self, x):
+        w = self.weight
+        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), unbiased=False, keepdim=True)
+        return F.conv2d(x, (w - mean) / torch.sqrt(var + 1e-6) * w[0].numel() ** -0.5, self.bias, self.stride,
+                        self.padding, self.dilation, self.groups)
+
+
+def test_weight_standardised_convs_freeze_to_the_plain_convs_they_compute():
+    from subprune.convs import SamePadConv2d, effective_conv, freeze_conv_weights
+
+    class Net(nn.Module):  # an NFNet-like stem and block: every conv standardises its weight
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _WSConv(3, 8, 3, padding=1), _WSConv(8, 6, 3, stride=2, padding=1, groups=2)
+            self.c, self.head = _WSConv(6, 5, 1, bias=False), nn.Linear(5, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))) * 1.7))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(20, 3, 9, 9)
+    original = copy.deepcopy(model.state_dict())
+    _, skipped = find_sites(model, x[:2])
+    assert {s.name for s in skipped} >= {"a", "b", "c"}  # each reported: no site can refit a standardised consumer
+    frozen, replaced = freeze_conv_weights(model, x[:2])
+    assert replaced == ["a", "b", "c"] and all(type(getattr(frozen, n)) is nn.Conv2d for n in replaced)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())  # the user's model is untouched
+    assert frozen.c.bias is None and _params(frozen) == _params(model)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), atol=1e-5, rtol=1e-5)
+    check(frozen, x, expect=["a", "c"])  # b is grouped: a's site carries it whole groups at a time
+    # a module that computes something else than one convolution is left as it is
+    class Gated(nn.Conv2d):
+        def forward(self, x):
+            return torch.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding))
+
+    assert effective_conv(Gated(3, 4, 3).eval(), (1, 3, 8, 8)) is None
+    from subprune.convs import conv_kind
+
+    same = effective_conv(Conv2dSame(3, 4, 3, stride=2).eval(), (1, 3, 9, 9))  # already a plain "SAME" conv
+    assert isinstance(same, SamePadConv2d) and conv_kind(same, (1, 3, 9, 9)) == "same"
+
+
+# torchvision's code paths, written out without torchvision (issue 15: its only build for torch 2.13 here needs CUDA
+# torch, docs/zoo.md): ResNet's BasicBlock (in-place `out += identity`, `torch.flatten(x, 1)`), MobileNetV3's
+# Conv2dNormActivation (an nn.Sequential subclass) with SqueezeExcitation (`scale * input`) and ViT's EncoderBlock
+# (nn.MultiheadAttention, `torch._assert`, class token cat, `x[:, 0]`).
+class _TVBasicBlock(nn.Module):  # torchvision.models.resnet.BasicBlock
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class _TVResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(_TVBasicBlock(8, 8))
+        downsample = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+        self.layer2 = nn.Sequential(_TVBasicBlock(8, 16, 2, downsample))
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d((1, 1)), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+class _TVMLPBlock(nn.Sequential):
+    def __init__(self, d, h):
+        super().__init__(nn.Linear(d, h), nn.GELU(), nn.Dropout(0.0), nn.Linear(h, d), nn.Dropout(0.0))
+
+
+class _TVEncoderBlock(nn.Module):  # torchvision.models.vision_transformer.EncoderBlock
+    def __init__(self, heads, d, h):
+        super().__init__()
+        self.ln_1 = partial(nn.LayerNorm, eps=1e-6)(d)
+        self.self_attention = nn.MultiheadAttention(d, heads, dropout=0.0, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = partial(nn.LayerNorm, eps=1e-6)(d)
+        self.mlp = _TVMLPBlock(d, h)
+
+    def forward(self, input):
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = self.dropout(x)
+        x = x + input
+        y = self.ln_2(x)
+        y = self.mlp(y)
+        return x + y
+
+
+class _TVViT(nn.Module):
+    def __init__(self, image=16, patch=4, d=16, heads=2, h=32, layers=2):
+        super().__init__()
+        self.patch_size, self.hidden_dim = patch, d
+        self.conv_proj = nn.Conv2d(3, d, patch, patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        seq = (image // patch) ** 2 + 1
+        self.pos_embedding = nn.Parameter(torch.empty(1, seq, d).normal_(std=0.02))
+        self.layers = nn.Sequential(*[_TVEncoderBlock(heads, d, h) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d, eps=1e-6)
+        self.heads = nn.Sequential(nn.Linear(d, 10))
+
+    def forward(self, x):
+        n, c, hh, ww = x.shape
+        p = self.patch_size
+        torch._assert(hh == 16, "Wrong image height!")
+        n_h, n_w = hh // p, ww // p
+        x = self.conv_proj(x)
+        x = x.reshape(n, self.hidden_dim, n_h * n_w)
+        x = x.permute(0, 2, 1)
+        batch_class_token = self.class_token.expand(n, -1, -1)
+        x = torch.cat([batch_class_token, x], dim=1)
+        x = x + self.pos_embedding
+        x = self.ln(self.layers(x))
+        x = x[:, 0]
+        return self.heads(x)
+
+
+class _TVConvNormActivation(nn.Sequential):  # torchvision.ops.misc.Conv2dNormActivation
+    def __init__(self, cin, cout, k=3, stride=1, groups=1, act=nn.Hardswish):
+        layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        super().__init__(*layers, *([act()] if act else []))
+
+
+class _TVSqueezeExcitation(nn.Module):  # torchvision.ops.misc.SqueezeExcitation
+    def __init__(self, c, squeeze):
+        super().__init__()
+        self.avgpool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.activation, self.scale_activation = nn.ReLU(), nn.Hardsigmoid()
+
+    def forward(self, input):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(input)))))
+        return scale * input
+
+
+class _TVMobileNetV3(nn.Module):  # InvertedResidual: expand, depthwise, SE, project (+ residual)
+    def __init__(self):
+        super().__init__()
+        self.stem = _TVConvNormActivation(3, 8, stride=2)
+        self.block = nn.Sequential(_TVConvNormActivation(8, 16, 1), _TVConvNormActivation(16, 16, groups=16),
+                                   _TVSqueezeExcitation(16, 8), _TVConvNormActivation(16, 8, 1, act=None))
+        self.last = _TVConvNormActivation(8, 24, 1)
+        self.classifier = nn.Sequential(nn.Linear(24, 12), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(12, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.last(x + self.block(x))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(x)
+
+
+def test_torchvision_style_resnet_and_mobilenet_code_paths():
+    torch.manual_seed(0)
+    model, x = _TVResNet(), torch.randn(8, 3, 32, 32)
+    sites, skipped = check(model, x, expect=["layer1.0.conv1", "layer2.0.conv1"])  # residual streams: coupled
+    assert "coupled=True" in {s.name: s.reason for s in skipped}["conv1"]
+    check(model, x, coupled=True, expect=["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2"])
+    model = _TVMobileNetV3()
+    sites, _ = check(model, x, coupled=True, expect=["block.0.0", "block.2.fc1", "classifier.0", "last.0", "stem.0"])
+    expand = next(s for s in sites if s.name == "block.0.0")  # the depthwise conv and SE gate ride with the expansion
+    assert "block.1.0" in expand.groupwise and {p.module for p in expand.producers} >= {"block.0.0", "block.2.fc2"}
+
+
+def test_torchvision_style_vit_mlps_pruned_multihead_attention_reported():
+    torch.manual_seed(0)
+    model, x = _TVViT(), torch.randn(8, 3, 16, 16)
+    sites, skipped = check(model, x, coupled=True, expect=["layers.0.mlp.0", "layers.1.mlp.0"])
+    reasons = {s.name: s.reason for s in skipped}
+    assert "MultiheadAttention 'layers.0.self_attention'" in reasons["conv_proj"]  # the stream reaches it
+    assert "its heads are not pruned" in reasons["layers.0.self_attention.out_proj"]
+    cut = prune(model, x, PruneConfig(method="asym", keep=0.25, coupled=True, progress=False)).model
+    assert cut.layers[0].mlp[0].out_features == 8 and cut.layers[0].mlp[3].in_features == 8
