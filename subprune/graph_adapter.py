@@ -85,6 +85,6 @@ class GraphSiteAdapter:
         return SiteReport(
             site.name, site.producer, site.consumer, site.channels, int(keep.numel()), system.problem.group_size,
             solution.objective, solution.curve, keep.tolist(), system.consumers[0].rows,
-            ridge_value(system.problem.gram, self.ridge), producers=[p.module for p in site.producers],
+            ridge_value(system.problem.gram, solution.ridge), producers=[p.module for p in site.producers],
             consumers=[c.module for c in site.consumers], coupled=site.coupled,
         )

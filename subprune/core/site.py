@@ -149,6 +149,10 @@ class SiteOptions:
     warn_rows : float
         Warn when a least-squares fit has fewer than ``warn_rows`` x columns rows
         (it nearly interpolates the calibration set).
+    interpolation_ridge : float
+        Relative ridge used instead of ``ridge`` (where larger) at a site where a
+        consumer has fewer than ``warn_rows`` x kept columns rows, for the
+        selection and the refit (``PruneConfig.interpolation_ridge``).
     """
 
     reweight: bool = True
@@ -156,6 +160,7 @@ class SiteOptions:
     ridge: float = 0.0
     distributed: bool = False
     warn_rows: float = 2.0
+    interpolation_ridge: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,12 +176,15 @@ class SiteSolution:
         f(S) of those weights over all consumers.
     curve : list of float
         The selection's f(S_1..S_k) (empty for methods without it).
+    ridge : float
+        The relative ridge the selection and the refit used.
     """
 
     keep: Tensor
     weights: list[Tensor]
     objective: float
     curve: list[float]
+    ridge: float = 0.0
 
 
 class SiteAdapter(Protocol):
@@ -226,7 +234,10 @@ def solve_site(
     RuntimeError
         With ``options.distributed``, when processes selected different channels.
     """
-    selection = select(system.problem, k, options.epsilon, options.ridge, generator)
+    ridge = options.ridge
+    if any(part.rows < options.warn_rows * k * part.group_size for part in system.consumers):
+        ridge = max(ridge, options.interpolation_ridge)  # the refit would (nearly) interpolate the calibration set
+    selection = select(system.problem, k, options.epsilon, ridge, generator)
     keep = selection.keep
     if options.distributed:
         check_same_selection(name, keep)
@@ -238,12 +249,12 @@ def solve_site(
                 log.warning(
                     "site %s, consumer %s: %d calibration rows for %d refit columns: the refit (nearly) interpolates "
                     "the calibration set and f(S) overstates what is kept; %s",
-                    name, part.name, part.rows, columns, validation.interpolation_advice(options.ridge),
+                    name, part.name, part.rows, columns, validation.interpolation_advice(ridge),
                 )
     weights, kept_energy = [], 0.0
     for part in system.consumers:
         if options.reweight:
-            new_w = refit(part.gram, part.weight, keep, part.group_size, cross=part.cross, ridge=options.ridge)
+            new_w = refit(part.gram, part.weight, keep, part.group_size, cross=part.cross, ridge=ridge)
         else:
             new_w = part.weight[group_columns(keep.to(part.weight.device), part.group_size)]
         f = weights_objective(part.gram, part.weight, part.energy, keep, new_w, part.group_size, cross=part.cross)
@@ -255,7 +266,7 @@ def solve_site(
     else:
         objective = kept_energy
     curve = [] if selection.objective is None else selection.objective.tolist()
-    return SiteSolution(keep, weights, objective, curve)
+    return SiteSolution(keep, weights, objective, curve, ridge)
 
 
 def prune_site(
