@@ -6,9 +6,9 @@ run from the input to each site, as before) and ``engine="staged"``
 medians of: wall-clock and CPU seconds (user + sys of this process), their ratio
 to one dense forward pass over the same calibration images (the median of 3,
 timed in the same run, same batch size), how often the model ran (dense-forward
-equivalents, counted with forward pre-hooks on every parameter-free leaf module:
-1.0 = each ran once on every calibration image), the staged engine's own split
-of its time (graph runs, statistics updates), the peak RSS of the run, and
+equivalents: leaf-module executions, counted with a global forward pre-hook, over those of one
+dense forward pass), the CPU seconds of the channel selection (the solver, the same
+for both), the staged engine's own split of its time (graph runs, statistics updates), the peak RSS of the run, and
 whether both engines kept the same units (and the largest output difference of
 the two pruned models).
 
@@ -24,15 +24,19 @@ CPU thread unless ``--threads`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from subprune.methods import METHODS
 from subprune.pipeline import PruneConfig, prune
 from subprune.staged import counting_calls, dense_forward_equivalents
 
@@ -75,14 +79,42 @@ def dense_forward(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> t
     return statistics.median(walls), statistics.median(cpus)
 
 
-def one_run(model, x, method: str, engine: str, batch_size: int, keep: float) -> dict:
+@contextlib.contextmanager
+def timed_selection(method: str) -> Iterator[list[float]]:
+    """CPU seconds spent in the method's channel selection (the greedy solver), summed over sites."""
+    spent = [0.0]
+    original = METHODS[method]
+
+    def select(*args, **kwargs):
+        start = _cpu()
+        try:
+            return original.select(*args, **kwargs)
+        finally:
+            spent[0] += _cpu() - start
+
+    METHODS[method] = dataclasses.replace(original, select=select)
+    try:
+        yield spent
+    finally:
+        METHODS[method] = original
+
+
+def dense_calls(model, x: torch.Tensor, batch_size: int) -> dict[str, int]:
+    """Leaf-module executions of one dense forward pass over ``x`` (the unit of the passes column)."""
+    with counting_calls(min_batch=3) as counts, torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            model(x[start : start + batch_size])
+    return counts
+
+
+def one_run(model, x, method: str, engine: str, batch_size: int, keep: float, dense: dict[str, int]) -> dict:
     config = PruneConfig(method=method, keep=keep, engine=engine, batch_size=batch_size, progress=False)
-    with counting_calls(model, min_batch=3) as counts:
+    with counting_calls(min_batch=3) as counts, timed_selection(method) as selection:
         wall, cpu = time.perf_counter(), _cpu()
         result = prune(model, x, config)
         wall, cpu = time.perf_counter() - wall, _cpu() - cpu
-    return {"wall": wall, "cpu": cpu, "passes": dense_forward_equivalents(counts, len(x)), "result": result,
-            "rss": result.memory.peak_bytes / 2**20, "rss_what": result.memory.what}
+    return {"wall": wall, "cpu": cpu, "passes": dense_forward_equivalents(counts, dense), "result": result,
+            "selection": selection[0], "rss": result.memory.peak_bytes / 2**20, "rss_what": result.memory.what}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -90,23 +122,26 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name in args.models:
         model, x, what = load(name, args.calib, args.size)
         dense_wall, dense_cpu = dense_forward(model, x, args.batch_size)
+        dense = dense_calls(model, x, args.batch_size)
         print(f"{what}: one dense forward {dense_wall:.2f} s wall, {dense_cpu:.2f} s CPU", file=sys.stderr)
         for method in args.methods:
             runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
             for _ in range(args.repeats):
                 for engine in ENGINES:
-                    runs[engine].append(one_run(model, x, method, engine, args.batch_size, args.keep))
+                    runs[engine].append(one_run(model, x, method, engine, args.batch_size, args.keep, dense))
             last = {e: runs[e][-1]["result"] for e in ENGINES}
             same = [s.keep for s in last["per-site"].sites] == [s.keep for s in last["staged"].sites]
             with torch.no_grad():
                 diff = float((last["per-site"].model(x[:16]) - last["staged"].model(x[:16])).abs().max())
             for engine in ENGINES:
-                med = {k: statistics.median(r[k] for r in runs[engine]) for k in ("wall", "cpu", "passes", "rss")}
+                med = {k: statistics.median(r[k] for r in runs[engine]) for k in ("wall", "cpu", "passes", "rss",
+                                                                         "selection")}
                 seconds = last[engine].engine_seconds
                 rows.append({
                     "model": name, "what": what, "method": method, "engine": engine, "sites": len(last[engine].sites),
                     "used": last[engine].engine, "dense_wall": dense_wall, "dense_cpu": dense_cpu, **med,
                     "cpu_ratio": med["cpu"] / dense_cpu, "wall_ratio": med["wall"] / dense_wall,
+                    "rest_ratio": (med["cpu"] - med["selection"]) / dense_cpu,
                     "stream_passes": last[engine].passes, "seconds": seconds, "same": same, "diff": diff,
                     "repeats": args.repeats, "rss_what": runs[engine][-1]["rss_what"],
                 })
@@ -126,8 +161,11 @@ def table(rows: list[dict], args: argparse.Namespace, command: str, load_start: 
         "2-core machine shared with other jobs, so wall-clock is noisier than CPU seconds.",
         "",
         "*x dense*: seconds / one dense forward pass over the same calibration images (same run, same batch size). "
-        "*passes*: module executions in dense-forward equivalents (hooks on every parameter-free leaf module; 1.0 = "
-        "each ran once per image; the 2-sample trace/check runs are not counted). *staged split*: the staged "
+        "*selection CPU s*: CPU seconds in the method's channel selection (the greedy solver, the same work for "
+        "both engines); *(CPU - selection) x dense*: the rest (forward passes, statistics, tracing, refit, "
+        "surgery) over one dense forward. *passes*: leaf-module executions (a global forward pre-hook) over those "
+        "of one dense forward on the same images, so 1.0 = one pass (the 2-sample trace/check runs are not "
+        "counted). *staged split*: the staged "
         "engine's dense-forward equivalents per stream (pruned + dense). Peak RSS: the process's peak during the "
         "run (VmHWM reset before each run), model and data included. *staged runs / statistics s*: the staged engine's "
         "wall-clock in graph runs and in Gram updates (the rest is tracing, selection, refit and surgery).",
@@ -137,9 +175,10 @@ def table(rows: list[dict], args: argparse.Namespace, command: str, load_start: 
         first = next(r for r in rows if r["what"] == what)
         lines += [f"**{what}**: one dense forward {first['dense_wall']:.2f} s wall, {first['dense_cpu']:.2f} s CPU.",
                   "",
-                  "| method | engine | sites | wall s | CPU s | wall x dense | CPU x dense | passes | staged split | "
-                  "staged runs / statistics s | peak RSS MiB | same kept units | max output diff | speed-up (CPU) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | engine | sites | wall s | CPU s | wall x dense | CPU x dense | selection CPU s | "
+                  "(CPU - selection) x dense | passes | staged split | staged runs / statistics s | peak RSS MiB | "
+                  "same kept units | max output diff | speed-up (CPU) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         here = [r for r in rows if r["what"] == what]
         for r in here:
             base = next(b for b in here if b["method"] == r["method"] and b["engine"] == "per-site")
@@ -150,7 +189,8 @@ def table(rows: list[dict], args: argparse.Namespace, command: str, load_start: 
                 f"{r['engine']} ({r['used']})"
             lines.append(
                 f"| {r['method']} | {engine} | {r['sites']} | {r['wall']:.1f} | {r['cpu']:.1f} | "
-                f"{r['wall_ratio']:.1f} | {r['cpu_ratio']:.1f} | {r['passes']:.2f} | {split} | {parts} | "
+                f"{r['wall_ratio']:.1f} | {r['cpu_ratio']:.1f} | {r['selection']:.1f} | {r['rest_ratio']:.1f} | "
+                f"{r['passes']:.2f} | {split} | {parts} | "
                 f"{r['rss']:.0f} | {'yes' if r['same'] else 'NO'} | {r['diff']:.1e} | {base['cpu'] / r['cpu']:.2f} |")
         lines.append("")
     lines.append("Layer collects every site's statistics from the dense model in one pass with either engine "

@@ -484,36 +484,39 @@ def staged_statistics(
 
 
 @contextlib.contextmanager
-def counting_calls(model: nn.Module, min_batch: int = 1) -> Iterator[dict[str, int]]:
-    """Count the samples that pass through every parameter-free leaf module of ``model`` and of its deep copies.
+def counting_calls(min_batch: int = 1) -> Iterator[dict[str, int]]:
+    """Count the samples that pass through every leaf module called while the context is open.
 
-    Deep copies of ``model`` (the pipeline's working and dense copies) carry the
-    hooks too. Layers with weights are left out: the surgery replaces them by new
-    modules, which the hooks do not follow; the activations, pools and dropouts
-    between them are never replaced, so their counts say how often each stage of
-    the model ran. Yields a dict module name -> samples seen, filled while the
-    context is open; hooks are removed on exit. Calls on fewer than ``min_batch``
-    samples (the pipeline's 2-sample trace and check runs) are not counted.
+    A global forward pre-hook (``torch.nn.modules.module.register_module_forward_pre_hook``)
+    sees every module call, so the pipeline's working and dense copies and the
+    surgery's new modules are all counted. Yields a dict module class name ->
+    samples seen (a leaf module called on a batch of B samples adds B); divide
+    by the same count for one dense forward pass (:func:`dense_forward_equivalents`).
+    Calls on fewer than ``min_batch`` samples (the pipeline's 2-sample trace and
+    check runs) are not counted. The hook is removed on exit.
     """
     counts: dict[str, int] = {}
 
-    def make(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0] if args else None
-            samples = int(x.shape[0]) if isinstance(x, Tensor) and x.ndim else 1
-            if samples >= min_batch:
-                counts[name] = counts.get(name, 0) + samples
-        return hook
+    def hook(module: nn.Module, args: tuple) -> None:
+        if next(module.children(), None) is not None:
+            return
+        x = args[0] if args else None
+        samples = int(x.shape[0]) if isinstance(x, Tensor) and x.ndim else 1
+        if samples >= min_batch:
+            name = type(module).__name__
+            counts[name] = counts.get(name, 0) + samples
 
-    handles = [m.register_forward_pre_hook(make(n)) for n, m in model.named_modules()
-               if n and not list(m.children()) and not list(m.parameters()) and not list(m.buffers())]
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
         yield counts
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
-def dense_forward_equivalents(counts: Mapping[str, int], samples: int) -> float:
-    """Mean over the counted modules of (samples seen / calibration samples): 1.0 is one dense forward pass."""
-    return sum(counts.values()) / max(1, len(counts) * samples) if counts else 0.0
+def dense_forward_equivalents(counts: Mapping[str, int], dense: Mapping[str, int]) -> float:
+    """Module executions in ``counts`` over those of one dense forward pass (``dense``): 1.0 is one pass.
+
+    Both come from :func:`counting_calls`; ``dense`` counted over one forward pass
+    of the dense model on the same calibration samples.
+    """
+    return sum(counts.values()) / max(1, sum(dense.values()))

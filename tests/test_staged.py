@@ -117,9 +117,11 @@ def test_a_cut_that_changes_a_graph_constant_falls_back_to_per_site():
 
 def _passes(model: nn.Module, x: torch.Tensor, **config) -> tuple[float, object]:
     """Dense-forward equivalents of the calibration batches (the 2-sample trace and check runs left out)."""
-    with counting_calls(model, min_batch=3) as counts:
+    with counting_calls(min_batch=3) as dense, torch.no_grad():
+        model(x)
+    with counting_calls(min_batch=3) as counts:
         result = prune(model, x, PruneConfig(keep=0.5, progress=False, **config))
-    return dense_forward_equivalents(counts, len(x)), result
+    return dense_forward_equivalents(counts, dense), result
 
 
 def _chain(depth: int = 9) -> nn.Sequential:
@@ -139,6 +141,13 @@ def test_module_executions_are_bounded(method, bound):
     assert result.engine == ("dense, one pass" if method == "layer" else "staged")
     if method == "layer":
         assert per_site == staged
-    else:  # the per-site driver re-runs the early layers for every site: (sites + 1) / 2 passes a stream
-        assert per_site == pytest.approx(4.5 if method == "seq" else 9.0)
+    else:  # the per-site driver re-runs the early layers for every site: about (sites + 1) / 2 passes a stream
+        assert per_site >= (4.0 if method == "seq" else 8.0)
         assert sum(result.passes.values()) <= bound
+
+
+def test_offload_and_a_ragged_last_batch_give_the_same_result():
+    model, x = ARCHITECTURES["efficientnet-se"](0), _images(21, 3, 16)
+    per_site, staged = _both(model, x, method="asym", batch_size=8, offload=True, device="cpu")
+    assert staged.engine == "staged"
+    _assert_same(per_site, staged, x[:8])
