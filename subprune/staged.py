@@ -353,7 +353,7 @@ class StagedStatistics:
             self.consumer_calls.append(({i for i in capture if i <= stop}, stop))
         first_consumers = [min(c) for c, _ in self.consumer_calls]
         self.dense_saves = [min(first_consumers[k + 1 :], default=n) for k in range(len(self.sites))]
-        batches = list(calibration.batches(batch_size, device))
+        batches = list(calibration.batches(batch_size))  # kept where they are (the CPU); each run moves its batch
         self.batch_sizes = [len(b) for b in batches]
         start = [_placeholders(graph, b, work, calibration.concrete_args) for b in batches]
         self.cache = _Cache(0, start)

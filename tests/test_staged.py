@@ -151,3 +151,8 @@ def test_offload_and_a_ragged_last_batch_give_the_same_result():
     per_site, staged = _both(model, x, method="asym", batch_size=8, offload=True, device="cpu")
     assert staged.engine == "staged"
     _assert_same(per_site, staged, x[:8])
+
+
+def test_an_unknown_engine_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="engine.*staged.*per-site"):
+        PruneConfig(engine="fast")
