@@ -28,6 +28,7 @@ from subprune.hf.baselines import (  # noqa: E402
     wanda_scores,
 )
 from subprune.hf.prune import collect_transformer_statistics  # noqa: E402
+from subprune.hf.text import split_passages  # noqa: E402
 from subprune.statistics import capture_inputs  # noqa: E402
 
 HIDDEN, HEADS, FFN, LAYERS, VOCAB = 32, 4, 64, 2, 100
@@ -229,6 +230,20 @@ def test_bad_input():
         find_transformer_sites(torch.nn.Linear(2, 2))
 
 
+def test_split_passages_draws_with_the_seed():
+    passages = [f"passage {i}" for i in range(50)]
+    first, heldout = split_passages(passages, 8, 10)
+    assert first == passages[:8] and heldout == passages[40:]
+    drawn, heldout_drawn = split_passages(passages, 8, 10, seed=3)
+    assert heldout_drawn == heldout and len(set(drawn)) == 8 and not set(drawn) & set(heldout)
+    assert drawn == sorted(drawn, key=passages.index)  # text order
+    assert split_passages(passages, 8, 10, seed=3)[0] == drawn  # reproducible
+    assert split_passages(passages, 8, 10, seed=4)[0] != drawn
+    assert sorted(split_passages(passages, 40, 10, seed=5)[0], key=passages.index) == passages[:40]
+    with pytest.raises(ValueError, match="passages"):
+        split_passages(passages, 41, 10, seed=0)
+
+
 def test_polarity_sentences():
     pytest.importorskip("gensim")
     from subprune.hf.text import polarity_sentences
@@ -294,6 +309,13 @@ def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
     assert measures["lee_perplexity"] == pytest.approx(report["pruned_lee_perplexity"], rel=1e-4)
     assert measures["generations"] == report["pruned_generations"]  # greedy: the same text
     assert main(["evaluate"]) == 2
+
+    # --seed draws the calibration passages: another seed, other passages, other selections
+    reseeded = tmp_path / "seed1"
+    assert main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "text:wikipedia", "--heads", "0.5",
+                 "--ffn", "0.25", "--calib", "8", "--seed", "1", "--out", str(reseeded), "--quiet", "--json"]) == 0
+    other = json.loads((reseeded / "report.json").read_text())
+    assert other["seed"] == 1 and [s["objective"] for s in other["sites"]] != [s["objective"] for s in report["sites"]]
 
     ffn_only = tmp_path / "ffn-only"
     assert main(["prune", "--model", f"hf:{dense_dir}", "--params", "0.5", "--budget", "curve", "--heads", "1",

@@ -11,8 +11,8 @@ neither is given: the default prunes half the heads and half the FFN neurons).
 parameters (of the kinds whose ratio is set and below 1); ``--budget curve``
 spreads the units over the layers by the greedy objective curves f(S_k), at the
 uniform plan's number of heads and of FFN neurons or at ``--params``.
-Calibration: the first ``--calib`` Wikipedia passages (default 128);
-evaluation: the last 128 passages (embedding cosine for encoders; for causal
+Calibration: ``--calib`` Wikipedia passages (default 128) drawn with ``--seed``
+from those before the held-out ones; evaluation: the last 128 passages (embedding cosine for encoders; for causal
 LMs perplexity, plus perplexity on 64 news articles of another source and
 greedy continuations of a few prompts) and parameter counts. Writes the pruned model with
 :func:`subprune.hf.save_pruned` and ``report.json``.
@@ -110,7 +110,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     if not 2 <= calib <= len(passages) - heldout_count:
         raise ValueError(f"--calib {calib} must be between 2 and {len(passages) - heldout_count} passages (the "
                          f"last {heldout_count} of the {len(passages)} are held out for evaluation)")
-    calib_text, heldout_text = split_passages(passages, calib, heldout_count)
+    calib_text, heldout_text = split_passages(passages, calib, heldout_count, seed=args.seed)
     heads, ffn = args.heads, args.ffn
     if args.params is not None:  # the parameter target replaces the ratios; --heads 1 / --ffn 1 leaves a kind out
         if any(ratio not in (None, 1) for ratio in (heads, ffn)):

@@ -75,8 +75,20 @@ def wikipedia_passages(min_words: int = 40, max_words: int = 120) -> list[str]:
     return passages
 
 
-def split_passages(passages: list[str], n_calibration: int, n_heldout: int) -> tuple[list[str], list[str]]:
-    """Calibration passages from the front, held-out passages from the back: the two never overlap.
+def split_passages(passages: list[str], n_calibration: int, n_heldout: int,
+                   seed: int | None = None) -> tuple[list[str], list[str]]:
+    """Calibration passages from the front (or drawn with ``seed``), held-out passages from the back: never overlapping.
+
+    Parameters
+    ----------
+    passages : list of str
+    n_calibration, n_heldout : int
+        Passages to calibrate on and to hold out (the last ``n_heldout``).
+    seed : int or None
+        None: the first ``n_calibration`` passages. An int: ``n_calibration``
+        distinct passages drawn with :func:`subprune.data.calibration_indices`
+        from those before the held-out ones, kept in text order; the same seed
+        gives the same passages.
 
     Raises
     ------
@@ -85,7 +97,13 @@ def split_passages(passages: list[str], n_calibration: int, n_heldout: int) -> t
     """
     if n_calibration + n_heldout > len(passages):
         raise ValueError(f"asked for {n_calibration} + {n_heldout} passages, only {len(passages)} exist")
-    return passages[:n_calibration], passages[len(passages) - n_heldout :]
+    heldout = passages[len(passages) - n_heldout :]
+    if seed is None:
+        return passages[:n_calibration], heldout
+    from subprune.data import calibration_indices
+
+    drawn = sorted(calibration_indices(len(passages) - n_heldout, n_calibration, seed).tolist())
+    return [passages[i] for i in drawn], heldout
 
 
 def lee_background_articles() -> list[str]:
