@@ -13,7 +13,7 @@ A variant is ``METHOD[/BUDGET][/refit|/norefit][/rRIDGE][/heads|/ffn]``, e.g.
 ``flap`` (FLAP as published: its own adaptive structure, bias compensation, no
 refit), ``wanda-sp/norefit``, ``layer/flap/refit/r1e-3`` (LayerInChange with
 FLAP's structure and a ridge), ``layer/curve/refit/ffn`` (FFN only), ``layer/flap/qheads``
-(query heads as attention units).
+(query heads as attention units), ``asym/flap/residual`` (the residual-stream target).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_sweep.py \\
         --variants flap wanda-sp layer/flap/refit/r1e-3 --removed 0.2 0.5 --seeds 0 1 2 --calib 128 \\
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -54,6 +55,7 @@ class Variant:
     ridge: float = 0.0
     kinds: str = "both"  # both, heads, ffn
     units: str = "kv"  # attention units: kv groups, or query heads (qheads)
+    target: str = "sublayer"  # what a consumer fits: its sublayer output, or plus the upstream residual error
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -70,11 +72,13 @@ class Variant:
                 kwargs["kinds"] = part
             elif part == "qheads":
                 kwargs["units"] = part
+            elif part == "residual":
+                kwargs["target"] = part
             elif part.startswith("r"):
                 kwargs["ridge"] = float(part[1:])
             else:
                 raise SystemExit(f"variant {spec!r}: cannot read {part!r} (a budget {BUDGETS}, refit/norefit, "
-                                 "rRIDGE, heads, ffn or qheads)")
+                                 "rRIDGE, heads, ffn, qheads or residual)")
         return cls(spec, method, **kwargs)
 
     def config(self, removed: float, seed: int) -> TransformerPruneConfig:
@@ -82,7 +86,7 @@ class Variant:
         return TransformerPruneConfig(
             method=self.method, heads=None if self.kinds == "ffn" else 0.5, ffn=None if self.kinds == "heads" else 0.5,
             params=1.0 - removed, budget=self.budget, reweight=reweight, ridge=self.ridge, seed=seed, batch_size=16,
-            units=self.units,
+            units=self.units, target=self.target,
         )
 
 
@@ -102,17 +106,18 @@ class SharedStatistics:
         import subprune.hf.prune as prune_module
 
         self.module, self.original = prune_module, prune_module.collect_transformer_statistics
-        self.cache: dict = {}
+        self.cache: dict = {}  # (calibration, consumer) -> SiteMoments: a consumer's input is the same for any site
         self.hit = False
         prune_module.collect_transformer_statistics = self
 
     def __call__(self, model, sites, calibration, **kwargs):
-        key = (id(calibration["input_ids"]), tuple(s.consumer for s in sites), "dense" in kwargs)
-        if key in self.cache:
-            self.hit = True
-            return self.cache[key]
-        self.cache[key] = self.original(model, sites, calibration, **kwargs)
-        return self.cache[key]
+        keys = [(id(calibration["input_ids"]), s.consumer) for s in sites]
+        missing = [s for s, key in zip(sites, keys, strict=True) if key not in self.cache]
+        self.hit = not missing  # heads-only, FFN-only and query-head runs read a subset of a full run's sums
+        if missing:
+            stats = self.original(model, missing, calibration, **kwargs)
+            self.cache.update({(id(calibration["input_ids"]), s.consumer): stats[s.name] for s in missing})
+        return {s.name: self.cache[key] for s, key in zip(sites, keys, strict=True)}
 
     def reset(self) -> None:
         self.cache.clear()
@@ -172,7 +177,7 @@ def table(rows: list[dict], dense: dict, command: str) -> str:
              "seconds of runs that collected their own statistics, and of runs that took them from the "
              "`--share-statistics` cache (selection, refit and surgery only).", "",
              "| removed | variant | n | Wikipedia ppl | news ppl | params | prune s | prune s, shared stats | "
-             "decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "prune CPU s | decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["removed"], r["variant"], r["calib"]), []).append(r)
@@ -182,6 +187,7 @@ def table(rows: list[dict], dense: dict, command: str) -> str:
                      f"| {fmt([r['lee_ppl'] for r in rs])} | {statistics.fmean(r['params'] for r in rs):,.0f} | "
                      f"{fmt([r['prune_seconds'] for r in rs if not r.get('stats_cached')])} | "
                      f"{fmt([r['prune_seconds'] for r in rs if r.get('stats_cached')])} | "
+                     f"{fmt([r['prune_cpu_seconds'] for r in rs if 'prune_cpu_seconds' in r])} | "
                      f"{fmt([r['decode_tps'] for r in rs if r['decode_tps'] == r['decode_tps']])} |")
     return "\n".join(lines) + "\n"
 
@@ -228,6 +234,8 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true", help="skip the decode tokens/s measurement")
     parser.add_argument("--share-statistics", action="store_true",
                         help="dense statistics of a calibration draw computed once for all variants")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="per-block local and stream errors on held-out text in every row (llm_diagnose.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = [Variant.parse(v) for v in args.variants]
@@ -262,15 +270,23 @@ def main() -> None:
                     continue
                 if shared is not None:
                     shared.hit = False
-                start = time.perf_counter()
+                load = os.getloadavg()[0]
+                start, cpu_start = time.perf_counter(), time.process_time()
                 result = prune_transformer(model, calib, variant.config(removed, seed))
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
                 row = {"variant": variant.spec, "removed": removed, "seed": seed, "calib": args.calib,
                        "stats_cached": bool(shared is not None and shared.hit),
                        **evaluate(result.model, tokenizer, data, not args.no_decode), "prune_seconds": seconds,
+                       "prune_cpu_seconds": cpu_seconds, "load_at_start": load,
                        "objective": {s.name: round(s.objective, 5) for s in result.sites},
                        "kept": {s.name: s.kept for s in result.sites}}
-                print(json.dumps({k: v for k, v in row.items() if k not in ("objective", "kept")}), flush=True)
+                if args.diagnose:
+                    from llm_diagnose import HELDOUT, block_errors
+
+                    heldout = tokenize(tokenizer, passages[-HELDOUT:], MAX_LENGTH)
+                    row["blocks"], row["massive_dims"] = block_errors(model, result.model, heldout)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("objective", "kept", "blocks")}),
+                      flush=True)
                 with out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 rows.append(row)

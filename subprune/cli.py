@@ -170,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=_bounded("--epsilon", 0, 1), default=0.0,
                    help="stochastic greedy epsilon in [0, 1)")
     p.add_argument("--ridge", type=_bounded("--ridge", 0), default=0.0, help="relative ridge (times mean diag of G)")
+    p.add_argument("--target", default="sublayer", choices=["sublayer", "residual"],
+                   help="hf: --method asym: fit each consumer to its sublayer's dense output (sublayer), or to that "
+                        "plus the upstream residual-stream error it can absorb (residual; pre-norm models)")
     p.add_argument("--units", default="kv", choices=["kv", "qheads"],
                    help="hf: grouped-query attention: prune key/value groups with their query heads (kv), or query "
                         "heads inside the groups, keeping the shared keys/values (qheads)")
@@ -252,8 +255,9 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         cmd_prune_transformer(args, console)
         return
     if args.model not in MODELS or args.data is not None or args.weights is not None:
-        if args.heads is not None or args.ffn is not None or args.params is not None or args.units != "kv":
-            raise ValueError("--heads, --ffn, --params and --units apply to hf: (transformers) models only; "
+        if (args.heads is not None or args.ffn is not None or args.params is not None or args.units != "kv"
+                or args.target != "sublayer"):
+            raise ValueError("--heads, --ffn, --params, --units and --target apply to hf: (transformers) models only; "
                              "use --keep or --compression for this model")
         if args.method in HF_BASELINES:
             raise ValueError(f"--method {args.method} is for hf: (transformers) models only; for this model choose "
@@ -262,8 +266,9 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
 
         cmd_prune_user(args, console)
         return
-    if args.heads is not None or args.ffn is not None or args.params is not None or args.units != "kv":
-        raise ValueError("--heads, --ffn, --params and --units apply to hf: (transformers) models only; "
+    if (args.heads is not None or args.ffn is not None or args.params is not None or args.units != "kv"
+            or args.target != "sublayer"):
+        raise ValueError("--heads, --ffn, --params, --units and --target apply to hf: (transformers) models only; "
                          "use --keep or --compression for this model")
     if args.finetune_epochs is not None and args.finetune == "none":
         raise ValueError("--finetune-epochs needs --finetune limited or --finetune full")

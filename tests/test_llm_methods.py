@@ -206,3 +206,43 @@ def test_parameter_fraction_names_the_same_size_for_query_head_units(tokens):
     target = counter.budget(counter.compression_for_fraction(0.6))
     assert target - 2 * 3 * HIDDEN * KV < sizes["qheads"] <= target  # within a step of neurons
     assert target - 2 * 3 * HIDDEN * KV < sizes["kv"] <= target
+
+
+def _inputs(model, tokens, names):
+    """Real-token rows (tokens, width) of the input of every module in ``names`` (block or consumer)."""
+    from subprune.statistics import capture_inputs
+
+    captured = {}
+    with torch.no_grad(), capture_inputs({n: model.get_submodule(n) for n in names}, captured.__setitem__):
+        model(**tokens)
+    real = tokens["attention_mask"].bool()
+    return {n: captured[n][real].double() for n in names}
+
+
+def test_residual_target_refit_is_least_squares_of_the_output_plus_the_upstream_error(tokens):
+    """Asym with target='residual': block 1's o_proj is refit to A W + (h_dense - h_pruned), the direct lstsq."""
+    from subprune.solver import group_columns
+
+    first, second = "model.layers.0.ffn", "model.layers.1.heads"
+    config = dict(method="asym", target="residual")
+    dense = llama()
+    result = prune_transformer(dense, tokens, TransformerPruneConfig(keep={first: 0.5, second: 0.5}, **config))
+    upstream = prune_transformer(dense, tokens, TransformerPruneConfig(keep={first: 0.5}, **config)).model
+    consumer, block = "model.layers.1.self_attn.o_proj", "model.layers.1"
+    a, h_d = (_inputs(dense, tokens, [consumer, block])[n] for n in (consumer, block))
+    b, h_p = (_inputs(upstream, tokens, [consumer, block])[n] for n in (consumer, block))
+    w = dense.get_submodule(consumer).weight.detach().double().T  # (d, HIDDEN)
+    target = a @ w + (h_d - h_p)  # the sublayer's dense output plus the upstream residual error
+    report = result.sites[1]
+    cols = group_columns(torch.tensor(report.keep), report.group_size)
+    expected = torch.linalg.lstsq(b[:, cols], target).solution
+    got = result.model.get_submodule(consumer).weight.detach().double().T
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    f = 1 - (target - b[:, cols] @ expected).square().sum() / target.square().sum()
+    assert report.objective == pytest.approx(float(f), abs=1e-5)
+    plain = prune_transformer(dense, tokens, TransformerPruneConfig(method="asym", keep={first: 0.5, second: 0.5}))
+    assert plain.sites[0].keep == result.sites[0].keep  # no upstream error at the first pruned site: the same fit
+    plain_w = plain.model.get_submodule(consumer).weight.detach().double().T
+    assert (plain_w[: len(cols)] - got[: len(cols)]).abs().max() > 1e-3  # the upstream error changes the fit
+    with pytest.raises(ValueError, match="only AsymInChange"):
+        TransformerPruneConfig(method="seq", target="residual")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from subprune.core.site import ConsumerPart, SiteReport, SiteSolution, SiteSystem
 from subprune.hf.architectures import TransformerSite, consumer_weight, prune_transformer_site_
 from subprune.hf.baselines import MomentProblem, bias_compensation
+from subprune.hf.residual import residual_target
 from subprune.solver import group_columns, ridge_value
 from subprune.statistics import GramStatistics
 from subprune.surgery import get_module
@@ -71,6 +72,10 @@ class TransformerSiteAdapter:
         Without refit, add FLAP's bias compensation.
     ridge : float
         The run's relative ridge (for the report).
+    residual : bool
+        The residual-stream target Y = A W + E (AsymInChange; ``stats`` is a
+        :class:`subprune.hf.residual.ResidualStatistics`): greedy and refit on
+        :func:`subprune.hf.residual.residual_target`.
     """
 
     reweight: bool = True
@@ -78,10 +83,15 @@ class TransformerSiteAdapter:
     greedy: bool = True
     compensate: bool = False
     ridge: float = 0.0
+    residual: bool = False
 
     def system(self, model: nn.Module, site: TransformerSite, stats: GramStatistics) -> SiteSystem:
         """The raw problem, or with ``intercept`` the centred one, of ``site`` in ``model``."""
         raw = moment_problem(model, site, stats, site_parts(site))
+        if self.residual:  # Y = A W + E: the sublayer's dense output plus the upstream residual error
+            cross, energy = residual_target(stats, raw.weight)
+            raw = MomentProblem(raw.gram, cross, raw.weight, energy, raw.group_size, raw.channels, parts=raw.parts,
+                                mean=raw.mean, rows=raw.rows)
         intercept = self.intercept and get_module(model, site.consumer).bias is not None
         fit = raw
         if intercept:  # covariance form: the objective with a free bias (scores of the baselines stay raw)

@@ -123,7 +123,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         heads = ffn = args.keep
     config = TransformerPruneConfig(
         method=args.method, heads=heads, ffn=ffn, budget=args.budget, params=args.params,
-        reweight=not args.no_reweight, ridge=args.ridge, units=args.units,
+        reweight=not args.no_reweight, ridge=args.ridge, units=args.units, target=args.target,
         epsilon=args.epsilon, seed=args.seed, batch_size=min(args.batch_size, 32), progress=not args.quiet,
     )
     result = prune_transformer(model, tokenize(tokenizer, calib_text), config)
@@ -139,6 +139,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     report = {
         "model": args.model, "dataset": dataset, "calibration_samples": calib, "seed": args.seed,
         "method": config.method, "budget": resolve_budget(config), "params": config.params, "units": config.units,
+        "target": config.target,
         **({"heads": heads, "ffn": ffn} if config.params is None else
            {"pruned_kinds": [k for k, r in (("heads", heads), ("ffn", ffn)) if r is not None]}),
         "reweight": config.reweight,

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from subprune.core.site import SiteReport
 from subprune.hf.architectures import FFN, HEADS, TransformerSite, blocks, consumer_weight, ffn_output_norm
+from subprune.hf.residual import ResidualStatistics
 from subprune.solver import group_columns
 from subprune.statistics import GramStatistics, StopForward, capture_inputs
 from subprune.surgery import get_module
@@ -215,6 +216,13 @@ def _real_rows(x: Tensor, real: Tensor, name: str) -> Tensor:
     return rows[real.reshape(-1).to(rows.device)]
 
 
+@torch.no_grad()
+def _attention_sum(out: Tensor, consumer: nn.Module, x: Tensor, real: Tensor, name: str) -> Tensor:
+    """The residual sum before the FFN of a pre-norm block, out - down(x), at real tokens: (tokens, hidden), CPU."""
+    ffn_out = consumer(x.to(next(consumer.parameters()).dtype)).to("cpu", torch.float32)
+    return _real_rows(out - ffn_out.reshape(out.shape), real, name)
+
+
 class _Executor:
     """Runs one block on one cached batch, counting executions and their time."""
 
@@ -336,6 +344,7 @@ def prune_blocks(
     device: str | torch.device | None = None,
     progress: bool = False,
     description: str = "blocks",
+    residual: bool = False,
 ) -> BlockRun:
     """Prune the sites of ``plan`` block by block; return the assembled pruned model.
 
@@ -367,17 +376,36 @@ def prune_blocks(
     progress : bool
     description : str
 
+    residual : bool
+        With AsymInChange (``sequential`` and ``asymmetric``): also collect, per
+        site, the upstream residual-stream error E = r_dense - r_pruned at the
+        sublayer's residual addition (the block input for the heads, the sum
+        after attention for the FFN) against its consumer inputs
+        (:class:`subprune.hf.residual.ResidualStatistics`), for the residual
+        target. Pre-norm blocks only (the residual sum is linear there).
+
     Returns
     -------
     BlockRun
+
+    Raises
+    ------
+    ValueError
+        If ``residual`` is asked without AsymInChange, or for a post-norm model.
     """
+    if residual and not (asymmetric and sequential):
+        raise ValueError("the residual-stream target needs the dense stream beside the pruned one: use it with "
+                         "AsymInChange (method asym)")
+    if residual and ffn_output_norm(model) is not None:
+        raise ValueError("the residual-stream target needs a pre-norm model (LLaMA, GPT-2, pre-norm OPT); this "
+                         "model normalises the residual sum, so use the default sublayer target")
     with eval_mode(model):
         return _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymmetric, statistics,
-                             batch_size, device, progress, description)
+                             batch_size, device, progress, description, residual=residual)
 
 
 def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymmetric, statistics, batch_size,
-                  device, progress, description) -> BlockRun:
+                  device, progress, description, residual=False) -> BlockRun:
     start = time.perf_counter()
     storage = model_device(model)
     device = torch.device(device) if device is not None else storage
@@ -421,6 +449,8 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
             return get_module(work, _relative(site.consumer, block_name))
 
         def moments(site: TransformerSite, asym: bool) -> GramStatistics:
+            if residual:
+                return ResidualStatistics(consumer_weight(module(site)).shape[0], device, site.consumer)
             return site_moments(consumer_weight(module(site)).shape[0], asym, device, site.consumer)
 
         if not sequential:  # LayerInChange: the dense block's statistics; its output is the next input
@@ -442,6 +472,7 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
         # Phase 1: heads statistics from the pruned stream (stopped at the output projection); for Asym the
         # dense stream runs through the still-dense copy beside it, for the targets and the next dense input.
         dense_ffn_rows: list[Tensor] = []
+        dense_ffn_residual: list[Tensor] = []  # the dense stream's sum after attention, real rows (residual target)
         if heads is not None or asymmetric:
             head_stats = moments(heads, asymmetric) if heads is not None else None
             dense_hidden = []
@@ -453,10 +484,18 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
                     dense_hidden.append(out)
                     if ffn is not None:
                         dense_ffn_rows.append(_real_rows(targets[ffn.name], cache.real[b], ffn.name).cpu())
+                        if residual:
+                            dense_ffn_residual.append(_attention_sum(out, module(ffn), targets[ffn.name],
+                                                                     cache.real[b], ffn.name))
                 if heads is not None:
                     _, inputs = runner.run(work, cache.hidden[b], b, {heads.name: module(heads)}, stop=heads.name)
                     a = _real_rows(targets[heads.name], cache.real[b], heads.name) if asymmetric else None
-                    head_stats.update(_real_rows(inputs[heads.name], cache.real[b], heads.name), a)
+                    rows = _real_rows(inputs[heads.name], cache.real[b], heads.name)
+                    if residual:  # the upstream error at the attention's residual addition: the block inputs
+                        error = _real_rows(dense_cache.hidden[b] - cache.hidden[b], cache.real[b], heads.name)
+                        head_stats.update(rows, a, residual=error)
+                    else:
+                        head_stats.update(rows, a)
             if asymmetric:
                 dense_cache = dense_cache.with_hidden(dense_hidden)
             if heads is not None:
@@ -475,7 +514,13 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
             hidden.append(out)
             if ffn is not None:
                 a = dense_ffn_rows[b] if asymmetric else None
-                ffn_stats.update(_real_rows(inputs[ffn.name], cache.real[b], ffn.name), a)
+                rows = _real_rows(inputs[ffn.name], cache.real[b], ffn.name)
+                if residual:  # the upstream error at the FFN's residual addition: the sums after attention
+                    error = dense_ffn_residual[b] - _attention_sum(out, module(ffn), inputs[ffn.name], cache.real[b],
+                                                                   ffn.name)
+                    ffn_stats.update(rows, a, residual=error)
+                else:
+                    ffn_stats.update(rows, a)
                 ffn_inputs.append(inputs[ffn.name].to("cpu", torch.float32))
                 if norm is not None:
                     sums.append(inputs["norm"].to("cpu", torch.float32))

@@ -55,6 +55,7 @@ INCHANGE = ("layer", "seq", "asym", *SWAP_METHODS)  # greedy on F(S); the CNN ba
 TRANSFORMER_METHODS: dict[str, Method] = {**{k: METHODS[k] for k in ("layer", "seq", "asym")}, **SWAP_METHODS,
                                           **BASELINES}
 BUDGETS = ("auto", "uniform", "curve", "flap")
+TARGETS = ("sublayer", "residual")  # a consumer fits its sublayer output, or that plus the upstream residual error
 DENSE_BUDGETS = ("curve", "flap")  # rules that read every site's dense statistics before any site is pruned
 
 
@@ -101,6 +102,14 @@ class TransformerPruneConfig:
         extension of the paper's objective, off by default.
     ridge, epsilon, seed
         As in :class:`subprune.PruneConfig`.
+    target : str
+        What each consumer is fit to: ``"sublayer"`` (default, the paper's: the
+        sublayer output, A W with the method's A) or ``"residual"``
+        (AsymInChange only, pre-norm models): the sublayer's dense output plus
+        the upstream residual-stream error E = r_dense - r_pruned at its
+        residual addition, Y = A W + E, so the pruned block's contribution also
+        absorbs what the pruned blocks before it lost, as far as the consumer
+        can reach it (:mod:`subprune.hf.residual`).
     units : str
         Attention units: ``"kv"`` (default: a key/value group with its query
         heads) or ``"qheads"`` (query heads inside the groups, the shared keys
@@ -129,6 +138,7 @@ class TransformerPruneConfig:
     ridge: float = 0.0
     epsilon: float = 0.0
     seed: int = 0
+    target: str = "sublayer"
     units: str = "kv"
     batch_size: int = 16
     progress: bool = False
@@ -159,6 +169,13 @@ class TransformerPruneConfig:
         for name in ("reweight", "intercept", "progress"):
             put(name, validation.flag(name, getattr(self, name)))
         put("units", validation.choice("units", self.units, UNITS))
+        put("target", validation.choice("target", self.target, TARGETS))
+        if self.target == "residual" and not TRANSFORMER_METHODS[self.method].asymmetric:
+            raise ValueError(f"target='residual' fits each consumer to the dense stream's output plus the upstream "
+                             f"residual error, which only AsymInChange tracks; use method 'asym' (got "
+                             f"{self.method!r}) or the default target 'sublayer'")
+        if self.target == "residual" and self.intercept:
+            raise ValueError("target='residual' and intercept=True cannot be combined; drop one of them")
 
 
 @dataclass
@@ -245,7 +262,7 @@ def site_adapter(config: TransformerPruneConfig) -> TransformerSiteAdapter:
     """The transformer adapter of the per-site step with the run's refit and bias settings."""
     return TransformerSiteAdapter(reweight=config.reweight, intercept=config.intercept,
                                   greedy=config.method in INCHANGE, compensate=config.method in BIAS_COMPENSATED,
-                                  ridge=config.ridge)
+                                  ridge=config.ridge, residual=config.target == "residual")
 
 
 def site_options(config: TransformerPruneConfig) -> SiteOptions:
@@ -361,7 +378,7 @@ def prune_transformer(
     budget = resolve_budget(config)
     batches = math.ceil(calibration["input_ids"].shape[0] / config.batch_size)
     dense_stats, executions = None, 0
-    if budget in DENSE_BUDGETS:  # these rules read every site's dense statistics before any site is pruned
+    if budget in DENSE_BUDGETS or not method.sequential:  # dense statistics, read before any site is pruned
         dense_stats = collect_transformer_statistics(model, sites, calibration, **common)
         executions = (max((s.layer for s in sites), default=-1) + 1) * batches
     if budget in DENSE_BUDGETS or config.params is not None:
@@ -375,7 +392,7 @@ def prune_transformer(
 
     run = prune_blocks(model, sites, plan, calibration, prune_site, sequential=method.sequential,
                        asymmetric=method.asymmetric, statistics=None if method.sequential else dense_stats,
-                       description=method.name, **common)
+                       description=method.name, residual=config.target == "residual", **common)
     return TransformerPruneResult(run.model, run.sites, config, time.perf_counter() - start_time,
                                   block_executions=executions + run.block_executions,
                                   batches=batches,
