@@ -182,6 +182,43 @@ def first_token_share(model, calib) -> dict[str, float]:
     return {name: first[name] / max(total[name], 1e-300) for name in first}
 
 
+def rows_report(paths: list[str], removed: float, seed: int, command: str) -> str:
+    """Per-block tables and a compounding summary from sweep rows with ``blocks`` (``llm_sweep.py --diagnose``)."""
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
+    rows = [r for r in rows if r.get("blocks") and r["removed"] == removed and r["seed"] == seed]
+    if not rows:
+        raise SystemExit(f"no rows with per-block errors at removed={removed}, seed={seed} in {paths}")
+    calib = rows[0]["calib"]
+    lines = [f"Command: `{command}`", "",
+             f"SmolLM2-135M, {removed:.0%} of the prunable parameters removed, {calib} calibration passages (seed "
+             f"{seed}); block errors on {HELDOUT} held-out Wikipedia passages (the last of the dump), perplexity on "
+             "the sweep's held-out sets. local = ||B_p(h) - B_d(h)|| / ||B_d(h) - h|| with the dense input h; "
+             "stream = ||h_p - h_d|| / ||h_d|| of the block output; stream-3 = the same without the 3 hidden "
+             f"dimensions of largest dense activation ({rows[0].get('massive_dims')}). f = the site objective on the "
+             "calibration statistics (the method's own target; nan: the site is kept whole).", "",
+             "### Compounding: stream-3 error of the block output, and mean local error", "",
+             "| variant | Wikipedia ppl | news ppl | mean local | stream-3 @ block 0 | 5 | 10 | 15 | 20 | 25 | 29 | "
+             "final stream |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["wiki_ppl"]):
+        b = r["blocks"]
+        mean_local = sum(e["local"] for e in b) / len(b)
+        lines.append(f"| {r['variant']} | {r['wiki_ppl']:,.1f} | {r['lee_ppl']:,.1f} | {mean_local:.3f} | " +
+                     " | ".join(f"{b[i]['stream-3']:.3f}" for i in (0, 5, 10, 15, 20, 25, 29)) +
+                     f" | {b[-1]['stream']:.3f} |")
+    for r in sorted(rows, key=lambda r: r["wiki_ppl"]):
+        f, kept = r["objective"], r["kept"]
+        lines += ["", f"### {r['variant']}: Wikipedia perplexity {r['wiki_ppl']:,.1f}, news {r['lee_ppl']:,.1f}", "",
+                  "| block | kept heads | f(heads) | kept ffn | f(ffn) | local | stream | stream-3 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in r["blocks"]:
+            i = e["block"]
+            h, m = f"model.layers.{i}.heads", f"model.layers.{i}.ffn"
+            lines.append(f"| {i} | {kept.get(h, 'all')} | {f.get(h, float('nan')):.3f} | {kept.get(m, 'all')} | "
+                         f"{f.get(m, float('nan')):.3f} | {e['local']:.3f} | {e['stream']:.3f} | "
+                         f"{e['stream-3']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="*", default=["asym", "seq", "layer", "flap", "wanda-sp"],
@@ -192,7 +229,13 @@ def main() -> None:
     parser.add_argument("--out", default="results/llm_diagnose.md")
     parser.add_argument("--json", default=None, help="also write every number as JSON here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only tabulate sweep rows with per-block errors (llm_sweep.py --diagnose) into --out")
     args = parser.parse_args()
+    if args.rows:
+        command = f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_diagnose.py {' '.join(sys.argv[1:])}"
+        Path(args.out).write_text(rows_report(args.rows, args.removed, args.seed, command))
+        return
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
     passages = wikipedia_passages()

@@ -292,7 +292,8 @@ def main() -> None:
                 rows.append(row)
     for extra in args.merge:
         rows += [json.loads(line) for line in Path(extra).read_text().splitlines()]
-    runs = [r for r in rows if r["variant"] != "dense"]
+    latest = {(r["variant"], r["removed"], r["seed"], r["calib"]): r for r in rows if r["variant"] != "dense"}
+    runs = list(latest.values())  # a run repeated in a later file (a re-run with more measurements) counts once
     command = "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_sweep.py " + " ".join(sys.argv[1:])
     text = table(runs, dense, command)
     print(text)
