@@ -22,6 +22,13 @@ B_K is the consumer's input in the pruned model, A W the target:
   after the refit): earlier sites count as pruned, the consumer's own sites do not.
 
 Only G = B_K^T B_K, H = B_K^T A W and ||A W||^2 are accumulated, batch by batch.
+
+With the staged engine (:mod:`subprune.staged`) as ``inputs`` provider, Seq and Asym
+read the consumer's inputs from it instead of running the calibration set from
+the input: B_K from one stage run of the pruned model as it is now, A from the
+dense stream's run of the closing site (Asym) or from a stage run just before the
+first site was cut (Seq, which then keeps a copy of that one consumer, not of the
+whole model).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +70,7 @@ class _Group:
     pruned: bool = False
     reference: nn.Module | None = None  # SeqInChange: snapshot of the model before the first site
     reference_layout: ChannelLayout | None = None
+    reference_inputs: list[Tensor] | None = None  # with a provider: the consumer's input per batch in the snapshot
 
 
 def _rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -85,6 +94,9 @@ class JointRefit:
         Relative ridge (times mean(diag G)), as for the per-site refit.
     batch_size, chunk_bytes, device, offload, distributed
         As in :func:`subprune.pipeline.collect_site_statistics`.
+    inputs : subprune.staged.StagedStatistics, optional
+        Gives the consumer inputs of Seq/Asym (``capture`` and ``dense_inputs``) instead of
+        forward passes from the model's input.
 
     Attributes
     ----------
@@ -95,7 +107,8 @@ class JointRefit:
 
     def __init__(self, sites: list[PruningSite], dense: nn.Module | None, sequential: bool, asymmetric: bool,
                  calibration, ridge: float, *, batch_size: int, chunk_bytes: int,
-                 device: torch.device, offload: bool = False, distributed: bool = False, **_unused) -> None:
+                 device: torch.device, offload: bool = False, distributed: bool = False, inputs=None,
+                 **_unused) -> None:
         kernels = {ref.module: ref.kernel for s in sites for ref in s.consumers}
         self.groups = [_Group(c, kernels[c], names) for c, names in shared_consumers(sites).items()]
         self.snapshot = sequential and not asymmetric
@@ -105,12 +118,19 @@ class JointRefit:
         self.dense, self.calibration, self.ridge = dense, as_calibration(calibration), ridge
         self.batch_size, self.chunk_bytes, self.device = batch_size, chunk_bytes, device
         self.offload, self.distributed = offload, distributed
+        self.inputs = None if self.from_dense else inputs
         self.results_: dict[str, float] = {}
 
     def before(self, site: PruningSite, work: nn.Module, layout: ChannelLayout) -> None:
         """Call before ``site`` is cut: SeqInChange snapshots the model for the groups it opens."""
         opening = [g for g in self.groups if g.sites[0] == site.name]
-        if self.snapshot and opening:
+        if self.snapshot and opening and self.inputs is not None:  # one consumer and its inputs, not the model
+            reference_layout = copy.deepcopy(layout)
+            for group in opening:
+                group.reference = copy.deepcopy(get_module(work, group.consumer))
+                group.reference_layout = reference_layout
+                group.reference_inputs = self.inputs.capture(group.consumer)
+        elif self.snapshot and opening:
             reference, reference_layout = copy.deepcopy(work), copy.deepcopy(layout)
             for group in opening:
                 group.reference, group.reference_layout = reference, reference_layout
@@ -124,14 +144,14 @@ class JointRefit:
             if site.name == group.sites[-1]:
                 if group.pruned:
                     self._refit(group, work, layout)
-                group.reference = group.reference_layout = None
+                group.reference = group.reference_layout = group.reference_inputs = None
 
     @torch.no_grad()
     def _refit(self, group: _Group, work: nn.Module, layout: ChannelLayout) -> None:
         name = group.consumer
         module = get_module(work, name)
         reference = group.reference if self.snapshot else self.dense
-        ref_module = get_module(reference, name)
+        ref_module = reference if self.snapshot and self.inputs is not None else get_module(reference, name)
         target_w = consumer_weight_matrix(ref_module).to(self.device, torch.float64)  # (d_A, m_A)
         m = module.weight.shape[0]
         if target_w.shape[1] != m:  # the consumer's own output rows were cut after the reference
@@ -146,28 +166,17 @@ class JointRefit:
         cross = torch.zeros(d, m, dtype=torch.float64, device=self.device)  # B_K^T A W, (d, m)
         energy = torch.zeros((), dtype=torch.float64, device=self.device)
         n_rows = torch.zeros((), dtype=torch.float64, device=self.device)
-        source = reference if self.from_dense else work
-        models = [source] if self.from_dense else [work, reference]
-        with offload_modules(models, self.device) if self.offload else contextlib.nullcontext():
-            for batch in self.calibration.batches(self.batch_size, self.device):
-                if self.from_dense:
-                    inputs, _ = capture_paired(source, None, {name: ref_module}, {},
-                                               lambda mod, b=batch: run_to_capture(mod, b), name)
-                    b_input, a_input = None, inputs[name]
-                else:
-                    inputs, targets = capture_paired(work, reference, {name: module}, {name: ref_module},
-                                                     lambda mod, b=batch: run_to_capture(mod, b), name)
-                    b_input, a_input = inputs[name], targets[name]
-                per_sample = 8 * a_input[0].numel() * max(1, target_w.shape[0] // max(1, a_input[0].shape[0]))
-                step = max(1, self.chunk_bytes // per_sample)
-                for first in range(0, a_input.shape[0], step):
-                    a = _rows(ref_module, a_input[first : first + step])  # (rows, d_A)
-                    b = a[:, kept] if b_input is None else _rows(module, b_input[first : first + step])  # (rows, d)
-                    target = a @ target_w  # (rows, m)
-                    gram.addmm_(b.T, b)
-                    cross.addmm_(b.T, target)
-                    energy += (target * target).sum()
-                    n_rows += b.shape[0]
+        for b_input, a_input in self._inputs(group, work, module, ref_module):
+            per_sample = 8 * a_input[0].numel() * max(1, target_w.shape[0] // max(1, a_input[0].shape[0]))
+            step = max(1, self.chunk_bytes // per_sample)
+            for first in range(0, a_input.shape[0], step):
+                a = _rows(ref_module, a_input[first : first + step].to(self.device))  # (rows, d_A)
+                b = a[:, kept] if b_input is None else _rows(module, b_input[first : first + step].to(self.device))
+                target = a @ target_w  # (rows, m)
+                gram.addmm_(b.T, b)
+                cross.addmm_(b.T, target)
+                energy += (target * target).sum()
+                n_rows += b.shape[0]
         if self.distributed:
             for tensor in (gram, cross, energy, n_rows):
                 torch.distributed.all_reduce(tensor)
@@ -180,3 +189,25 @@ class JointRefit:
         module.weight.copy_(weight.T.reshape(module.weight.shape).to(module.weight))
         log.info("joint refit of %s over the kept columns of %s: f=%.4f", name, ", ".join(group.sites),
                  self.results_[name])
+
+    def _inputs(self, group: _Group, work: nn.Module, module: nn.Module,
+                ref_module: nn.Module) -> Iterator[tuple[Tensor | None, Tensor]]:
+        """(B input or None, A input) of the consumer, batch by batch: from the provider or forward passes."""
+        name = group.consumer
+        if self.inputs is not None:
+            targets = group.reference_inputs if self.snapshot else self.inputs.dense_inputs(name)
+            yield from zip(self.inputs.capture(name), targets, strict=True)
+            return
+        reference = group.reference if self.snapshot else self.dense
+        source = reference if self.from_dense else work
+        models = [source] if self.from_dense else [work, reference]
+        with offload_modules(models, self.device) if self.offload else contextlib.nullcontext():
+            for batch in self.calibration.batches(self.batch_size, self.device):
+                if self.from_dense:
+                    inputs, _ = capture_paired(source, None, {name: ref_module}, {},
+                                               lambda mod, b=batch: run_to_capture(mod, b), name)
+                    yield None, inputs[name]
+                else:
+                    inputs, targets = capture_paired(work, reference, {name: module}, {name: ref_module},
+                                                     lambda mod, b=batch: run_to_capture(mod, b), name)
+                    yield inputs[name], targets[name]

@@ -650,9 +650,6 @@ def _prune(
 
     reports = []
     upstream_pruned = False  # Asym refits a fully kept site only to absorb earlier sites' changes
-    # Consumers read by several sites (after a concatenation) are refit once more, jointly, after their last site.
-    joint = JointRefit(sites, dense, method.sequential, method.asymmetric, calibration, config.ridge,
-                       **common) if config.reweight else None
     driver, engine = None, "dense, one pass"
     if method.sequential and sites:
         engine = "per-site (engine='per-site')"
@@ -663,6 +660,9 @@ def _prune(
             if driver is None:
                 log.info("statistics site by site: the staged engine does not apply (%s)", engine)
                 engine = f"per-site ({engine})"
+    # Consumers read by several sites (after a concatenation) are refit once more, jointly, after their last site.
+    joint = JointRefit(sites, dense, method.sequential, method.asymmetric, calibration, config.ridge, inputs=driver,
+                       **common) if config.reweight else None
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
         site_start = time.perf_counter()
         k = plan[site.name]

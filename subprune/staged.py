@@ -60,6 +60,7 @@ from subprune.calibration import Batch, Calibration
 from subprune.devices import offload_modules
 from subprune.distributed import all_reduce_statistics
 from subprune.graph import trace
+from subprune.joint_refit import shared_consumers
 from subprune.sites import PruningSite
 from subprune.statistics import GramStatistics
 from subprune.surgery import ChannelLayout, get_module
@@ -358,6 +359,9 @@ class StagedStatistics:
         start = [_placeholders(graph, b, work, calibration.concrete_args) for b in batches]
         self.cache = _Cache(0, start)
         self.dense_cache = _Cache(0, [dict(v) for v in start]) if dense is not None else None
+        # Consumers that several sites feed (refit jointly after their last site): their dense inputs are kept.
+        self.shared = set(shared_consumers(self.sites)) if dense is not None else set()
+        self._dense_inputs: dict[str, list[Tensor]] = {}
 
     def statistics(self, site: PruningSite) -> list[GramStatistics]:
         """Statistics of ``site`` in ``work`` as it is now (and, for Asym, its targets in ``dense``).
@@ -395,6 +399,9 @@ class StagedStatistics:
                     targets, live = self._replay.run(self.dense, env, self.dense_cache.index, stop, dense_save,
                                                      capture, "dense", size)
                     dense_saved.append(live)
+                    for name in self.shared & set(targets):
+                        kept = self._dense_inputs.setdefault(name, [None] * len(self.batch_sizes))
+                        kept[b] = targets[name].to("cpu", copy=True)
                 forward_done = time.perf_counter()
                 self.add_batch([site], stats, consumers, inputs, targets, self.layout, self.chunk_bytes)
                 self.counts.seconds["forward"] += forward_done - started
@@ -406,6 +413,30 @@ class StagedStatistics:
             for stat in stats[site.name]:
                 all_reduce_statistics(stat)
         return stats[site.name]
+
+    def capture(self, consumer: str) -> list[Tensor]:
+        """The input of ``consumer`` in ``work`` as it is now, per batch, on the CPU: one run from the current cut.
+
+        Raises
+        ------
+        RuntimeError
+            If the consumer lies before the current cut (it cannot be reached from the cache).
+        """
+        stop = self.graph.calls[consumer][0]
+        if stop < self.cache.index:
+            raise RuntimeError(f"consumer {consumer} lies before the cached cut")
+        out = []
+        with offload_modules([self.work], self.device) if self.offload else contextlib.nullcontext(), torch.no_grad():
+            for b, size in enumerate(self.batch_sizes):  # the cache is read, not consumed: copy what gets changed
+                env = {n: _to(_clone(v) if n in self.graph.mutated else v, self.device)
+                       for n, v in self.cache.values[b].items()}
+                inputs, _ = self._replay.run(self.work, env, self.cache.index, stop, None, {stop}, "pruned", size)
+                out.append(inputs[consumer].to("cpu", copy=True))
+        return out
+
+    def dense_inputs(self, consumer: str) -> list[Tensor]:
+        """The input of a consumer that several sites feed, in the dense model, per batch (from the dense runs)."""
+        return self._dense_inputs[consumer]
 
     def replays(self, model: nn.Module, batch: Batch, concrete_args=None) -> bool:
         """True if the graph replayed on ``model`` (pruned now) gives ``model``'s own output on ``batch``."""

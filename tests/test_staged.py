@@ -40,12 +40,16 @@ def _assert_same(per_site, staged, x: torch.Tensor) -> None:
     assert [s.keep for s in staged.sites] == [s.keep for s in per_site.sites]
     for a, b in zip(per_site.sites, staged.sites, strict=True):
         assert a.objective == pytest.approx(b.objective, rel=1e-9, abs=1e-12)
+    assert staged.joint_refits.keys() == per_site.joint_refits.keys()
+    for name, f in per_site.joint_refits.items():
+        assert staged.joint_refits[name] == pytest.approx(f, rel=1e-9, abs=1e-12)
     with torch.no_grad():
         ya, yb = per_site.model(x), staged.model(x)
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
 
 
 CASES = [("lenet", False), ("resnet50", True), ("efficientnet-se", False), ("efficientnet-se", True),
+         ("densenet", False),  # consumers after a concatenation: joint refits from the staged inputs
          pytest.param("cifar-resnet20", True, marks=pytest.mark.slow)]
 
 
