@@ -45,12 +45,33 @@ from torch import Tensor, nn
 from subprune import validation
 from subprune.calibration import as_calibration
 from subprune.devices import offload_modules
-from subprune.sites import PruningSite
+from subprune.sites import ChannelRange, PruningSite
 from subprune.solver import group_columns, ridge_value, solve_normal_equations
 from subprune.statistics import capture_paired, consumer_input_rows, run_to_capture
 from subprune.surgery import ChannelLayout, consumer_weight_matrix, get_module
 
 log = logging.getLogger(__name__)
+
+
+JOINT_PREFIX = "joint:"
+
+
+def dense_joint_sites(sites: list[PruningSite], dense: nn.Module) -> list[PruningSite]:
+    """One pseudo-site per shared consumer that covers its whole input, for the dense statistics pass.
+
+    LayerInChange and the baselines refit a shared consumer on the dense model's input A only:
+    G = B_K^T B_K, H = B_K^T A W and ||A W||^2 are then all parts of A^T A, which the one pass
+    that collects the sites' statistics also sums when these pseudo-sites are added to it
+    (named ``joint:<consumer>``; pass the result to :class:`JointRefit` as ``dense_statistics``).
+    """
+    kernels = {ref.module: ref.kernel for s in sites for ref in s.consumers}
+    out = []
+    for consumer in shared_consumers(sites):
+        kernel = kernels[consumer]
+        units = consumer_weight_matrix(get_module(dense, consumer)).shape[0] // kernel
+        out.append(PruningSite(JOINT_PREFIX + consumer, consumer, consumer, (), units, kernel,
+                               consumers=(ChannelRange(consumer, 0, units, kernel),)))
+    return out
 
 
 def shared_consumers(sites: list[PruningSite]) -> dict[str, list[str]]:
@@ -97,6 +118,9 @@ class JointRefit:
     inputs : subprune.staged.StagedStatistics, optional
         Gives the consumer inputs of Seq/Asym (``capture`` and ``dense_inputs``) instead of
         forward passes from the model's input.
+    dense_statistics : dict site name -> list of GramStatistics, optional
+        Statistics of the :func:`dense_joint_sites` pseudo-sites (already all-reduced when
+        distributed): the non-sequential methods' refits then make no forward pass.
 
     Attributes
     ----------
@@ -108,7 +132,7 @@ class JointRefit:
     def __init__(self, sites: list[PruningSite], dense: nn.Module | None, sequential: bool, asymmetric: bool,
                  calibration, ridge: float, *, batch_size: int, chunk_bytes: int,
                  device: torch.device, offload: bool = False, distributed: bool = False, inputs=None,
-                 **_unused) -> None:
+                 dense_statistics=None, **_unused) -> None:
         kernels = {ref.module: ref.kernel for s in sites for ref in s.consumers}
         self.groups = [_Group(c, kernels[c], names) for c, names in shared_consumers(sites).items()]
         self.snapshot = sequential and not asymmetric
@@ -119,6 +143,9 @@ class JointRefit:
         self.batch_size, self.chunk_bytes, self.device = batch_size, chunk_bytes, device
         self.offload, self.distributed = offload, distributed
         self.inputs = None if self.from_dense else inputs
+        self.dense_grams = {} if not self.from_dense or dense_statistics is None else {
+            g.consumer: dense_statistics[JOINT_PREFIX + g.consumer][0] for g in self.groups
+            if JOINT_PREFIX + g.consumer in dense_statistics}
         self.results_: dict[str, float] = {}
 
     def before(self, site: PruningSite, work: nn.Module, layout: ChannelLayout) -> None:
@@ -162,6 +189,29 @@ class JointRefit:
         units = layout.alive(name, "in", target_w.shape[0] // group.kernel)
         kept = group_columns(units, group.kernel).to(self.device)  # (d,) dense columns still held
         d = kept.numel()
+        if name in self.dense_grams:  # from A^T A of the dense pass: B_K = A[:, K]
+            stat = self.dense_grams[name]
+            full = stat.gram_.to(self.device)  # (d_A, d_A)
+            gram = full[kept][:, kept]
+            cross = full[kept] @ target_w  # (d, m)
+            energy = (target_w * (full @ target_w)).sum()
+            n_rows = torch.tensor(float(stat.n_rows_), dtype=torch.float64)
+        else:
+            gram, cross, energy, n_rows = self._sums(group, work, module, ref_module, target_w, kept)
+        if int(n_rows) < d:
+            log.warning("joint refit of %s: %d calibration rows for %d refit columns: the refit interpolates the "
+                        "calibration set; %s", name, int(n_rows), d, validation.interpolation_advice(self.ridge))
+        weight = solve_normal_equations(gram, cross, ridge_value(gram, self.ridge))  # (d, m)
+        kept_energy = 2 * float((weight * cross).sum()) - float((weight * (gram @ weight)).sum())
+        self.results_[name] = kept_energy / float(energy) if float(energy) > 0 else 0.0
+        module.weight.copy_(weight.T.reshape(module.weight.shape).to(module.weight))
+        log.info("joint refit of %s over the kept columns of %s: f=%.4f", name, ", ".join(group.sites),
+                 self.results_[name])
+
+    def _sums(self, group: _Group, work: nn.Module, module: nn.Module, ref_module: nn.Module, target_w: Tensor,
+              kept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """G = B_K^T B_K (d, d), H = B_K^T A W (d, m), ||A W||^2 and the row count, batch by batch."""
+        d, m = kept.numel(), target_w.shape[1]
         gram = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         cross = torch.zeros(d, m, dtype=torch.float64, device=self.device)  # B_K^T A W, (d, m)
         energy = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -180,15 +230,7 @@ class JointRefit:
         if self.distributed:
             for tensor in (gram, cross, energy, n_rows):
                 torch.distributed.all_reduce(tensor)
-        if int(n_rows) < d:
-            log.warning("joint refit of %s: %d calibration rows for %d refit columns: the refit interpolates the "
-                        "calibration set; %s", name, int(n_rows), d, validation.interpolation_advice(self.ridge))
-        weight = solve_normal_equations(gram, cross, ridge_value(gram, self.ridge))  # (d, m)
-        kept_energy = 2 * float((weight * cross).sum()) - float((weight * (gram @ weight)).sum())
-        self.results_[name] = kept_energy / float(energy) if float(energy) > 0 else 0.0
-        module.weight.copy_(weight.T.reshape(module.weight.shape).to(module.weight))
-        log.info("joint refit of %s over the kept columns of %s: f=%.4f", name, ", ".join(group.sites),
-                 self.results_[name])
+        return gram, cross, energy, n_rows
 
     def _inputs(self, group: _Group, work: nn.Module, module: nn.Module,
                 ref_module: nn.Module) -> Iterator[tuple[Tensor | None, Tensor]]:

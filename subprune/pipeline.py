@@ -29,7 +29,7 @@ from subprune.core.site import SiteOptions, SiteReport, prune_site
 from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
 from subprune.distributed import all_reduce_statistics, require_initialized
 from subprune.graph_adapter import GraphSiteAdapter
-from subprune.joint_refit import JointRefit
+from subprune.joint_refit import JointRefit, dense_joint_sites
 from subprune.methods import METHODS, Method, get_method
 from subprune.sites import (
     ChannelRange,
@@ -634,9 +634,12 @@ def _prune(
 
     common = dict(batch_size=config.batch_size, chunk_bytes=config.chunk_bytes, progress=config.progress,
                   device=device, offload=config.offload, precision=config.precision, distributed=config.distributed)
-    layer_stats = {}
+    layer_stats, joint_stats = {}, {}
     if not method.sequential or config.budget == "curve":
-        layer_stats = collect_site_statistics(dense, sites, calibration, description="calibration", **common)
+        joint_sites = dense_joint_sites(sites, dense) if config.reweight and not method.sequential else []
+        layer_stats = collect_site_statistics(dense, sites + joint_sites, calibration, description="calibration",
+                                              **common)
+        joint_stats = {s.name: layer_stats.pop(s.name) for s in joint_sites}  # shared consumers' whole input
     scores = {}
     if not method.global_ranking:  # the budget comes first; the scores may use it (GreedyFS stops at k)
         plan = _budget(method, config, dense, sites, plan, layer_stats, scores)
@@ -662,7 +665,7 @@ def _prune(
                 engine = f"per-site ({engine})"
     # Consumers read by several sites (after a concatenation) are refit once more, jointly, after their last site.
     joint = JointRefit(sites, dense, method.sequential, method.asymmetric, calibration, config.ridge, inputs=driver,
-                       **common) if config.reweight else None
+                       dense_statistics=joint_stats, **common) if config.reweight else None
     for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
         site_start = time.perf_counter()
         k = plan[site.name]

@@ -160,3 +160,13 @@ def test_offload_and_a_ragged_last_batch_give_the_same_result():
 def test_an_unknown_engine_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="engine.*staged.*per-site"):
         PruneConfig(engine="fast")
+
+
+def test_joint_refits_read_cached_inputs():
+    """DenseNet: consumers after concatenations are refit jointly; Layer reads them from its one dense pass."""
+    model, x = ARCHITECTURES["densenet"](0), _images(24, 3, 16)
+    passes, result = _passes(model, x, method="layer", batch_size=8)
+    assert result.joint_refits and passes == pytest.approx(1.0)
+    per_site, _ = _passes(model, x, method="asym", batch_size=8, engine="per-site")
+    staged, result = _passes(model, x, method="asym", batch_size=8)
+    assert result.joint_refits and staged < per_site / 2
