@@ -158,7 +158,13 @@ def _quality(model, tokenizer, passages: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- parent side
+def _smol(n: int, method: str, engine: str, params: float | None = 0.5, **extra) -> dict:
+    spec = {"model": "smollm2", "layers": 30, "passages": n, "method": method, "engine": engine, **extra}
+    return spec if method == "dense" else dict(spec, params=params)
+
+
 def runs(groups: list[str], old_asym: bool) -> list[dict]:
+    """The runs of each group, cheapest and most needed first (a session that stops early keeps those)."""
     out = []
     if "smoke" in groups:  # a few seconds: both engines on a 2-block random model
         out.append({"model": "random", "layers": 2, "passages": 8, "method": "dense", "engine": "new",
@@ -166,29 +172,32 @@ def runs(groups: list[str], old_asym: bool) -> list[dict]:
         for engine in ("new", "old"):
             out.append({"model": "random", "layers": 2, "passages": 8, "method": "asym", "engine": engine,
                         "params": 0.5, "evaluate": False})
-    for n in [n for n, group in ((32, "engine"), (128, "engine"), (512, "engine512")) if group in groups]:
-        out.append({"model": "smollm2", "layers": 30, "passages": n, "method": "dense", "engine": "new",
-                    "evaluate": n == 32})
-        # the old engine passes the calibration set through the model per site: affordable on this shared
-        # 2-core machine only for Layer (one pass) and Seq at 32 passages (Asym at 32 with --old-asym)
-        methods = {32: ("layer", "asym", "seq"), 128: ("layer", "asym", "seq"), 512: ("layer",)}[n]
-        for method in methods:
-            out.append({"model": "smollm2", "layers": 30, "passages": n, "method": method, "engine": "new",
-                        "params": 0.5})
-            if method == "layer" and n < 512 or (n == 32 and (method == "seq" or old_asym and method == "asym")):
-                out.append({"model": "smollm2", "layers": 30, "passages": n, "method": method, "engine": "old",
-                            "params": 0.5})
-    if "grid" in groups:  # Layer/Seq/Asym at 50% come from the engine group
-        for params, methods in ((0.5, ("wanda", "flap")), (0.8, ("wanda", "flap", "layer", "asym", "seq"))):
-            for method in methods:
-                out.append({"model": "smollm2", "layers": 30, "passages": 128, "method": method, "engine": "new",
-                            "params": params})
-    if "depth" in groups:
+    if "engine" in groups:  # SmolLM2 at 32 and 128 passages; the old engine where it is affordable
+        for n in (32, 128):
+            out.append(_smol(n, "dense", "new", evaluate=True))
+            out += [_smol(n, method, "new") for method in ("layer", "seq", "asym")]
+        # the old engine passes the calibration set through the model per site: Layer costs one pass, Seq ~30
+        # and Asym ~60 full forwards, so on this shared 2-core machine Seq only at 32 passages (Asym: --old-asym)
+        out += [_smol(32, "layer", "old"), _smol(128, "layer", "old"), _smol(32, "seq", "old")]
+        if old_asym:
+            out.append(_smol(32, "asym", "old"))
+    if "depth" in groups:  # time linear in blocks: LLaMA-shaped random models at SmolLM2 width
         for layers in (8, 16, 32):
             out.append({"model": "random", "layers": layers, "passages": 32, "method": "dense", "engine": "new",
                         "evaluate": False})
-            out.append({"model": "random", "layers": layers, "passages": 32, "method": "asym", "engine": "new",
-                        "params": 0.5, "evaluate": False})
+            for method in ("asym", "layer", "seq"):
+                out.append({"model": "random", "layers": layers, "passages": 32, "method": method,
+                            "engine": "new", "params": 0.5, "evaluate": False})
+    if "grid" in groups:  # 20% and 50% of the prunable parameters removed, 128 passages (the 50% Layer/Seq/Asym
+        # rows come from the engine group); the old engine: Layer (one pass) at 128, the sequential ones at 32
+        out += [_smol(128, method, "new") for method in ("wanda", "wanda-sp", "flap")]
+        out += [_smol(128, method, "new", 0.8) for method in ("layer", "seq", "asym", "wanda", "wanda-sp", "flap")]
+        out += [_smol(128, "layer", "old", 0.8), _smol(32, "wanda", "new"), _smol(32, "wanda", "old")]
+        out += [_smol(32, method, "new", 0.8) for method in ("seq", "asym")]
+        out += [_smol(32, method, "old", 0.8) for method in ("seq",)]
+    if "engine512" in groups:
+        out += [_smol(512, "dense", "new", evaluate=False), _smol(512, "layer", "new"), _smol(512, "layer", "old"),
+                _smol(512, "asym", "new"), _smol(512, "seq", "new")]
     return out
 
 
@@ -276,6 +285,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+GRID_COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine grid "
+                "--out results/llm_engine.jsonl --grid-table results/llm_engine_grid.md")
+
+
+def grid_table(rows: list[dict]) -> str:
+    """Old vs new engine where the maths is the same: perplexities and kept units by method and fraction removed."""
+    smol = [r for r in rows if r["model"] == "smollm2" and r["method"] != "dense" and "wiki_ppl" in r]
+    at = {(r["method"], r["params"], r["passages"], r["engine"]): r for r in smol}
+    dense = next((r for r in rows if r["model"] == "smollm2" and r["method"] == "dense" and "wiki_ppl" in r), None)
+    lines = [f"`{GRID_COMMAND}`", "",
+             "SmolLM2-135M-Instruct, seed 0, batches of 16 passages of at most 128 tokens; perplexity on the last "
+             f"{HELDOUT} Wikipedia passages (wiki) and the first {HELDOUT} Lee news articles (lee), never calibration "
+             "text. new = the block engine with the one per-site step of this checkout; old = commit c4a0384 (the "
+             "per-site engine). 'same units' = the old engine kept exactly the units the new one kept on the same "
+             "calibration set. The old engine passes the calibration set through the model once per site for the "
+             "sequential methods (Seq, Wanda: ~30 full forwards; Asym ~60), so on this shared 2-core machine it ran "
+             "those at 32 passages only, beside the new engine at 32; Layer (one pass) at 128. Wanda-sp and FLAP's "
+             "adaptive structure do not exist in c4a0384 (its FLAP was sequential with a uniform structure: other "
+             "maths), so they have no old column. A blank cell: not run in this session.", "",
+             "| method | removed | new 128: wiki | lee | new 32: wiki | lee | old: passages | wiki | lee "
+             "| same units |", "|" + "---|" * 10]
+    if dense:
+        lines.append(f"| dense | 0% | {dense['wiki_ppl']:.2f} | {dense['lee_ppl']:.2f} | | | | | | |")
+    methods = ("layer", "seq", "asym", "wanda", "wanda-sp", "flap")
+    for params in (0.8, 0.5):
+        for method in methods:
+            new128, new32 = at.get((method, params, 128, "new")), at.get((method, params, 32, "new"))
+            old = at.get((method, params, 128, "old")) or at.get((method, params, 32, "old"))
+            if not (new128 or new32 or old):
+                continue
+            same = ""
+            if old is not None:
+                twin = at.get((method, params, old["passages"], "new"))
+                same = "" if twin is None else ("yes" if twin["keep"] == old["keep"] else "no")
+
+            def ppl(r, k):
+                return "" if r is None else f"{r[k]:,.2f}"
+
+            lines.append(f"| {method} | {1 - params:.0%} | {ppl(new128, 'wiki_ppl')} | {ppl(new128, 'lee_ppl')} "
+                         f"| {ppl(new32, 'wiki_ppl')} | {ppl(new32, 'lee_ppl')} "
+                         f"| {'' if old is None else old['passages']} | {ppl(old, 'wiki_ppl')} | {ppl(old, 'lee_ppl')} "
+                         f"| {same} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
@@ -284,10 +338,11 @@ def main() -> None:
     parser.add_argument("--old-asym", action="store_true", help="also run the old engine's Asym at 32 passages")
     parser.add_argument("--engine", choices=["new", "old"], default=None,
                         help="only the runs of this engine (dense forwards count as new); for parallel parents")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/llm_engine.jsonl")
     parser.add_argument("--table", default=None)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--grid-table", default=None, help="markdown file for the old-vs-new perplexity table")
     parser.add_argument("--inputs", nargs="*", default=[], help="more JSON-lines files for the table (parallel runs)")
     args = parser.parse_args()
     if args.worker:
@@ -317,6 +372,8 @@ def main() -> None:
     text = table(rows + extra)
     if args.table:
         Path(args.table).write_text(text)
+    if args.grid_table:
+        Path(args.grid_table).write_text(grid_table(rows + extra))
     print(text)
     times = [r["prune_s"] for r in rows if "prune_s" in r]
     if times:

@@ -178,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
                         "heads inside the groups, keeping the shared keys/values (qheads)")
     p.add_argument("--batch-size", type=_bounded("--batch-size", 1, integer=True), default=128,
                    help="calibration batch size")
+    p.add_argument("--precision", default="float64", choices=["float64", "mixed"],
+                   help="Gram statistics: every product in float64, or float32 products over blocks of rows added "
+                        "to float64 sums (the solver is float64 either way)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="hf: models: keep the block engine's activation caches in memory-mapped files in this "
+                        "existing directory instead of memory (same results)")
     p.add_argument("--threads", type=_bounded("--threads", 1, integer=True), default=None,
                    help="torch CPU threads (>= 1)")
     p.add_argument("--out", default=None, help="directory for the pruned model and report.json")
@@ -259,6 +265,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
                 or args.target != "sublayer"):
             raise ValueError("--heads, --ffn, --params, --units and --target apply to hf: (transformers) models only; "
                              "use --keep or --compression for this model")
+        if args.cache_dir is not None:
+            raise ValueError("--cache-dir applies to hf: (transformers) models only: the block engine's caches")
         if args.method in HF_BASELINES:
             raise ValueError(f"--method {args.method} is for hf: (transformers) models only; for this model choose "
                              "one of " + ", ".join(METHODS))
@@ -270,6 +278,8 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
             or args.target != "sublayer"):
         raise ValueError("--heads, --ffn, --params, --units and --target apply to hf: (transformers) models only; "
                          "use --keep or --compression for this model")
+    if args.cache_dir is not None:
+        raise ValueError("--cache-dir applies to hf: (transformers) models only: the block engine's caches")
     if args.finetune_epochs is not None and args.finetune == "none":
         raise ValueError("--finetune-epochs needs --finetune limited or --finetune full")
     if args.method in HF_BASELINES:
@@ -298,7 +308,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         budget="uniform" if args.budget in ("accuracy", "auto") else args.budget,
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
-        epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
+        epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
         progress=not args.quiet, coupled=args.coupled,
     )
     spec = get_spec(args.model)

@@ -115,6 +115,13 @@ class GramStatistics:
     sums : bool
         Also accumulate the column sums of B (and A): the first moments that a
         consumer bias needs (:meth:`centred`, :meth:`bias_shift`, FLAP's variance).
+    target_weight : Tensor of shape (d, m), optional
+        Asymmetric only: the one consumer weight W whose target energy
+        ||A W||_F^2 will be asked for. Then that energy is summed directly,
+        batch by batch, and A^T A (a third d x d product per batch, used for
+        nothing else) is not formed: ``target_gram_`` stays None and
+        :meth:`target_energy` accepts only this weight. The selection and the
+        refit read only G and C, so they are unchanged.
     precision : {"float64", "mixed"}
         "float64": every product in float64 (the reference). "mixed": each
         block of at most ``MIXED_BLOCK_ROWS`` rows is multiplied in float32 (TF32
@@ -127,6 +134,7 @@ class GramStatistics:
     gram_ : Tensor of shape (d, d), float64
     cross_ : Tensor of shape (d, d), float64, or None
     target_gram_ : Tensor of shape (d, d), float64, or None
+        None when symmetric, or when ``target_weight`` is given.
     n_rows_ : int
         Rows M seen so far (samples or patches).
     sum_b_ : Tensor of shape (d,), float64, or None
@@ -136,14 +144,18 @@ class GramStatistics:
     """
 
     def __init__(self, dim: int, asymmetric: bool = False, device="cpu", name: str = "consumer",
-                 precision: str = "float64", sums: bool = False):
+                 precision: str = "float64", sums: bool = False, target_weight: Tensor | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         self.dim, self.asymmetric, self.name, self.precision = dim, asymmetric, name, precision
         zeros = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.gram_ = zeros
         self.cross_ = zeros.clone() if asymmetric else None
-        self.target_gram_ = zeros.clone() if asymmetric else None
+        if target_weight is not None and (not asymmetric or target_weight.ndim != 2 or target_weight.shape[0] != dim):
+            raise ValueError(f"{name}: target_weight must be a ({dim}, m) consumer weight of an asymmetric target")
+        self.target_weight = None if target_weight is None else target_weight.detach().to(zeros)
+        self.target_gram_ = zeros.clone() if asymmetric and target_weight is None else None
+        self._target_energy = torch.zeros((), dtype=torch.float64, device=device)
         self.n_rows_ = 0
         self.sum_b_ = torch.zeros(dim, dtype=torch.float64, device=device) if sums else None
         self.sum_a_ = None if not sums else self.sum_b_.clone() if asymmetric else self.sum_b_
@@ -183,7 +195,10 @@ class GramStatistics:
             if a is not None:
                 a = a.to(self.gram_)
                 self.cross_.addmm_(b.T, a)
-                self.target_gram_.addmm_(a.T, a)
+                if self.target_weight is None:
+                    self.target_gram_.addmm_(a.T, a)
+                else:
+                    self._target_energy += (a @ self.target_weight).square().sum()
         if self.sum_b_ is not None:
             self.sum_b_ += b.sum(0, dtype=torch.float64).to(self.sum_b_.device)
             if a is not None:
@@ -200,14 +215,19 @@ class GramStatistics:
                 if a is not None:
                     a32 = a[start : start + MIXED_BLOCK_ROWS].to(device=device, dtype=torch.float32)
                     self.cross_ += b32.T @ a32
-                    self.target_gram_ += a32.T @ a32
+                    if self.target_weight is None:
+                        self.target_gram_ += a32.T @ a32
+                    else:
+                        self._target_energy += (a32 @ self.target_weight.float()).double().square().sum()
 
     def add_(self, other: GramStatistics) -> GramStatistics:
         """Add another accumulator's sums in place (e.g. from another shard)."""
         self.gram_ += other.gram_
         if self.asymmetric:
             self.cross_ += other.cross_
-            self.target_gram_ += other.target_gram_
+            if self.target_gram_ is not None:
+                self.target_gram_ += other.target_gram_
+            self._target_energy += other._target_energy
         if self.sum_b_ is not None:
             self.sum_b_ += other.sum_b_
             if self.asymmetric:
@@ -218,7 +238,8 @@ class GramStatistics:
     def tensors(self) -> list[Tensor]:
         """The accumulators, for an all-reduce."""
         sums = [self.sum_b_, self.sum_a_ if self.asymmetric else None]
-        return [t for t in (self.gram_, self.cross_, self.target_gram_, *sums) if t is not None]
+        energy = self._target_energy.reshape(1) if self.target_weight is not None else None  # a view: reduced in place
+        return [t for t in (self.gram_, self.cross_, self.target_gram_, energy, *sums) if t is not None]
 
     @property
     def gram(self) -> GramStatistics:
@@ -256,6 +277,9 @@ class GramStatistics:
         mu_b, mu_a = self._sums("b") / m, self._sums("a") / m
         gram_c = self.gram_ - m * torch.outer(mu_b, mu_b)
         cross_c = None if self.cross_ is None else self.cross_ - m * torch.outer(mu_b, mu_a)
+        if self.target_weight is not None:  # ||(A - 1 mu_A) W||^2 = ||A W||^2 - m ||mu_A W||^2
+            mu_w = mu_a @ self.target_weight
+            return gram_c, cross_c, self.target_energy(weight) - m * float(mu_w.square().sum())
         target = self.gram_ if self.target_gram_ is None else self.target_gram_
         target_c = target - m * torch.outer(mu_a, mu_a)
         w = weight.to(target_c)
@@ -277,7 +301,18 @@ class GramStatistics:
                 - (self._sums("b")[cols] / m) @ new_weight.to(torch.float64))
 
     def target_energy(self, weight: Tensor) -> float:
-        """||A W||_F^2 for a weight W of shape (d, m) (A = B when symmetric)."""
+        """||A W||_F^2 for a weight W of shape (d, m) (A = B when symmetric).
+
+        Raises
+        ------
+        ValueError
+            If the statistics summed the energy of another ``target_weight``.
+        """
+        if self.target_weight is not None:
+            if weight.shape != self.target_weight.shape or not torch.equal(weight.to(self.target_weight),
+                                                                           self.target_weight):
+                raise ValueError(f"{self.name}: these statistics hold ||A W||^2 of their target_weight only")
+            return float(self._target_energy)
         target = self.gram_ if self.target_gram_ is None else self.target_gram_
         w = weight.to(target)
         return float((w * (target @ w)).sum())

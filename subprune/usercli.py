@@ -131,7 +131,7 @@ def cmd_prune_user(args: argparse.Namespace, console: Console) -> dict:
         budget="uniform" if args.budget == "auto" else args.budget,
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
-        epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed,
+        epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
         progress=not args.quiet, coupled=args.coupled,
     )
     labels = None if data.labels is None else data.labels[calib_idx]

@@ -103,3 +103,21 @@ def test_fx_graph_and_transformer_sites_go_through_the_same_step(monkeypatch):
     seen.clear()
     result = prune_transformer(model, tokens, TransformerPruneConfig(method="asym", batch_size=4))
     assert seen == [s.name for s in result.sites] == ["model.layers.0.heads", "model.layers.0.ffn"]
+
+
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_target_energy_summed_directly_equals_the_target_gram_form(precision):
+    gen = torch.Generator().manual_seed(4)
+    b, a = torch.randn(60, 6, generator=gen), torch.randn(60, 6, generator=gen) + 0.5
+    w = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    full = GramStatistics(6, asymmetric=True, sums=True, precision=precision)
+    direct = GramStatistics(6, asymmetric=True, sums=True, precision=precision, target_weight=w)
+    for rows in (slice(0, 25), slice(25, 60)):
+        full.update(b[rows], a[rows])
+        direct.update(b[rows], a[rows])
+    assert direct.target_gram_ is None
+    assert direct.target_energy(w) == pytest.approx(full.target_energy(w), rel=1e-6)
+    assert direct.centred(w)[2] == pytest.approx(full.centred(w)[2], rel=1e-6)
+    torch.testing.assert_close(direct.cross_, full.cross_)
+    with pytest.raises(ValueError, match="target_weight only"):
+        direct.target_energy(w + 1)

@@ -104,3 +104,45 @@ def test_curve_budget_layer_runs_blocks_once(tokens):
     model = gpt2()
     result = prune_transformer(model, tokens, TransformerPruneConfig(method="layer", budget="curve", batch_size=BATCH))
     assert result.block_executions == LAYERS * result.batches  # the dense statistics pass only
+
+
+def test_spilled_caches_give_the_same_model_and_leave_no_file(tokens, tmp_path):
+    from subprune.hf.engine import ActivationStore
+
+    model = llama()
+    config = dict(method="asym", batch_size=BATCH, params=0.6)
+    plain = prune_transformer(model, tokens, TransformerPruneConfig(**config))
+    spilled = prune_transformer(model, tokens, TransformerPruneConfig(cache_dir=str(tmp_path), **config))
+    assert [s.keep for s in spilled.sites] == [s.keep for s in plain.sites]
+    with torch.no_grad():
+        assert torch.equal(spilled.model(**tokens).logits, plain.model(**tokens).logits)
+    assert list(tmp_path.iterdir()) == []  # every mapped file was unlinked as soon as it was mapped
+    store = ActivationStore(tmp_path)
+    x = torch.randn(3, 4, 5)
+    kept = store.keep(x)
+    assert torch.equal(kept, x) and kept.is_shared() and store.spilled_bytes_ == x.numel() * 4
+    with pytest.raises(ValueError, match="is not an existing directory"):
+        TransformerPruneConfig(cache_dir=str(tmp_path / "missing"))
+
+
+def test_one_block_on_the_compute_device_at_a_time(tokens, monkeypatch):
+    """Each block's working copy goes to the device, runs, and goes back before the next one comes: a model
+    larger than the device is pruned with one block there at a time. The user's blocks are never moved."""
+    model = llama()
+    _, layers = blocks(model)
+    user_blocks = {id(b) for b in layers}
+    block_type = type(layers[0])
+    moves = []
+    original = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if isinstance(self, block_type):
+            moves.append(id(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    result = prune_transformer(model, tokens, TransformerPruneConfig(method="asym", batch_size=BATCH, device="cpu"))
+    assert not user_blocks & set(moves)
+    # pairs (to the device, back to the model's device), one block after the other, every block once
+    assert len(moves) == 2 * LAYERS and moves[0::2] == moves[1::2] and len(set(moves)) == LAYERS
+    assert set(moves) == {id(b) for b in blocks(result.model)[1]}

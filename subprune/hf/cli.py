@@ -125,6 +125,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         method=args.method, heads=heads, ffn=ffn, budget=args.budget, params=args.params,
         reweight=not args.no_reweight, ridge=args.ridge, units=args.units, target=args.target,
         epsilon=args.epsilon, seed=args.seed, batch_size=min(args.batch_size, 32), progress=not args.quiet,
+        precision=args.precision, cache_dir=args.cache_dir,
     )
     result = prune_transformer(model, tokenize(tokenizer, calib_text), config)
     heldout = tokenize(tokenizer, heldout_text)

@@ -37,9 +37,11 @@ import contextlib
 import copy
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -57,12 +59,68 @@ log = logging.getLogger(__name__)
 PruneSiteFn = Callable[[nn.Module, TransformerSite, GramStatistics, int], SiteReport]
 
 
-def site_moments(dim: int, asymmetric: bool, device, name: str, precision: str = "float64") -> GramStatistics:
-    """Empty statistics of one transformer site: Gram sums and column sums (means for biases and FLAP)."""
-    return GramStatistics(dim, asymmetric, device, name, precision, sums=True)
+def site_moments(dim: int, asymmetric: bool, device, name: str, precision: str = "float64",
+                 target_weight: Tensor | None = None) -> GramStatistics:
+    """Empty statistics of one transformer site: Gram sums and column sums (means for biases and FLAP).
+
+    Asymmetric statistics of a site whose dense consumer weight W is known take it as
+    ``target_weight``: ||A W||^2 is then summed directly and A^T A is never formed (one d x d
+    product per batch fewer; :class:`subprune.statistics.GramStatistics`).
+    """
+    return GramStatistics(dim, asymmetric, device, name, precision, sums=True, target_weight=target_weight)
 
 
 SiteMoments = GramStatistics  # the former name of a transformer site's statistics (now with ``sums=True``)
+
+
+class ActivationStore:
+    """Where the engine keeps its activation caches: in memory, or spilled to memory-mapped files.
+
+    With a ``directory``, every cached tensor (block inputs, FFN consumer
+    inputs) is copied into a file there, mapped into memory
+    (``torch.from_file(shared=True)``) and unlinked at once: the operating
+    system pages it in and out as memory allows, and nothing is left behind,
+    even when the run is killed. The values are the same float32 numbers as in
+    memory, so the results are identical.
+
+    Parameters
+    ----------
+    directory : str or Path, optional
+        An existing directory on a disk with room for the caches (see
+        docs/llm.md, "Memory"); None keeps them in memory.
+
+    Attributes
+    ----------
+    spilled_bytes_ : int
+        Bytes written to mapped files so far.
+
+    Raises
+    ------
+    ValueError
+        If ``directory`` is not an existing directory.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        if self.directory is not None and not self.directory.is_dir():
+            raise ValueError(f"cache directory {str(self.directory)!r} does not exist: create it, or pass "
+                             "cache_dir=None (CLI: leave out --cache-dir) to keep the caches in memory")
+        self.spilled_bytes_ = 0
+        self._files = 0
+
+    def keep(self, tensor: Tensor) -> Tensor:
+        """``tensor`` as float32 on the CPU, in memory or in a mapped file; same shape and values."""
+        tensor = tensor.detach().to("cpu", torch.float32)
+        if self.directory is None:
+            return tensor
+        path = self.directory / f"subprune-cache-{os.getpid()}-{id(self)}-{self._files}.f32"
+        self._files += 1
+        mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=torch.float32)
+        path.unlink()  # the mapping keeps the pages; no file outlives the run
+        mapped = mapped.view(tensor.shape)
+        mapped.copy_(tensor)
+        self.spilled_bytes_ += tensor.numel() * 4
+        return mapped
 
 
 @dataclass
@@ -155,7 +213,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def embed_calibration(model: nn.Module, calibration: Mapping[str, Tensor], batch_size: int) -> CachedBatches:
+def embed_calibration(model: nn.Module, calibration: Mapping[str, Tensor], batch_size: int,
+                      store: ActivationStore | None = None) -> CachedBatches:
     """Run the calibration set through the model up to its first block, once; cache the block's inputs.
 
     A forward pre-hook on the first block records its arguments and stops the
@@ -167,6 +226,8 @@ def embed_calibration(model: nn.Module, calibration: Mapping[str, Tensor], batch
     model : transformers model (with or without a head)
     calibration : dict with "input_ids" (N, T) and optionally "attention_mask" (N, T)
     batch_size : int
+    store : ActivationStore, optional
+        Where the block inputs are kept (default: in memory).
 
     Returns
     -------
@@ -180,6 +241,7 @@ def embed_calibration(model: nn.Module, calibration: Mapping[str, Tensor], batch
     """
     _, layers = blocks(model)
     device = model_device(model)
+    store = store or ActivationStore()
     takes_cache_flag = "use_cache" in inspect.signature(model.forward).parameters
     captured: dict = {}
 
@@ -199,7 +261,7 @@ def embed_calibration(model: nn.Module, calibration: Mapping[str, Tensor], batch
                 raise RuntimeError("the model's forward pass never reached its first transformer block")
             args, kwargs = captured.pop("args"), dict(captured.pop("kwargs"))
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            cache.hidden.append(hidden.detach().to("cpu", torch.float32))
+            cache.hidden.append(store.keep(hidden))
             cache.extra_args.append(tuple(args[1:]))
             cache.kwargs.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
             cache.real.append(batch["attention_mask"].bool().cpu())
@@ -226,8 +288,8 @@ def _attention_sum(out: Tensor, consumer: nn.Module, x: Tensor, real: Tensor, na
 class _Executor:
     """Runs one block on one cached batch, counting executions and their time."""
 
-    def __init__(self, cache: CachedBatches, device: torch.device):
-        self.cache, self.device = cache, device
+    def __init__(self, cache: CachedBatches, device: torch.device, store: ActivationStore | None = None):
+        self.cache, self.device, self.store = cache, device, store or ActivationStore()
         self.executions, self.seconds = 0, 0.0
 
     @torch.no_grad()
@@ -250,7 +312,7 @@ class _Executor:
         if isinstance(out, (tuple, list)):
             out = out[0]
         self.seconds += time.perf_counter() - start
-        return (None if out is None else out.to("cpu", torch.float32)), inputs
+        return (None if out is None else self.store.keep(out)), inputs
 
 
 def _skeleton(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -281,6 +343,8 @@ def collect_block_statistics(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = False,
+    precision: str = "float64",
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, GramStatistics], int]:
     """Statistics of the consumer inputs of ``sites`` in the unpruned ``model``, one block at a time.
 
@@ -295,6 +359,10 @@ def collect_block_statistics(
     sites : list of TransformerSite
     calibration : dict with "input_ids" (N, T) and "attention_mask" (N, T)
     batch_size, device, progress
+    precision : {"float64", "mixed"}
+        Accumulation of the Gram sums (:class:`subprune.statistics.GramStatistics`).
+    cache_dir : str or Path, optional
+        Spill the activation caches to memory-mapped files there (:class:`ActivationStore`).
 
     Returns
     -------
@@ -302,15 +370,16 @@ def collect_block_statistics(
     block_executions : int
     """
     with eval_mode(model):
-        return _collect_block_statistics(model, sites, calibration, batch_size, device, progress)
+        return _collect_block_statistics(model, sites, calibration, batch_size, device, progress, precision,
+                                         ActivationStore(cache_dir))
 
 
-def _collect_block_statistics(model, sites, calibration, batch_size, device, progress):
+def _collect_block_statistics(model, sites, calibration, batch_size, device, progress, precision, store):
     device = torch.device(device) if device is not None else model_device(model)
-    cache = embed_calibration(model, calibration, batch_size)
+    cache = embed_calibration(model, calibration, batch_size, store)
     prefix, layers = blocks(model)
     last = max((s.layer for s in sites), default=-1)
-    runner = _Executor(cache, device)
+    runner = _Executor(cache, device, store)
     stats: dict[str, GramStatistics] = {}
     for i in tqdm(range(last + 1), desc="statistics", disable=not progress, leave=False):
         block = layers[i] if device == model_device(model) else copy.deepcopy(layers[i]).to(device)
@@ -318,7 +387,8 @@ def _collect_block_statistics(model, sites, calibration, batch_size, device, pro
         name = f"{prefix}.{i}"
         modules = {s.name: get_module(block, _relative(s.consumer, name)) for s in here}
         for s in here:
-            stats[s.name] = site_moments(consumer_weight(modules[s.name]).shape[0], False, device, s.consumer)
+            stats[s.name] = site_moments(consumer_weight(modules[s.name]).shape[0], False, device, s.consumer,
+                                         precision)
         hidden = []
         for b in range(len(cache.hidden)):
             out, inputs = runner.run(block, cache.hidden[b], b, modules)
@@ -345,6 +415,8 @@ def prune_blocks(
     progress: bool = False,
     description: str = "blocks",
     residual: bool = False,
+    precision: str = "float64",
+    cache_dir: str | os.PathLike | None = None,
 ) -> BlockRun:
     """Prune the sites of ``plan`` block by block; return the assembled pruned model.
 
@@ -375,6 +447,10 @@ def prune_blocks(
         caches stay on the CPU.
     progress : bool
     description : str
+    precision : {"float64", "mixed"}
+        Accumulation of the Gram sums (:class:`subprune.statistics.GramStatistics`).
+    cache_dir : str or Path, optional
+        Spill the activation caches to memory-mapped files there (:class:`ActivationStore`).
 
     residual : bool
         With AsymInChange (``sequential`` and ``asymmetric``): also collect, per
@@ -401,11 +477,12 @@ def prune_blocks(
                          "model normalises the residual sum, so use the default sublayer target")
     with eval_mode(model):
         return _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymmetric, statistics,
-                             batch_size, device, progress, description, residual=residual)
+                             batch_size, device, progress, description, precision, ActivationStore(cache_dir),
+                             residual=residual)
 
 
 def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymmetric, statistics, batch_size,
-                  device, progress, description, residual=False) -> BlockRun:
+                  device, progress, description, precision, store, residual=False) -> BlockRun:
     start = time.perf_counter()
     storage = model_device(model)
     device = torch.device(device) if device is not None else storage
@@ -414,10 +491,10 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
     planned = [s for s in sites if s.name in plan]
     needs_runs = sequential or statistics is None
     last = max((s.layer for s in planned), default=-1) if needs_runs else -1
-    cache = embed_calibration(model, calibration, batch_size) if last >= 0 else CachedBatches([], [], [], [])
+    cache = embed_calibration(model, calibration, batch_size, store) if last >= 0 else CachedBatches([], [], [], [])
     seconds = {"embed": time.perf_counter() - start, "sites": 0.0}
     dense_cache = cache if asymmetric else None
-    runner = _Executor(cache, device)
+    runner = _Executor(cache, device, store)
     norm_name = ffn_output_norm(model)
     reports: list[SiteReport] = []
 
@@ -451,7 +528,8 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
         def moments(site: TransformerSite, asym: bool) -> GramStatistics:
             if residual:
                 return ResidualStatistics(consumer_weight(module(site)).shape[0], device, site.consumer)
-            return site_moments(consumer_weight(module(site)).shape[0], asym, device, site.consumer)
+            weight = consumer_weight(module(site))  # (d, m): still the dense consumer when its statistics start
+            return site_moments(weight.shape[0], asym, device, site.consumer, precision, weight if asym else None)
 
         if not sequential:  # LayerInChange: the dense block's statistics; its output is the next input
             here = [s for s in (heads, ffn) if s is not None]
@@ -483,7 +561,7 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
                     out, targets = runner.run(work, dense_cache.hidden[b], b, wanted)
                     dense_hidden.append(out)
                     if ffn is not None:
-                        dense_ffn_rows.append(_real_rows(targets[ffn.name], cache.real[b], ffn.name).cpu())
+                        dense_ffn_rows.append(store.keep(_real_rows(targets[ffn.name], cache.real[b], ffn.name)))
                         if residual:
                             dense_ffn_residual.append(_attention_sum(out, module(ffn), targets[ffn.name],
                                                                      cache.real[b], ffn.name))
@@ -521,9 +599,9 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
                     ffn_stats.update(rows, a, residual=error)
                 else:
                     ffn_stats.update(rows, a)
-                ffn_inputs.append(inputs[ffn.name].to("cpu", torch.float32))
+                ffn_inputs.append(store.keep(inputs[ffn.name]))
                 if norm is not None:
-                    sums.append(inputs["norm"].to("cpu", torch.float32))
+                    sums.append(store.keep(inputs["norm"]))
         if ffn is not None:
             old = module(ffn)
             report = cut(ffn, ffn_stats)
@@ -533,11 +611,11 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
             for b, x in enumerate(ffn_inputs):
                 x = x.to(device, dtype)
                 delta = new(x.index_select(-1, cols)) - old(x)  # (B, T, hidden), or (B T, hidden) for OPT
-                if norm is None:
-                    hidden[b] = hidden[b] + delta.to("cpu", torch.float32).reshape(hidden[b].shape)
+                if norm is None:  # in place: the cache may be a mapped file
+                    hidden[b].add_(delta.to("cpu", torch.float32).reshape(hidden[b].shape))
                 else:
                     total = sums[b].to(device, dtype) + delta.reshape(sums[b].shape)
-                    hidden[b] = norm(total).to("cpu", torch.float32).reshape(hidden[b].shape)
+                    hidden[b] = store.keep(norm(total).reshape(hidden[b].shape))
         cache = cache.with_hidden(hidden)
         work.to(storage)
 
