@@ -129,8 +129,11 @@ def worker(spec: dict) -> dict:
     prune_module._prune_site = timed
     row["rss_loaded_mb"] = _status("VmRSS") / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    config = prune_module.TransformerPruneConfig(method=spec["method"], heads=0.5, ffn=0.5, params=spec["params"],
-                                                 batch_size=BATCH)
+    if spec.get("keep"):  # the old engine: the new engine's plan at this target, as per-site keep ratios
+        config = prune_module.TransformerPruneConfig(method=spec["method"], keep=spec["keep"], batch_size=BATCH)
+    else:
+        config = prune_module.TransformerPruneConfig(method=spec["method"], heads=0.5, ffn=0.5,
+                                                     params=spec["params"], batch_size=BATCH)
     start, cpu = time.perf_counter(), _cpu()
     result = prune_module.prune_transformer(model, calibration, config)
     row["prune_s"] = time.perf_counter() - start
@@ -215,8 +218,33 @@ def old_tree() -> Path:
     return target
 
 
+def new_plan(method: str, params: float, directory: Path) -> dict[str, float]:
+    """The units per site the new engine's budget gives SmolLM2 at ``params``, as keep ratios.
+
+    The old engine (c4a0384) filled a parameter target differently (1 key/value group and 768 FFN neurons a
+    block at params=0.5, against 2 groups and 774 neurons now: the leftover budget is spent one unit at a
+    time); handing it the new plan as per-site ratios (round(ratio * n) = the same counts) makes the two
+    runs solve the same problems, so their kept units can be compared.
+    """
+    import transformers
+
+    from subprune.hf import prune as prune_module
+    from subprune.hf.architectures import find_transformer_sites
+
+    model = transformers.LlamaForCausalLM.from_pretrained(directory, local_files_only=True)
+    config = prune_module.TransformerPruneConfig(method=method, heads=0.5, ffn=0.5, params=params)
+    sites = find_transformer_sites(model, config.units)
+    plan = prune_module._plan(sites, config)
+    sites = [s for s in sites if s.name in plan]
+    plan = prune_module.budget_plan(model, sites, plan, config, {})
+    channels = {s.name: s.channels for s in sites}
+    return {name: k / channels[name] for name, k in plan.items()}
+
+
 def launch(spec: dict, threads: int, directory: Path) -> dict:
     spec = dict(spec, threads=threads, directory=str(directory))
+    if spec["engine"] == "old" and spec["model"] == "smollm2" and spec["method"] != "dense":
+        spec["keep"] = new_plan(spec["method"], spec["params"], directory)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(old_tree() if spec["engine"] == "old" else ROOT))
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "row.json"
