@@ -15,17 +15,19 @@ model, then prune with ``prune_transformer`` at 50% of the prunable parameters
 A "dense" worker per (model, passages) times one dense forward of the whole
 model over the same calibration set, for the ratio prune / dense forward.
 "old" runs execute the commit before the block engine (c4a0384, extracted with
-``git archive`` into a temporary directory and put first on PYTHONPATH), "new"
+``git archive`` into a temporary directory and put first on PYTHONPATH), with the
+new engine's plan handed over as per-site keep ratios (:func:`new_plan`); "new"
 runs this checkout. Groups (``--groups``, run in the order given): ``engine``
-(SmolLM2 at 32/128 passages, Layer/Seq/Asym, new; old: Layer and Seq at 32,
-Layer at 128, Asym at 32 with ``--old-asym``), ``engine512`` (512 passages,
-Layer and Asym, new), ``grid`` (SmolLM2, 128
-passages, Layer/Seq/Asym/Wanda/FLAP at 20% and 50% of the prunable parameters
-removed), ``depth`` (random LLaMA at SmolLM2 width with 8/16/32 blocks, 32
-passages). Rows go to a JSON-lines file (resumable); the tables to markdown.
+(SmolLM2 at 32/128 passages, Layer/Seq/Asym, new; old: Layer at 32 and 128, Seq
+at 32, Asym at 32 with ``--old-asym``), ``depth`` (random LLaMA at SmolLM2 width
+with 8/16/32 blocks, 32 passages, Asym/Layer/Seq), ``grid`` (SmolLM2, 128
+passages, Layer/Seq/Asym/Wanda/Wanda-sp/FLAP at 20% and 50% of the prunable
+parameters removed; old: Layer at 128, Seq and Wanda at 32), ``engine512`` (512
+passages). Rows go to a JSON-lines file (resumable); the tables to markdown
+(``--table``: cost; ``--grid-table``: old vs new perplexities and kept units).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 \
-        --out results/llm_engine.jsonl --table results/llm_engine.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 \
+        --out results/llm_engine.jsonl --table results/llm_engine.md --grid-table results/llm_engine_grid.md
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "c4a0384"
 HELDOUT = 32
 BATCH = 16
-COMMAND = ("OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 "
-           "--out results/llm_engine.jsonl --table results/llm_engine.md")
-NOTE = ("This table: three parents of that command in parallel (`--groups engine --engine new`, `--groups engine "
-        "--engine old`, `--groups depth grid`), stopped when the session ended; their rows merged into "
-        "results/llm_engine.jsonl, the table rebuilt with `--table-only --out results/llm_engine.jsonl`.")
+COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 "
+           "--out results/llm_engine.jsonl --table results/llm_engine.md --grid-table results/llm_engine_grid.md")
+NOTE = ("This table: the runs of that command one at a time (one process, one thread each), the most needed "
+        "first, until the session's time ran out; a run that is not in the table did not fit. The rows of the "
+        "previous session (two threads, load 15-20, an earlier parameter-target fill) are in git history.")
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -263,7 +265,8 @@ def table(rows: list[dict]) -> str:
     lines = [f"`{COMMAND}`", "", NOTE, "",
              "Pruning SmolLM2-135M-Instruct and LLaMA-shaped random models (SmolLM2 width) with `prune_transformer`, "
              f"50% of the prunable parameters kept (`params=0.5`), batches of {BATCH} passages of at most 128 tokens; "
-             "each row a fresh process; old = commit c4a0384 (per-site engine), new = block engine. "
+             "each row a fresh process with one thread; old = commit c4a0384 (per-site engine), given the new "
+             "engine's plan as per-site keep ratios; new = block engine with the one per-site step. "
              "Solver = selection + refit + surgery of all sites (`_prune_site`, the same code in both engines). "
              "fwd = one dense forward of the whole model (head included) over the same calibration set. "
              "CPU = user + system seconds of the process: the machine (2 cores) was shared with other jobs "
@@ -313,8 +316,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-GRID_COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine grid "
-                "--out results/llm_engine.jsonl --grid-table results/llm_engine_grid.md")
+GRID_COMMAND = COMMAND
 
 
 def grid_table(rows: list[dict]) -> str:

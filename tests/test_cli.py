@@ -89,6 +89,7 @@ def test_argument_errors(argv, message, capsys):
         (["prune", "--model", "lenet", "--dataset", "fashion-mnist", "--quiet"], "was trained on mnist"),
         (["prune", "--method", "wanda", "--quiet"], "--method wanda is for hf: (transformers) models only"),
         (["prune", "--held-out", "100", "--quiet"], "--held-out applies only to --budget accuracy"),
+        (["prune", "--cache-dir", ".", "--calib", "16", "--quiet"], "--cache-dir applies to hf: (transformers) models"),
         (["prune", "--layers", " , ", "--quiet"], "--layers names no layer"),
         (["prune", "--keep-site", "conv2=0.5", "--keep-site", "conv2=0.25", "--quiet"], "names conv2 more than once"),
         (["prune", "--layers", "conv1", "--keep-site", "conv2=0.5", "--calib", "16", "--quiet"],

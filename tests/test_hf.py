@@ -274,13 +274,16 @@ def test_cli_prunes_a_transformers_directory(tmp_path, capsys):
     dense_dir, out = tmp_path / "dense", tmp_path / "pruned"
     transformers.GPT2LMHeadModel(config).save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
+    (tmp_path / "cache").mkdir()
     code = main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "text:wikipedia", "--heads", "0.5",
-                 "--ffn", "0.25", "--calib", "8", "--out", str(out), "--quiet", "--json"])
+                 "--ffn", "0.25", "--calib", "8", "--out", str(out), "--quiet", "--json",
+                 "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report == json.loads(capsys.readouterr().out)
     assert [(s["kept"], s["channels"]) for s in report["sites"]] == [(2, HEADS), (FFN // 4, FFN)] * LAYERS
     assert report["pruned_params"] < report["dense_params"] and report["pruned_perplexity"] > 1
+    assert report["precision"] == "float64" and not list((tmp_path / "cache").iterdir())
     reloaded = load_pruned(out, transformers.AutoModelForCausalLM)
     assert sum(p.numel() for p in reloaded.parameters()) == report["pruned_params"]
     assert main(["prune", "--model", f"hf:{dense_dir}", "--dataset", "mnist", "--quiet"]) == 2

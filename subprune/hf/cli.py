@@ -143,7 +143,7 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
         "target": config.target,
         **({"heads": heads, "ffn": ffn} if config.params is None else
            {"pruned_kinds": [k for k, r in (("heads", heads), ("ffn", ffn)) if r is not None]}),
-        "reweight": config.reweight,
+        "reweight": config.reweight, "precision": config.precision,
         **measures, "prune_seconds": result.seconds,
         "sites": [dataclasses.asdict(s) for s in result.sites],
     }
