@@ -49,7 +49,8 @@ BATCH = 16
 COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 "
            "--out results/llm_engine.jsonl --table results/llm_engine.md --grid-table results/llm_engine_grid.md")
 NOTE = ("This table: the runs of that command one at a time (one process, one thread each), the most needed "
-        "first, until the session's time ran out; a run that is not in the table did not fit. The rows of the "
+        "first, until the session's time ran out; a run that is not in the table did not fit (512 passages, "
+        "the old engine's Seq and Asym, Layer/Seq on the random models). The rows of the "
         "previous session (two threads, load 15-20, an earlier parameter-target fill) are in git history.")
 
 
@@ -335,7 +336,9 @@ def grid_table(rows: list[dict]) -> str:
              "sequential methods (Seq, Wanda: ~30 full forwards; Asym ~60), so on this shared 2-core machine it ran "
              "those at 32 passages only, beside the new engine at 32; Layer (one pass) at 128. Wanda-sp and FLAP's "
              "adaptive structure do not exist in c4a0384 (its FLAP was sequential with a uniform structure: other "
-             "maths), so they have no old column. A blank cell: not run in this session.", "",
+             "maths), so they have no old column. A blank cell, or a method or fraction without a row: not run "
+             "in this session (it ran Layer/Seq/Asym at 50% only; the 3-seed sweep of every method with the new "
+             "engine is results/llm_sweep.md).", "",
              "| method | removed | new 128: wiki | lee | new 32: wiki | lee | old: passages | wiki | lee "
              "| same units |", "|" + "---|" * 10]
     if dense:
@@ -396,6 +399,7 @@ def main() -> None:
                 continue
             print("running", spec, flush=True)
             row = launch(spec, args.threads, directory)
+            row.pop("directory", None)  # (a path of this machine)
             rows.append(row)
             with out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
