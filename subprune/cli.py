@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="sublayer", choices=["sublayer", "residual"],
                    help="hf: --method asym: fit each consumer to its sublayer's dense output (sublayer), or to that "
                         "plus the upstream residual-stream error it can absorb (residual; pre-norm models)")
+    p.add_argument("--interpolation-ridge", type=_bounded("--interpolation-ridge", 0), default=0.0, metavar="R",
+                   help="relative ridge only at the sites whose refit has fewer calibration rows than twice its kept "
+                        "columns (a flatten into a wide Linear with a few hundred images: 0.1; docs/zoo.md)")
     p.add_argument("--units", default="kv", choices=["kv", "qheads"],
                    help="hf: grouped-query attention: prune key/value groups with their query heads (kv), or query "
                         "heads inside the groups, keeping the shared keys/values (qheads)")
@@ -309,7 +312,7 @@ def cmd_prune(args: argparse.Namespace, console: Console) -> None:
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
-        progress=not args.quiet, coupled=args.coupled,
+        progress=not args.quiet, coupled=args.coupled, interpolation_ridge=args.interpolation_ridge,
     )
     spec = get_spec(args.model)
     if args.dataset is not None and args.dataset != spec.dataset:

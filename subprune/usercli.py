@@ -132,7 +132,7 @@ def cmd_prune_user(args: argparse.Namespace, console: Console) -> dict:
         reweight=not args.no_reweight,
         layers=tuple(s.strip() for s in args.layers.split(",")) if args.layers else None,
         epsilon=args.epsilon, ridge=args.ridge, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
-        progress=not args.quiet, coupled=args.coupled,
+        progress=not args.quiet, coupled=args.coupled, interpolation_ridge=args.interpolation_ridge,
     )
     labels = None if data.labels is None else data.labels[calib_idx]
     result = prune(model, data.take(calib_idx), config, labels=labels if method.needs_labels else None)

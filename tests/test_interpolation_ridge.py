@@ -38,3 +38,16 @@ def test_ridge_only_where_rows_are_fewer_than_twice_the_kept_columns():
     assert not torch.allclose(auto.model.fc.weight, plain.model.fc.weight)
     with pytest.raises(ValueError, match="interpolation_ridge"):
         PruneConfig(interpolation_ridge=-1.0)
+
+
+def test_cli_flag_sets_it(tmp_path, capsys):
+    import json
+
+    from subprune.cli import main
+
+    # LeNet, 128 calibration images, keep 0.5: conv2's consumer fc1 gets 8 x 25 = 200 columns (< 2 x 128 rows)
+    code = main(["prune", "--model", "lenet", "--method", "layer", "--keep", "0.5", "--calib", "128",
+                 "--interpolation-ridge", "0.1", "--out", str(tmp_path / "run"), "--quiet", "--json"])
+    assert code == 0
+    ridge = {s["name"]: s["ridge"] for s in json.loads(capsys.readouterr().out)["sites"]}
+    assert ridge["conv2"] > 0 and ridge["conv1"] == 0 and ridge["fc2"] == 0
