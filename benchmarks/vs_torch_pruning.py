@@ -53,12 +53,16 @@ TP_IMPORTANCES = ("l1", "l2", "bn-scale", "taylor", "lamp")
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in TP_IMPORTANCES for scope in ("local", "global")]
 COUPLED = {"resnet-fmnist"}
 _CMD = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_torch_pruning.py"
-RUNS = [
+_IR = "--methods layer-uniform-ir layer-curve-ir asym-uniform-ir asym-curve-ir"
+_REST = "--test-subset 2000 --out results/vs_torch_pruning.jsonl"
+RUNS = [  # in the order they ran; each resumes (skips the rows it has), so rerunning them completes the table
     f"{_CMD} --models lenet --out results/vs_torch_pruning.jsonl",
-    f"{_CMD} --models advertorch-lenet5 ccexam-mnistnet vgg11-bn-fmnist resnet-fmnist --test-subset 2000 "
-    "--seed-values 0 --out results/vs_torch_pruning.jsonl",
-    f"{_CMD} --models advertorch-lenet5 ccexam-mnistnet vgg11-bn-fmnist resnet-fmnist --test-subset 2000 "
-    "--seed-values 1 2 --out results/vs_torch_pruning.jsonl",
+    f"{_CMD} --models advertorch-lenet5 ccexam-mnistnet {_REST}  # first 1 or 3 seeds, an earlier --seeds order",
+    f"{_CMD} --models advertorch-lenet5 ccexam-mnistnet vgg11-bn-fmnist resnet-fmnist --seed-values 0 {_REST}",
+    f"{_CMD} --models ccexam-mnistnet {_IR} --seed-values 0 1 2 {_REST}",
+    f"{_CMD} --models ccexam-mnistnet --seed-values 1 2 {_REST}",
+    f"{_CMD} --models advertorch-lenet5 vgg11-bn-fmnist {_IR} --seed-values 0 {_REST}",
+    f"{_CMD} --models vgg11-bn-fmnist advertorch-lenet5 resnet-fmnist --seed-values 1 2 {_REST}",
 ]
 NOTES = """512 calibration images per seed (the seed draws them; they are also the fine-tuning set). LeNet on all
 10,000 MNIST test images; the other models on the first 2,000 test images of their data set (MNIST or
@@ -68,7 +72,10 @@ its L1, L2, BN-scale and LAMP importances read only the weights, so their pruned
 seed (std 0 without fine-tuning). BN-scale needs BatchNorm, which the MNIST models lack. Fine-tuning: the
 paper's limited-data schedule on the 512 calibration images, the same for every method
 (`subprune.finetune.paper_schedule`: Adam lr 1e-3, 10 epochs for LeNet; 20 with weight decay 5e-4 and the
-rate x0.1 at epochs 10 and 15 otherwise)."""
+rate x0.1 at epochs 10 and 15 otherwise). `-ir`: the same subprune method with `PruneConfig(interpolation_ridge=0.1)`
+(a ridge only at the sites whose refit has fewer rows than twice its columns; docs/zoo.md). resnet-fmnist is pruned
+with `coupled=True` (its residual streams). n < 3: the runs above were stopped when the session's time ran out; the
+rows of each cell are the first n seeds."""
 
 
 def _importance(tp, name: str):
