@@ -23,6 +23,7 @@ spec.loader.exec_module(zoo)
 @pytest.mark.parametrize(("name", "size", "share"), [
     ("resnet18", 32, 0.95), ("efficientnet_lite0", 32, 0.98), ("tf_efficientnet_b0", 32, 0.98),
     ("vit_tiny_patch16_224", 32, 0.98), ("convnext_atto", 32, 0.97),
+    ("nf_resnet26:frozen", 32, 0.96),  # ScaledStdConv2d frozen to plain convolutions (subprune.convs)
 ])
 def test_timm_architecture(name, size, share):
     torch.set_num_threads(1)
