@@ -104,8 +104,9 @@ class _ConvCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d:
-            self.calls.append(args + tuple(kwargs.values()))
+        if func is F.conv2d:  # (input, weight, bias=None, stride, padding, dilation, groups)
+            self.calls.append((args[1] if len(args) > 1 else kwargs["weight"],
+                               args[2] if len(args) > 2 else kwargs.get("bias")))
         return func(*args, **kwargs)
 
 
@@ -147,7 +148,7 @@ def effective_conv(module: nn.Conv2d, in_shape: tuple[int, ...]) -> nn.Conv2d | 
             return None
     if len(recorder.calls) != 1:
         return None
-    weight, bias = recorder.calls[0][1], (recorder.calls[0][2:3] or (None,))[0]
+    weight, bias = recorder.calls[0]
     if weight.shape != module.weight.shape or (bias is not None and bias.shape != (module.out_channels,)):
         return None
     for name in ("plain", "same"):
