@@ -119,8 +119,15 @@ def _dataset_name(text: str) -> str:
                                      "or text:wikipedia (for hf: models)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the problem and where the usage is, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="subprune",
         description="Data-efficient structured pruning (El Halabi et al., NeurIPS 2022).",
     )
@@ -227,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="example inputs for the ONNX trace (default: the recorded data or dataset)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --onnx file")
 
     sub.add_parser("list", help="list the registered models, the model forms and the methods")
     return parser

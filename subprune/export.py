@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def export_onnx(model: nn.Module, example, path: str | Path, opset: int = 17) ->
     names = _input_names(model, batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed over path once complete
     axes = {0: "batch", 1: "sequence"} if isinstance(model, TokenModel) else {0: "batch"}
     training = model.training
     model.eval()
@@ -75,12 +77,16 @@ def export_onnx(model: nn.Module, example, path: str | Path, opset: int = 17) ->
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
-                model, tuple(batch.args), str(path), kwargs=dict(batch.kwargs) or None, input_names=names,
+                model, tuple(batch.args), str(partial), kwargs=dict(batch.kwargs) or None, input_names=names,
                 output_names=["output"], opset_version=opset,
                 dynamic_axes={**{n: axes for n in names}, "output": axes}, dynamo=False,
             )
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, path)
     finally:
         model.train(training)
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -237,11 +243,21 @@ def _example_for(directory: Path, saved: dict, data: str | None, model: nn.Modul
     return spec.preprocess(images[:8])
 
 
+def _check_onnx_target(path: Path, overwrite: bool) -> None:
+    """``--onnx`` names a new file, or an existing one ``--overwrite`` allows replacing (ValueError otherwise)."""
+    if path.is_dir():
+        raise ValueError(f"--onnx {path} is a directory: name the file to write, e.g. {path / 'model.onnx'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--onnx {path} exists: choose another path, or pass --overwrite to replace it")
+
+
 def export_command(args: argparse.Namespace, console: Console) -> None:
     """``subprune export DIR --onnx FILE`` / ``--transformers DIR``."""
     directory = Path(args.directory)
     if args.onnx is None and args.transformers is None:
         raise ValueError("export needs --onnx FILE and/or --transformers DIR")
+    if args.onnx is not None:
+        _check_onnx_target(Path(args.onnx), getattr(args, "overwrite", False))
     is_hf = (directory / "config.json").is_file()
     if args.transformers is not None:
         if not is_hf:

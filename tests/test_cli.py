@@ -184,3 +184,13 @@ def test_near_interpolating_refit_warns_naming_the_consumer(caplog):
         assert main(["prune", "--model", "lenet", "--method", "layer-weightnorm", "--keep-site", "conv2=0.3125",
                      "--layers", "conv2", "--calib", "128", "--no-reweight", "--quiet"]) == 0
     assert not [r for r in caplog.records if "refit columns" in r.getMessage()]
+
+
+@pytest.mark.parametrize("argv, problem", [(["prune", "--keep", "2"], "keep ratio 2.0 is out of range"),
+                                           (["prune", "--calib", "abc"], "'abc' is not an integer"),
+                                           (["frob"], "invalid choice: 'frob'")])
+def test_argument_errors_are_one_line(argv, problem, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and problem in err and err.count("\n") == 1 and "--help" in err

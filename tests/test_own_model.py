@@ -96,8 +96,15 @@ def test_weights_files_load_and_keep_their_dtype(user, tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         parse_model(f"{root / 'my_net.py'}:build", weights=str(root / "net.pt"), kwargs={"classes": 3}).load()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="cannot be read") as damaged:
         load_state_file(str(tmp_path / "junk.pt"))
+    assert "\n" not in str(damaged.value) and "weights_only" not in str(damaged.value)  # one line, no unsafe advice
+    torch.save(model, tmp_path / "whole.pt")  # a whole pickled model: the safe load refuses its classes
+    with pytest.raises(ValueError, match="pickled Python objects") as pickled:
+        load_state_file(str(tmp_path / "whole.pt"))
+    assert "\n" not in str(pickled.value)
+    with pytest.raises(ValueError, match="is a directory, not a weights file"):
+        load_state_file(str(tmp_path))
 
 
 def test_api_save_records_the_source_dtype_and_frozen_parameters(user, tmp_path):
@@ -188,9 +195,15 @@ def test_cli_prune_evaluate_export_a_file_factory_model(user, capsys):
         assert pruned.conv1.out_channels == 4 and pruned.fc1.out_features == 12
     if importlib.util.find_spec("onnx") is None:
         pytest.skip("onnx is not installed")
-    assert main(["export", str(root / "pruned-calib.npy"), "--onnx", str(root / "m.onnx")]) == 0
+    assert main(["export", str(root / "pruned-calib.npy"), "--onnx", str(root)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (root / "m.onnx").write_text("the user's own file")
+    assert main(["export", str(root / "pruned-calib.npy"), "--onnx", str(root / "m.onnx")]) == 2
+    assert "exists" in capsys.readouterr().err and (root / "m.onnx").read_text() == "the user's own file"
+    assert main(["export", str(root / "pruned-calib.npy"), "--onnx", str(root / "m.onnx"), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and (root / "m.onnx").is_file()
+    assert [p.name for p in root.iterdir() if ".partial-" in p.name] == []  # written aside, then renamed
     if importlib.util.find_spec("onnxruntime") is not None:
         from subprune.export import onnx_parity
 

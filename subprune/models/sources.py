@@ -284,6 +284,9 @@ def load_state_file(path: str) -> dict[str, Tensor]:
         If it cannot be read or holds no tensors.
     """
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--weights {path} is a directory, not a weights file: pass the .pt, .pth or .safetensors "
+                         "file inside it")
     if not file.is_file():
         raise FileNotFoundError(f"--weights {path} does not exist")
     try:
@@ -294,8 +297,14 @@ def load_state_file(path: str) -> dict[str, Tensor]:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"--weights {path} cannot be read as safetensors or a torch state dict ({exc}); save it "
-                         "with torch.save(model.state_dict(), PATH) or safetensors.torch.save_file") from exc
+        # torch's own message runs to many lines and suggests weights_only=False (arbitrary code): one line instead
+        if "Weights only load failed" in str(exc):
+            why = "it holds pickled Python objects a safe load refuses (a whole pickled model?) or it is damaged"
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:120]
+            why = f"it is damaged or not a weights file ({type(exc).__name__}: {first})"
+        raise ValueError(f"--weights {path} cannot be read as safetensors or a torch state dict: {why}; save it with "
+                         "torch.save(model.state_dict(), PATH) or safetensors.torch.save_file") from exc
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(key), dict):
