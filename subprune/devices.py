@@ -47,6 +47,17 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
     return resolved
 
 
+def to_device(value, device):
+    """Tensors inside ``value`` (tensor, tuple, list, dict, nested) moved to ``device``; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 def _own_tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
     """(owning dict, name, tensor) of the module's own parameters and buffers (not its children's)."""
     return [(store, name, tensor) for store in (module._parameters, module._buffers)

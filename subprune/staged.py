@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from subprune.calibration import Batch, Calibration
-from subprune.devices import offload_modules
+from subprune.devices import offload_modules, to_device
 from subprune.distributed import all_reduce_statistics
 from subprune.graph import trace
 from subprune.joint_refit import shared_consumers
@@ -82,17 +82,6 @@ _SAFE_PARAMETER_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.
                              torch.div}
 _SAFE_PARAMETER_METHODS = {"mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_", "__mul__", "__rmul__",
                            "__add__", "__radd__"}
-
-
-def _to(value, device):
-    """Tensors inside ``value`` (tensor, tuple, list, dict) on ``device``; other values as they are."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def _clone(value):
@@ -249,13 +238,13 @@ class _Replay:
 
         def value(n: torch.fx.Node):
             if n not in env and n.op == "get_attr":
-                env[n] = _to(_attribute(model, n.target), self.device)
+                env[n] = to_device(_attribute(model, n.target), self.device)
             return env[n]
 
         self.counts.runs[stream] += 1
         for i in range(start, stop + 1):
             if i == save:
-                saved = {n: _clone(_to(env[n], "cpu")) if n in graph.mutated else _to(env[n], "cpu")
+                saved = {n: _clone(to_device(env[n], "cpu")) if n in graph.mutated else to_device(env[n], "cpu")
                          for n in graph.live(i)}
             node = nodes[i]
             if i in capture:
@@ -387,14 +376,14 @@ class StagedStatistics:
         with offload_modules(models, self.device) if self.offload else contextlib.nullcontext(), torch.no_grad():
             for b, size in enumerate(self.batch_sizes):
                 started = time.perf_counter()
-                env = {n: _to(v, self.device) for n, v in self.cache.values[b].items()}
+                env = {n: to_device(v, self.device) for n, v in self.cache.values[b].items()}
                 self.cache.values[b] = {}  # each cache is read once: free it as the run goes
                 inputs, live = self._replay.run(self.work, env, self.cache.index, stop, cut, capture, "pruned",
                                                 size)
                 saved.append(live)
                 targets = None
                 if self.dense_cache is not None:
-                    env = {n: _to(v, self.device) for n, v in self.dense_cache.values[b].items()}
+                    env = {n: to_device(v, self.device) for n, v in self.dense_cache.values[b].items()}
                     self.dense_cache.values[b] = {}
                     targets, live = self._replay.run(self.dense, env, self.dense_cache.index, stop, dense_save,
                                                      capture, "dense", size)
@@ -428,7 +417,7 @@ class StagedStatistics:
         out = []
         with offload_modules([self.work], self.device) if self.offload else contextlib.nullcontext(), torch.no_grad():
             for b, size in enumerate(self.batch_sizes):  # the cache is read, not consumed: copy what gets changed
-                env = {n: _to(_clone(v) if n in self.graph.mutated else v, self.device)
+                env = {n: to_device(_clone(v) if n in self.graph.mutated else v, self.device)
                        for n, v in self.cache.values[b].items()}
                 inputs, _ = self._replay.run(self.work, env, self.cache.index, stop, None, {stop}, "pruned", size)
                 out.append(inputs[consumer].to("cpu", copy=True))

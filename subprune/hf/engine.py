@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from subprune.core.site import SiteReport
+from subprune.devices import to_device
 from subprune.hf.architectures import FFN, HEADS, TransformerSite, blocks, consumer_weight, ffn_output_norm
 from subprune.hf.residual import ResidualStatistics
 from subprune.solver import group_columns
@@ -185,17 +186,6 @@ def _batches(calibration: Mapping[str, Tensor], batch_size: int, device) -> Iter
         yield batch
 
 
-def _to(value, device):
-    """Tensors inside ``value`` (tensor, tuple, list, dict) moved to ``device``; other values as they are."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -299,8 +289,8 @@ class _Executor:
         start = time.perf_counter()
         dtype = next(block.parameters()).dtype
         x = hidden.to(self.device, dtype)
-        args = _to(self.cache.extra_args[index], self.device)
-        kwargs = _to(self.cache.kwargs[index], self.device)
+        args = to_device(self.cache.extra_args[index], self.device)
+        kwargs = to_device(self.cache.kwargs[index], self.device)
         inputs: dict[str, Tensor] = {}
         out = None
         self.executions += 1
