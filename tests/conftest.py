@@ -52,3 +52,13 @@ def conv_net():
 @pytest.fixture
 def images():
     return torch.randn(96, 1, 14, 14, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    convolutions run fastest that way on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

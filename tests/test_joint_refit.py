@@ -16,12 +16,7 @@ from subprune.sites import find_sites
 OFFSETS = {"b1": 0, "b2b": 8, "b3": 24}  # where each branch's channels lie in the input of "mix"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from subprune.models.cnn import ARCHITECTURES
 from subprune.pipeline import PruneConfig, prune
 from subprune.staged import counting_calls, dense_forward_equivalents
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int, channels: int, size: int) -> torch.Tensor:

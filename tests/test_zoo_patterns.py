@@ -21,13 +21,7 @@ from subprune.sites import NothingToPruneError, TraceError, find_sites
 from subprune.statistics import consumer_input_rows
 from subprune.surgery import consumer_weight_matrix, prune_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(model):
