@@ -285,11 +285,15 @@ def _recover_journal(target: Path, old: Path) -> str:
         _remove_version(previous)
         _remove(old)
         return f"removed {old.name}: the previous save of a swap that had finished"
-    if new is not None and new.is_dir():
+    if new is not None and not new.is_dir():  # its second rename happened: a later swap moved that save on
+        _remove_version(previous)
+        _remove(old)
+        return f"removed {old.name}: the previous save of a swap that had finished (a later swap is recovered apart)"
+    if new is not None:
         os.rename(new, target)
         _remove_version(previous)
         outcome = f"completed the interrupted swap of {target.name} (the new save from {new.name})"
-    else:  # no journal (an older subprune) or no new version: put the previous save back
+    else:  # no journal (an older subprune): put the previous save back
         os.rename(previous, target)
         outcome = f"rolled back the interrupted swap of {target.name} (the previous save restored)"
     _fsync(target.parent, directory=True)
@@ -346,7 +350,11 @@ def current_version(target: str | os.PathLike) -> Path:
     for old in strays(target):
         if old.name.startswith(old_prefix(target.name)) and (old / PREVIOUS).is_dir():
             new = _journal(old, target)
-            return new if new is not None and new.is_dir() else old / PREVIOUS
+            if new is None:
+                return old / PREVIOUS
+            if new.is_dir():
+                return new
+            # else a swap that had finished: its previous save may be half removed; the swap in flight is another
     return target
 
 
@@ -371,7 +379,12 @@ def read_version(target: str | os.PathLike, read: Callable[[Path], T], attempts:
         recover(target)
     for _ in range(attempts):
         version = current_version(target)
-        fd = os.open(version, os.O_RDONLY | _O_DIRECTORY)  # FileNotFoundError: no save
+        try:
+            fd = os.open(version, os.O_RDONLY | _O_DIRECTORY)
+        except FileNotFoundError:
+            if version == target:
+                raise  # no save
+            continue  # a swap in flight renamed that version to the target meanwhile
         try:
             if fcntl is not None:
                 with contextlib.suppress(OSError):

@@ -290,3 +290,24 @@ def test_strays_of_the_earlier_protocol_are_recovered(tmp_path, versions):
     (tmp_path / ".out.tmp-y").mkdir()  # an empty unfinished sibling
     assert any("finished" in line for line in saving.recover(target))
     assert which(target, versions) == 0 and saving.strays(target) == []
+
+
+def test_a_finished_swap_half_removed_beside_a_swap_killed_between_its_renames(tmp_path, versions):
+    """Saver B swapped and was killed removing its previous save; saver A then moved B's save aside and was killed.
+
+    The regression behind a flaky concurrent-savers run: B's journal (sorted first) names a new version that no
+    longer exists, and its half-removed previous save must not be taken for the save in place; A's swap is the one
+    to finish.
+    """
+    target = tmp_path / "out"
+    journal = {"format": saving.JOURNAL_FORMAT, "target": "out"}
+    b, a = tmp_path / ".out.old-0b", tmp_path / ".out.old-1a"
+    shutil.copytree(versions[0], b / saving.PREVIOUS)
+    next(iter(sorted((b / saving.PREVIOUS).iterdir()))).unlink()  # half removed
+    (b / saving.JOURNAL_FILE).write_text(json.dumps({**journal, "new": ".out.tmp-b"}))  # became the target, moved on
+    shutil.copytree(versions[1], a / saving.PREVIOUS)  # B's save, moved aside by A's first rename
+    shutil.copytree(versions[2], tmp_path / ".out.tmp-a")  # A's new save, complete
+    (a / saving.JOURNAL_FILE).write_text(json.dumps({**journal, "new": ".out.tmp-a"}))
+    assert which(saving.current_version(target), versions) == 2  # readers meanwhile see A's save
+    assert saving.read_version(target, lambda path: which(path, versions)) == 2
+    assert which(target, versions) == 2 and saving.strays(target) == []  # the read recovered it
