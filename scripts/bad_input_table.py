@@ -144,7 +144,7 @@ def rows(tmp: Path) -> list[tuple[str, tuple[str, str, float]]]:
                       outcome(lambda out=out: load_pruned(out, model=make_conv_net()))))
     table.append(("interpolation warning with PruneConfig(ridge=0.1) and 12 samples",
                   ("warning", interpolation_warning(), 0.0)))
-    for argv in (["--threads", "x"], ["--threads", "0"], ["--calib", "1.5"], ["--seed", "-3"],
+    for argv in (["--threads", "x"], ["--threads", "0"], ["--calib", "1.5"], ["--calib", "1"], ["--seed", "-3"],
                  ["--finetune-epochs", "0"]):
         table.append((f"subprune prune {' '.join(argv)}", cli_outcome(["prune", *argv])))
     try:

@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reweight", action="store_true", help="do not refit the consumer weights")
     p.add_argument("--coupled", action="store_true",
                    help="also prune channels tied by residual additions, as coupled sites")
-    p.add_argument("--calib", type=_bounded("--calib", 1, integer=True), default=None,
+    p.add_argument("--calib", type=_bounded("--calib", MIN_CALIBRATION_SAMPLES, integer=True), default=None,
                    help="number of calibration samples (default 512; 128 passages for hf: models)")
     p.add_argument("--finetune", default="none", choices=["none", "limited", "full"],
                    help="fine-tune the pruned model with labels (the paper's Adam schedule): on the calibration "

@@ -80,7 +80,7 @@ def test_argument_errors(argv, message, capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["prune", "--calib", "1", "--quiet"], "--calib 1 must be between 2"),
+        (["prune", "--calib", "60000", "--quiet"], "--calib 60000 must be between 2 and the 50000"),
         (["prune", "--layers", "fc3", "--calib", "16", "--quiet"], "'fc3' cannot be pruned"),
         (["prune", "--keep-site", "bn9=0.5", "--calib", "16", "--quiet"], "unknown sites"),
         (["prune", "--method", "actgrad", "--budget", "accuracy", "--held-out", "0", "--quiet"], "--held-out 0"),

@@ -175,6 +175,7 @@ def test_the_interpolation_warning_does_not_suggest_the_ridge_that_is_set(images
     (["--threads", "x"], "argument --threads: --threads 'x' is not an integer"),
     (["--threads", "0"], "argument --threads: --threads 0 must be an integer >= 1"),
     (["--calib", "1.5"], "argument --calib: --calib '1.5' is not an integer"),
+    (["--calib", "1"], "argument --calib: --calib 1 must be an integer >= 2 (see"),  # the same bound as the data layer
     (["--seed", "-3"], "argument --seed: --seed -3 must be an integer >= 0 (see"),
     (["--held-out", "-1"], "argument --held-out: --held-out -1 must be an integer >= 0"),
     (["--finetune-epochs", "0"], "argument --finetune-epochs: --finetune-epochs 0 must be an integer >= 1"),
