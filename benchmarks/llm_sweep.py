@@ -9,11 +9,12 @@ the last 128 Wikipedia passages and on the first 64 articles of gensim's
 calibrated on. Also: parameters, prune seconds, decode tokens/s (greedy, batch
 1, 32 new tokens, median of 3) and the per-site f(S).
 
-A variant is ``METHOD[/BUDGET][/refit|/norefit][/rRIDGE][/heads|/ffn]``, e.g.
+A variant is ``METHOD[/BUDGET][/refit|/norefit][/rRIDGE][/heads|/ffn][/qheads][/residual][@REMOVED]``, e.g.
 ``flap`` (FLAP as published: its own adaptive structure, bias compensation, no
 refit), ``wanda-sp/norefit``, ``layer/flap/refit/r1e-3`` (LayerInChange with
 FLAP's structure and a ridge), ``layer/curve/refit/ffn`` (FFN only), ``layer/flap/qheads``
-(query heads as attention units), ``asym/flap/residual`` (the residual-stream target).
+(query heads as attention units), ``asym/flap/residual`` (the residual-stream target),
+``layer/heads@0.5`` (only at 50% of the ``--removed`` fractions).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_sweep.py \\
         --variants flap wanda-sp layer/flap/refit/r1e-3 --removed 0.2 0.5 --seeds 0 1 2 --calib 128 \\
@@ -35,7 +36,7 @@ import torch
 
 from subprune.evaluate import count_parameters
 from subprune.hf.evaluate import perplexity
-from subprune.hf.prune import BUDGETS, TRANSFORMER_METHODS, TransformerPruneConfig, prune_transformer
+from subprune.hf.prune import BUDGETS, INCHANGE, TRANSFORMER_METHODS, TransformerPruneConfig, prune_transformer
 from subprune.hf.text import gensim_test_data, tokenize, wikipedia_passages
 
 CALIB_POOL_END = 256  # calibration passages come from before the last 256 Wikipedia passages
@@ -51,18 +52,20 @@ class Variant:
     spec: str
     method: str
     budget: str = "auto"
-    reweight: bool | None = None  # None: the method's default (no refit for flap / wanda-sp / magnitude)
+    reweight: bool | None = None  # None: the method's default (refit for the InChange methods and their -swap)
     ridge: float = 0.0
     kinds: str = "both"  # both, heads, ffn
     units: str = "kv"  # attention units: kv groups, or query heads (qheads)
     target: str = "sublayer"  # what a consumer fits: its sublayer output, or plus the upstream residual error
+    only_removed: float | None = None  # ``SPEC@0.5``: run at this fraction of --removed only
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
+        spec, _, at = spec.partition("@")
+        kwargs: dict = {"only_removed": float(at)} if at else {}
         method, *parts = spec.split("/")
         if method not in TRANSFORMER_METHODS:
             raise SystemExit(f"variant {spec!r}: unknown method {method!r}; choose one of {list(TRANSFORMER_METHODS)}")
-        kwargs: dict = {}
         for part in parts:
             if part in BUDGETS:
                 kwargs["budget"] = part
@@ -82,7 +85,7 @@ class Variant:
         return cls(spec, method, **kwargs)
 
     def config(self, removed: float, seed: int) -> TransformerPruneConfig:
-        reweight = self.reweight if self.reweight is not None else self.method in ("layer", "seq", "asym")
+        reweight = self.reweight if self.reweight is not None else self.method in INCHANGE  # *-swap refit too
         return TransformerPruneConfig(
             method=self.method, heads=None if self.kinds == "ffn" else 0.5, ffn=None if self.kinds == "heads" else 0.5,
             params=1.0 - removed, budget=self.budget, reweight=reweight, ridge=self.ridge, seed=seed, batch_size=16,
@@ -228,7 +231,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--merge", nargs="*", default=[],
-                        help="more JSON-lines files of the same protocol (other seeds run in parallel) for the table")
+                        help="more JSON-lines files of the same protocol (other seeds run in parallel) for the table; "
+                        "their runs are not run again")
     parser.add_argument("--wiki-heldout", type=int, default=WIKI_HELDOUT, help="held-out Wikipedia passages")
     parser.add_argument("--lee-heldout", type=int, default=LEE_HELDOUT, help="held-out news articles")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode tokens/s measurement")
@@ -258,7 +262,8 @@ def main() -> None:
             handle.write(json.dumps(dense) + "\n")
         rows.append(dense)
     print(f"dense: {dense}", flush=True)
-    done = {(r["variant"], r["removed"], r["seed"], r["calib"]) for r in rows if r["variant"] != "dense"}
+    merged = [json.loads(line) for extra in args.merge for line in Path(extra).read_text().splitlines()]
+    done = {(r["variant"], r["removed"], r["seed"], r["calib"]) for r in rows + merged if r["variant"] != "dense"}
     shared = SharedStatistics() if args.share_statistics else None
     for seed in [] if args.table_only else args.seeds:
         calib = calibration(tokenizer, passages, args.calib, seed)
@@ -266,7 +271,8 @@ def main() -> None:
             shared.reset()
         for removed in args.removed:
             for variant in variants:
-                if args.table_only or (variant.spec, removed, seed, args.calib) in done:
+                if args.table_only or (variant.spec, removed, seed, args.calib) in done or \
+                        variant.only_removed not in (None, removed):
                     continue
                 if shared is not None:
                     shared.hit = False
@@ -290,15 +296,17 @@ def main() -> None:
                 with out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 rows.append(row)
-    for extra in args.merge:
-        rows += [json.loads(line) for line in Path(extra).read_text().splitlines()]
+    rows = rows + merged  # a run repeated in a later --merge file wins
     latest = {(r["variant"], r["removed"], r["seed"], r["calib"]): r for r in rows if r["variant"] != "dense"}
     runs = list(latest.values())  # a run repeated in a later file (a re-run with more measurements) counts once
     command = "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_sweep.py " + " ".join(sys.argv[1:])
     text = table(runs, dense, command)
     print(text)
     if args.table:
-        Path(args.table).write_text(text)
+        path = Path(args.table)
+        previous = path.read_text() if path.exists() else ""
+        header = previous[: previous.find("Command: `")] if previous.find("Command: `") > 0 else ""
+        path.write_text(header + text)  # the hand-written part above "Command:" stays
     if args.plot and runs:
         plot(runs, dense, Path(args.plot))
 
