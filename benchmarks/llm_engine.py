@@ -46,12 +46,16 @@ ROOT = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "c4a0384"
 HELDOUT = 32
 BATCH = 16
+BEFORE = "results/llm_engine_4f9c309.jsonl"
 COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 "
-           "--out results/llm_engine.jsonl --table results/llm_engine.md --grid-table results/llm_engine_grid.md")
-NOTE = ("This table: the runs of that command one at a time (one process, one thread each), the most needed "
-        "first, until the session's time ran out; a run that is not in the table did not fit (512 passages, "
-        "the old engine's Seq and Asym, Layer/Seq on the random models). The rows of the "
-        "previous session (two threads, load 15-20, an earlier parameter-target fill) are in git history.")
+           f"--out results/llm_engine.jsonl --before {BEFORE} --table results/llm_engine.md "
+           "--grid-table results/llm_engine_grid.md")
+NOTE = ("This table: the runs of that command one at a time (one process, one thread each; selected with "
+        "--methods/--passages/--layers/--params/--engine), the most needed first, until the session's time ran "
+        "out; a run that is not in the table did not fit (see the notes below the table). 'before' = the same "
+        f"run with the block engine as of commit 4f9c309 (rows in {BEFORE}), before its statistics were made "
+        "cheaper (G on its upper block triangle, the dense consumers' outputs reused for the target energies "
+        "and for the FFN swap, non-finite checks on the diagonals).")
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -260,9 +264,20 @@ def _fmt(value, digits=1):
     return "" if value is None else f"{value:,.{digits}f}"
 
 
-def table(rows: list[dict]) -> str:
+def _ratio_cpu(row: dict, dense: dict) -> float | None:
+    """(prune - solver) / one dense forward, CPU seconds; None without the dense row or CPU times."""
+    d = dense.get((row["model"], row["layers"], row["passages"]), {})
+    if "prune_cpu_s" not in row or not d.get("dense_forward_cpu_s"):
+        return None
+    return (row["prune_cpu_s"] - row["solver_cpu_s"]) / d["dense_forward_cpu_s"]
+
+
+def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -> str:
     dense = {(r["model"], r["layers"], r["passages"]): r for r in rows if r["method"] == "dense"}
     new = {key(r): r for r in rows if r["engine"] == "new" and r["method"] != "dense"}
+    before = before or []
+    dense_before = {(r["model"], r["layers"], r["passages"]): r for r in before if r["method"] == "dense"}
+    earlier = {key(r): r for r in before if r["method"] != "dense"}
     lines = [f"`{COMMAND}`", "", NOTE, "",
              "Pruning SmolLM2-135M-Instruct and LLaMA-shaped random models (SmolLM2 width) with `prune_transformer`, "
              f"50% of the prunable parameters kept (`params=0.5`), batches of {BATCH} passages of at most 128 tokens; "
@@ -278,8 +293,9 @@ def table(rows: list[dict]) -> str:
              "articles; 'same units' = the old engine kept exactly the units the new one kept.", "",
              "| model | blocks | passages | method | engine | load | prune s | solver s | fwd s "
              "| (prune - solver) / fwd | prune CPU s | solver CPU s | fwd CPU s | (prune - solver) / fwd, CPU "
-             "| peak RSS MB | RSS loaded MB | executions | per block-batch | wiki ppl | lee ppl | same units |",
-             "|" + "---|" * 21]
+             "| peak RSS MB | RSS loaded MB | executions | per block-batch | wiki ppl | lee ppl | same units "
+             "| before: prune CPU s | before: (prune - solver) / fwd, CPU | same units as before |",
+             "|" + "---|" * 24]
     for r in sorted((r for r in rows if r["method"] != "dense" and r.get("params") == 0.5),
                     key=lambda r: (r["model"], r["layers"], r["passages"], r["method"], r["engine"])):
         d = dense.get((r["model"], r["layers"], r["passages"]), {})
@@ -289,6 +305,9 @@ def table(rows: list[dict]) -> str:
         counterpart = new.get(key(dict(r, engine="new")))
         same = "" if r["engine"] == "new" or counterpart is None else ("yes" if counterpart["keep"] == r["keep"]
                                                                        else "no")
+        then = earlier.get(key(r)) if r["engine"] == "new" else None
+        then_ratio = None if then is None else _ratio_cpu(then, dense_before)
+        then_same = "" if then is None else ("yes" if then.get("keep") == r.get("keep") else "no")
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['passages']} | {r['method']} | {r['engine']} "
             f"| {_fmt(r.get('load_average'))} | {_fmt(r['prune_s'])} | {_fmt(r['solver_s'])} | {_fmt(fwd)} "
@@ -296,7 +315,10 @@ def table(rows: list[dict]) -> str:
             f"| {_fmt(fwd_cpu)} | {_fmt(fwd_cpu and rest_cpu is not None and rest_cpu / fwd_cpu, 2)} "
             f"| {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['rss_loaded_mb'], 0)} "
             f"| {r['block_executions']:,} | {r['block_executions'] / (r['layers'] * r['batches']):.2f} "
-            f"| {_fmt(r.get('wiki_ppl'), 2)} | {_fmt(r.get('lee_ppl'), 2)} | {same} |")
+            f"| {_fmt(r.get('wiki_ppl'), 2)} | {_fmt(r.get('lee_ppl'), 2)} | {same} "
+            f"| {_fmt(then and then.get('prune_cpu_s'))} | {_fmt(then_ratio, 2)} | {then_same} |")
+    if notes:
+        lines += ["", notes.strip()]
     for r in rows:
         if r["method"] == "dense" and "wiki_ppl" in r:
             lines += ["", f"Dense {r['model']}: wiki ppl {r['wiki_ppl']:.2f}, lee ppl {r['lee_ppl']:.2f} "
@@ -379,6 +401,14 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--grid-table", default=None, help="markdown file for the old-vs-new perplexity table")
     parser.add_argument("--inputs", nargs="*", default=[], help="more JSON-lines files for the table (parallel runs)")
+    parser.add_argument("--before", default=None,
+                        help="JSON-lines rows of an earlier version of this code: its CPU ratio and kept units "
+                             "beside each new-engine row")
+    parser.add_argument("--notes", default=None, help="a markdown file whose text goes below the table")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (dense included if named)")
+    parser.add_argument("--passages", nargs="+", type=int, default=None, help="only these calibration sizes")
+    parser.add_argument("--layers", nargs="+", type=int, default=None, help="only models with these block counts")
+    parser.add_argument("--params", nargs="+", type=float, default=None, help="only these parameter fractions")
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(Path(args.worker[0]).read_text())
@@ -393,7 +423,11 @@ def main() -> None:
         directory = smollm2_directory()
         done = {key(r) for r in rows}
         specs = [spec for group in args.groups for spec in runs([group], args.old_asym)
-                 if args.engine is None or spec["engine"] == args.engine]
+                 if (args.engine is None or spec["engine"] == args.engine)
+                 and (args.methods is None or spec["method"] in args.methods)
+                 and (args.passages is None or spec["passages"] in args.passages)
+                 and (args.layers is None or spec["layers"] in args.layers)
+                 and (args.params is None or spec["method"] == "dense" or spec.get("params") in args.params)]
         for spec in specs:
             if key(spec) in done:
                 continue
@@ -405,7 +439,9 @@ def main() -> None:
                 handle.write(json.dumps(row) + "\n")
             print({k: v for k, v in row.items() if k != "keep"}, flush=True)
     extra = [json.loads(line) for path in args.inputs for line in Path(path).read_text().splitlines()]
-    text = table(rows + extra)
+    before = [json.loads(line) for line in Path(args.before).read_text().splitlines()] if args.before else []
+    notes = Path(args.notes).read_text() if args.notes else ""
+    text = table(rows + extra, before, notes)
     if args.table:
         Path(args.table).write_text(text)
     if args.grid_table:

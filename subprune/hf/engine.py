@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 PruneSiteFn = Callable[[nn.Module, TransformerSite, GramStatistics, int], SiteReport]
 
+# keys of captured consumer outputs beside the captured inputs (site names never start with these)
+ENERGY, OLD = "energy:", "old output:"
+
 
 def site_moments(dim: int, asymmetric: bool, device, name: str, precision: str = "float64",
                  target_weight: Tensor | None = None) -> GramStatistics:
@@ -284,8 +287,13 @@ class _Executor:
 
     @torch.no_grad()
     def run(self, block: nn.Module, hidden: Tensor, index: int, capture: Mapping[str, nn.Module] | None = None,
-            stop: str | None = None) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Block output (B, T, hidden) on the CPU (None when stopped) and the inputs of ``capture`` modules."""
+            stop: str | None = None, outputs: Mapping[str, nn.Module] | None = None
+            ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Block output (B, T, hidden) on the CPU (None when stopped) and what was captured.
+
+        The dict holds the inputs of the ``capture`` modules and the outputs of the ``outputs``
+        modules (copies, on the compute device), each under its key (the two key sets must differ).
+        """
         start = time.perf_counter()
         dtype = next(block.parameters()).dtype
         x = hidden.to(self.device, dtype)
@@ -294,7 +302,8 @@ class _Executor:
         inputs: dict[str, Tensor] = {}
         out = None
         self.executions += 1
-        with capture_inputs(dict(capture or {}), inputs.__setitem__, stop):
+        with capture_inputs(dict(capture or {}), inputs.__setitem__, stop), \
+                _capture_outputs(dict(outputs or {}), inputs.__setitem__):
             try:
                 out = block(x, *args, **kwargs)
             except StopForward:
@@ -303,6 +312,40 @@ class _Executor:
             out = out[0]
         self.seconds += time.perf_counter() - start
         return (None if out is None else self.store.keep(out)), inputs
+
+
+@contextlib.contextmanager
+def _capture_outputs(modules: dict[str, nn.Module], callback: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Forward hooks that hand a copy of each module's output to ``callback``; removed on exit."""
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            callback(name, output.detach().clone())  # a copy: the block may go on to change its output in place
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _output_is_product(module: nn.Module) -> bool:
+    """Whether ``module``'s output is x W exactly as the statistics' target energy ||A W||^2 takes it (no bias)."""
+    return type(module) is nn.Linear and module.bias is None
+
+
+def _energy(output: Tensor, real: Tensor, name: str) -> Tensor:
+    """||A W||_F^2 of a batch from the dense consumer's output A W (B, T, m), real tokens only: float64 scalar.
+
+    The dense forward has just computed A W (float32, in the model's dtype); summing its squares in float64
+    replaces the float64 product that :meth:`GramStatistics.update` would form again. The value differs
+    from that product by float32 rounding (about 1e-7 relative): it enters only the reported objective
+    f(S) = kept energy / ||A W||^2, never the selection or the refit (they read G and C alone).
+    """
+    return _real_rows(output, real, name).to(torch.float64).square().sum()
 
 
 def _skeleton(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -541,17 +584,24 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
         # dense stream runs through the still-dense copy beside it, for the targets and the next dense input.
         dense_ffn_rows: list[Tensor] = []
         dense_ffn_residual: list[Tensor] = []  # the dense stream's sum after attention, real rows (residual target)
+        dense_ffn_energy: list[Tensor] = []  # ||A W||^2 of each batch, from the dense FFN consumer's output
         if heads is not None or asymmetric:
             head_stats = moments(heads, asymmetric) if heads is not None else None
             dense_hidden = []
             for b in range(len(cache.hidden)):
                 targets = {}
                 if asymmetric:
-                    wanted = {s.name: module(s) for s in (heads, ffn) if s is not None}
-                    out, targets = runner.run(work, dense_cache.hidden[b], b, wanted)
+                    here = [s for s in (heads, ffn) if s is not None]
+                    wanted = {s.name: module(s) for s in here}
+                    # the dense consumers' outputs A W: their energies, instead of a float64 product A W again
+                    energies = {} if residual else {ENERGY + s.name: module(s) for s in here
+                                                    if _output_is_product(module(s))}
+                    out, targets = runner.run(work, dense_cache.hidden[b], b, wanted, outputs=energies)
                     dense_hidden.append(out)
                     if ffn is not None:
                         dense_ffn_rows.append(store.keep(_real_rows(targets[ffn.name], cache.real[b], ffn.name)))
+                        if ENERGY + ffn.name in targets:
+                            dense_ffn_energy.append(_energy(targets[ENERGY + ffn.name], cache.real[b], ffn.name))
                         if residual:
                             dense_ffn_residual.append(_attention_sum(out, module(ffn), targets[ffn.name],
                                                                      cache.real[b], ffn.name))
@@ -562,6 +612,9 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
                     if residual:  # the upstream error at the attention's residual addition: the block inputs
                         error = _real_rows(dense_cache.hidden[b] - cache.hidden[b], cache.real[b], heads.name)
                         head_stats.update(rows, a, residual=error)
+                    elif ENERGY + heads.name in targets:
+                        head_stats.update(rows, a, energy=_energy(targets[ENERGY + heads.name], cache.real[b],
+                                                                  heads.name))
                     else:
                         head_stats.update(rows, a)
             if asymmetric:
@@ -571,14 +624,16 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
 
         # Phase 2: FFN statistics from the block with pruned heads. Its output, with the old FFN consumer's
         # output swapped for the new one's (the block ends in [norm of] residual + down(x)), is the next input.
-        hidden, ffn_inputs, sums = [], [], []
+        hidden, ffn_inputs, old_outputs, sums = [], [], [], []
         ffn_stats = moments(ffn, asymmetric) if ffn is not None else None
         norm = None if norm_name is None else get_module(work, norm_name)
         for b in range(len(cache.hidden)):
             wanted = {} if ffn is None else {ffn.name: module(ffn)}
             if ffn is not None and norm is not None:
                 wanted["norm"] = norm
-            out, inputs = runner.run(work, cache.hidden[b], b, wanted)
+            # the old FFN consumer's output, as the block computes it, for the swap below (not recomputed there)
+            outputs = {} if ffn is None else {OLD + ffn.name: module(ffn)}
+            out, inputs = runner.run(work, cache.hidden[b], b, wanted, outputs=outputs)
             hidden.append(out)
             if ffn is not None:
                 a = dense_ffn_rows[b] if asymmetric else None
@@ -587,20 +642,23 @@ def _prune_blocks(model, sites, plan, calibration, prune_site, sequential, asymm
                     error = dense_ffn_residual[b] - _attention_sum(out, module(ffn), inputs[ffn.name], cache.real[b],
                                                                    ffn.name)
                     ffn_stats.update(rows, a, residual=error)
+                elif dense_ffn_energy:
+                    ffn_stats.update(rows, a, energy=dense_ffn_energy[b])
                 else:
                     ffn_stats.update(rows, a)
                 ffn_inputs.append(store.keep(inputs[ffn.name]))
+                old_outputs.append(store.keep(inputs[OLD + ffn.name]))
                 if norm is not None:
                     sums.append(store.keep(inputs["norm"]))
         if ffn is not None:
-            old = module(ffn)
             report = cut(ffn, ffn_stats)
             new = module(ffn)
             cols = group_columns(torch.tensor(report.keep), ffn.group_size).to(device)
             dtype = next(new.parameters()).dtype
             for b, x in enumerate(ffn_inputs):
                 x = x.to(device, dtype)
-                delta = new(x.index_select(-1, cols)) - old(x)  # (B, T, hidden), or (B T, hidden) for OPT
+                # (B, T, hidden), or (B T, hidden) for OPT; the old output is the very tensor old(x) would give
+                delta = new(x.index_select(-1, cols)) - old_outputs[b].to(device, dtype)
                 if norm is None:  # in place: the cache may be a mapped file
                     hidden[b].add_(delta.to("cpu", torch.float32).reshape(hidden[b].shape))
                 else:

@@ -57,7 +57,7 @@ class ResidualStatistics(GramStatistics):
         if residual.ndim != 2 or residual.shape[0] != b.shape[0]:
             raise ValueError(f"{self.name}: residual rows {tuple(residual.shape)} do not match the inputs "
                              f"{tuple(b.shape)}")
-        e = residual.to(self.gram_)
+        e = residual.to(self.cross_)  # (float64, on the statistics device; reading gram_ would fill its lower triangle)
         if self.residual_b_ is None:
             self.residual_b_ = torch.zeros(self.dim, e.shape[1], dtype=e.dtype, device=e.device)
             self.residual_a_ = torch.zeros_like(self.residual_b_)
