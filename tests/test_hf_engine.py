@@ -48,6 +48,26 @@ def test_block_executions_are_bounded(build, method, per_batch, tokens):
     assert result.batches == batches
 
 
+@pytest.mark.parametrize("method, per_batch", [("layer", 1), ("seq", 1), ("asym", 2)])
+def test_ffn_consumer_runs_once_per_stream(method, per_batch, tokens):
+    """The FFN swap reuses the old consumer output of the statistics run; Asym's energies reuse the dense run's."""
+    model = llama()
+    _, layers = blocks(model)
+    calls = []
+    # hooks on the dense consumers travel into the working copies; a pruned consumer is a new module, uncounted
+    handles = [b.mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(1)) for b in layers]
+    handles += [b.self_attn.o_proj.register_forward_hook(lambda m, a, o: calls.append(2)) for b in layers]
+    try:
+        result = prune_transformer(model, tokens, TransformerPruneConfig(method=method, batch_size=BATCH))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls.count(1) == per_batch * LAYERS * result.batches  # down_proj: once per stream and batch
+    # dense o_proj: Layer's one dense run and Asym's dense stream; the heads statistics run stops at its input and
+    # the later runs of Seq/Asym hold the refit o_proj (a new module)
+    assert calls.count(2) == {"layer": 1, "seq": 0, "asym": 1}[method] * LAYERS * result.batches
+
+
 def _rows(model, name, tokens):
     captured = {}
     with capture_inputs({name: model.get_submodule(name)}, captured.__setitem__), torch.no_grad():

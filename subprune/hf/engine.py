@@ -21,11 +21,17 @@ baselines 2 (heads statistics, stopped at the output projection; FFN
 statistics, whose output is then corrected for the pruned FFN: every
 supported block ends in [a norm of] ``residual + down_proj(...)``, see
 :func:`subprune.hf.architectures.ffn_output_norm`); AsymInChange 3 (plus the
-dense stream). Memory: the user's model, the parts of
+dense stream). Consumer outputs that a block execution computes are not computed again: the FFN swap subtracts the
+old consumer output captured during the FFN statistics run, and AsymInChange's target energies
+||A W||^2 are the squared outputs of the dense consumers in the dense-stream run (consumers
+without a bias; float32 outputs summed in float64, which moves only the reported f(S), by float32
+rounding). The float64 Gram sums are formed on their upper block triangle
+(:data:`subprune.statistics.SYMMETRIC_BLOCK`). Memory: the user's model, the parts of
 the pruned model built so far (embeddings and pruned blocks), one block's
 working copy, and the caches: the block inputs (N x T x hidden, twice for
 Asym, plus the next block's) and, for the FFN site, its consumer inputs
-(N x T x FFN width; Asym also keeps the dense model's, real tokens only).
+(N x T x FFN width; Asym also keeps the dense model's, real tokens only) and the old FFN
+output (N x T x hidden).
 
 The pruned model is assembled from a copy of everything that is not a block
 (embeddings, final norm, head; tied weights stay tied) and the pruned blocks.
