@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench clean fashion-mnist zoo-extras docs
+.PHONY: demo demo-llm test lint bench clean fashion-mnist zoo-extras docs
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/subprune prune --model lenet --dataset mnist --method asym --keep 0.25 --calib 512 --seed 0 --out runs/demo
+
+# The real pretrained LLM (SmolLM2-135M, built in): 20% of the prunable parameters removed with FLAP's adaptive
+# structure and the least-squares refit (the best setting at that ratio, results/llm_sweep.md); a few minutes on 2 cores.
+demo-llm: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/subprune prune --model hf:smollm2-135m --method layer --budget flap --params 0.8 \
+		--calib 128 --seed 0 --out runs/demo-llm
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check subprune tests benchmarks scripts

@@ -52,20 +52,25 @@ def model_path(name: str) -> Path:
     return Path(path)
 
 
-def language_model_measures(model, tokenizer, prefix: str = "") -> dict:
+def language_model_measures(model, tokenizer, prefix: str = "", progress: bool = False) -> dict:
     """Perplexity on the held-out Wikipedia passages and on news articles, and greedy continuations of prompts.
 
     Keys ``{prefix}perplexity``, ``{prefix}lee_perplexity``, ``{prefix}generations``.
     Neither text is ever used for calibration (the calibration passages are the
-    first ones of the Wikipedia dump, the held-out ones the last).
+    first ones of the Wikipedia dump, the held-out ones the last). ``progress``
+    shows a bar over each text's batches and over the prompts.
     """
     from subprune.hf.evaluate import greedy_generations, perplexity
     from subprune.hf.text import lee_background_articles, tokenize, wikipedia_passages
 
+    def label(what: str) -> str | None:
+        return f"{what} ({prefix.rstrip('_') or 'model'})" if progress else None
+
     wiki = tokenize(tokenizer, wikipedia_passages()[-HELDOUT:])
     lee = tokenize(tokenizer, lee_background_articles()[:LEE_HELDOUT])
-    return {f"{prefix}perplexity": perplexity(model, wiki), f"{prefix}lee_perplexity": perplexity(model, lee),
-            f"{prefix}generations": greedy_generations(model, tokenizer)}
+    return {f"{prefix}perplexity": perplexity(model, wiki, progress=label("Wikipedia perplexity")),
+            f"{prefix}lee_perplexity": perplexity(model, lee, progress=label("news perplexity")),
+            f"{prefix}generations": greedy_generations(model, tokenizer, progress=label("generations"))}
 
 
 def print_measures(console: Console, measures: dict, indent: str = "") -> None:
@@ -132,8 +137,8 @@ def cmd_prune_transformer(args: argparse.Namespace, console: Console) -> dict:
     measures = {"dense_params": count_parameters(model), "pruned_params": count_parameters(result.model)}
     measures["compression_ratio"] = measures["dense_params"] / measures["pruned_params"]
     if causal:
-        measures.update(language_model_measures(model, tokenizer, "dense_"))
-        measures.update(language_model_measures(result.model, tokenizer, "pruned_"))
+        measures.update(language_model_measures(model, tokenizer, "dense_", progress=not args.quiet))
+        measures.update(language_model_measures(result.model, tokenizer, "pruned_", progress=not args.quiet))
     else:
         measures["embedding_cosine"] = embedding_cosine(sentence_embeddings(model, heldout),
                                                         sentence_embeddings(result.model, heldout))
@@ -276,9 +281,10 @@ def cmd_evaluate_transformer(args: argparse.Namespace, console: Console) -> dict
     if reference is not None:
         measures["reference_params"] = count_parameters(reference)
     if causal:
-        measures.update(language_model_measures(model, tokenizer))
+        progress = not getattr(args, "quiet", False)
+        measures.update(language_model_measures(model, tokenizer, progress=progress))
         if reference is not None:
-            measures.update(language_model_measures(reference, tokenizer, "reference_"))
+            measures.update(language_model_measures(reference, tokenizer, "reference_", progress=progress))
     else:
         embeddings = sentence_embeddings(model, heldout)
         if reference is not None:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
@@ -94,20 +95,26 @@ def linear_probe_accuracy(features: Tensor, labels: Tensor, folds: int = 5, l2: 
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: Mapping[str, Tensor], batch_size: int = 16) -> float:
+def perplexity(model: nn.Module, tokens: Mapping[str, Tensor], batch_size: int = 16,
+               progress: str | None = None) -> float:
     """exp(mean next-token cross-entropy) of a causal LM over real tokens.
 
     Parameters
     ----------
     model : transformers causal LM (returns ``logits`` of shape (B, T, vocab))
     tokens : dict with "input_ids" (N, T) and optionally "attention_mask" (N, T)
+    batch_size : int
+        Sequences per forward pass.
+    progress : str, optional
+        Label of a progress bar over the batches (none if None).
     """
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     ids_all = tokens["input_ids"]
     mask_all = tokens.get("attention_mask", torch.ones_like(ids_all))
-    for start in range(0, ids_all.shape[0], batch_size):
+    starts = range(0, ids_all.shape[0], batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
         ids = ids_all[start : start + batch_size].to(device)
         mask = mask_all[start : start + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
@@ -127,7 +134,7 @@ PROMPTS = (
 
 @torch.no_grad()
 def greedy_generations(model: nn.Module, tokenizer, prompts: tuple[str, ...] = PROMPTS,
-                       new_tokens: int = 24) -> dict[str, str]:
+                       new_tokens: int = 24, progress: str | None = None) -> dict[str, str]:
     """Greedy continuation of each prompt (no sampling, so reproducible), prompt -> generated text only.
 
     Parameters
@@ -137,11 +144,13 @@ def greedy_generations(model: nn.Module, tokenizer, prompts: tuple[str, ...] = P
     prompts : tuple of str
     new_tokens : int
         Tokens generated after each prompt (fewer if the model emits end of sequence).
+    progress : str, optional
+        Label of a progress bar over the prompts (none if None).
     """
     model.eval()
     device = next(model.parameters()).device
     out = {}
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc=progress, disable=progress is None, leave=False):
         ids = tokenizer(prompt, return_tensors="pt").to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         generated = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
