@@ -48,8 +48,8 @@ HELDOUT = 32
 BATCH = 16
 BEFORE = "results/llm_engine_4f9c309.jsonl"
 COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 "
-           f"--out results/llm_engine.jsonl --before {BEFORE} --table results/llm_engine.md "
-           "--grid-table results/llm_engine_grid.md")
+           f"--out results/llm_engine.jsonl --before {BEFORE} --notes results/llm_engine_notes.md "
+           "--table results/llm_engine.md --grid-table results/llm_engine_grid.md")
 NOTE = ("This table: the runs of that command one at a time (one process, one thread each; selected with "
         "--methods/--passages/--layers/--params/--engine), the most needed first, until the session's time ran "
         "out; a run that is not in the table did not fit (see the notes below the table). 'before' = the same "
