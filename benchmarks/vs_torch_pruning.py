@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import shlex
 import statistics
@@ -132,6 +133,20 @@ SEED_FREE = ("tp-l1-", "tp-l2-", "tp-bn-scale-", "tp-lamp-")
 _PRUNED_CACHE: dict[tuple, tuple[nn.Module, float, float]] = {}
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of every parameter and buffer of ``model``, names and shapes included.
+
+    Two rows with the same fingerprint hold the same pruned model, bit for bit: the
+    seed-free Torch-Pruning rows record it, so the table can show that their pruned
+    model does not depend on the seed (only the fine-tuning images do).
+    """
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_one(name: str, method: str, target: float, seed: int, data, args) -> dict:
     spec, train_x, train_y, test_x, test_y, dense, dense_accuracy = data
     indices = calibration_indices(train_x.shape[0], args.calib, seed)
@@ -158,7 +173,7 @@ def run_one(name: str, method: str, target: float, seed: int, data, args) -> dic
                 if method.startswith(SEED_FREE):
                     _PRUNED_CACHE[(name, method, target)] = cached
             else:
-                row["pruned_once"] = True  # same model as seed 0's: prune time is that run's
+                row["pruned_once"] = True  # the model of the first seed this process ran: prune time is that run's
             model, row["tp_pruning_ratio"], seconds = cached
     except Exception as exc:  # recorded, never hidden
         row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
@@ -166,6 +181,7 @@ def run_one(name: str, method: str, target: float, seed: int, data, args) -> dic
     row["prune_seconds"] = seconds if row.get("pruned_once") else time.perf_counter() - start
     row["prune_cpu_seconds"] = time.process_time() - cpu
     row["compression_ratio"] = count_parameters(dense) / count_parameters(model)
+    row["weights_sha"] = weights_fingerprint(model)
     try:
         row["pruned_accuracy"] = accuracy(model, test_x, test_y, spec.preprocess)
         row["status"] = "ok"

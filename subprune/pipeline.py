@@ -40,7 +40,7 @@ from subprune.sites import (
     find_sites,
     select_sites,
 )
-from subprune.staged import staged_statistics
+from subprune.staged import RetraceMismatch, staged_statistics
 from subprune.statistics import (
     DEFAULT_CHUNK_BYTES,
     PRECISIONS,
@@ -235,7 +235,8 @@ class PruneResult:
     because ``config.layers`` or a per-site ``keep`` mapping did not name them
     (``skipped`` holds the layers that cannot be pruned at all).
     ``engine`` says how the statistics were collected ("dense, one pass" for
-    the non-sequential methods, "staged", or "per-site" with the reason the staged
+    the non-sequential methods, "staged" (or "staged, retraced after N sites" where
+    cuts changed constants of the traced graph), or "per-site" with the reason the staged
     engine did not apply); ``passes`` the staged engine's dense-forward
     equivalents per stream ("pruned", "dense"), empty for the other drivers.
     """
@@ -652,7 +653,6 @@ def _prune(
     layout = ChannelLayout()
 
     reports = []
-    upstream_pruned = False  # Asym refits a fully kept site only to absorb earlier sites' changes
     driver, engine = None, "dense, one pass"
     if method.sequential and sites:
         engine = "per-site (engine='per-site')"
@@ -666,35 +666,42 @@ def _prune(
     # Consumers read by several sites (after a concatenation) are refit once more, jointly, after their last site.
     joint = JointRefit(sites, dense, method.sequential, method.asymmetric, calibration, config.ridge, inputs=driver,
                        dense_statistics=joint_stats, **common) if config.reweight else None
-    for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
-        site_start = time.perf_counter()
-        k = plan[site.name]
-        if joint is not None:
-            joint.before(site, work, layout)
-        if k == site.channels and not (method.asymmetric and upstream_pruned):
-            reports.append(SiteReport(site.name, site.producer, site.consumer, site.channels, k,
-                                      site.group_size, 1.0, keep=list(range(k)),
-                                      producers=[p.module for p in site.producers],
-                                      consumers=[c.module for c in site.consumers], coupled=site.coupled))
+    try:  # a retrace of the staged engine may find a cut that changed the graph's structure
+        upstream_pruned = False  # Asym refits a fully kept site only to absorb earlier sites' changes
+        for site in tqdm(sites, desc=f"{method.name}", disable=not config.progress):
+            site_start = time.perf_counter()
+            k = plan[site.name]
             if joint is not None:
-                joint.after(site, False, work, layout)
-            continue
-        if driver is not None:
-            stats = driver.statistics(site)
-        elif method.sequential:
-            stats = collect_site_statistics(
-                work, [site], calibration, dense=dense if method.asymmetric else None, layout=layout,
-                description=site.name, **common,
-            )[site.name]
-        else:
-            stats = layer_stats[site.name]
-        report = _prune_one_site(work, site, stats, k, config, generator, layout, scores.get(site.name))
-        if joint is not None:
-            joint.after(site, True, work, layout)
-        upstream_pruned = upstream_pruned or k < site.channels
-        report.seconds = time.perf_counter() - site_start
-        reports.append(report)
-        log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)
+                joint.before(site, work, layout)
+            if k == site.channels and not (method.asymmetric and upstream_pruned):
+                reports.append(SiteReport(site.name, site.producer, site.consumer, site.channels, k,
+                                          site.group_size, 1.0, keep=list(range(k)),
+                                          producers=[p.module for p in site.producers],
+                                          consumers=[c.module for c in site.consumers], coupled=site.coupled))
+                if joint is not None:
+                    joint.after(site, False, work, layout)
+                continue
+            if driver is not None:
+                stats = driver.statistics(site)
+            elif method.sequential:
+                stats = collect_site_statistics(
+                    work, [site], calibration, dense=dense if method.asymmetric else None, layout=layout,
+                    description=site.name, **common,
+                )[site.name]
+            else:
+                stats = layer_stats[site.name]
+            report = _prune_one_site(work, site, stats, k, config, generator, layout, scores.get(site.name))
+            if joint is not None:
+                joint.after(site, True, work, layout)
+            upstream_pruned = upstream_pruned or k < site.channels
+            report.seconds = time.perf_counter() - site_start
+            reports.append(report)
+            log.info("site %s: kept %d/%d, f(S)=%.4f", site.name, k, site.channels, report.objective)
+    except RetraceMismatch as exc:
+        log.warning("the staged engine cannot follow the pruned model (%s): pruning again with per-site statistics",
+                    exc)
+        return _prune(model, calibration, dataclasses.replace(config, engine="per-site"), device, loss_fn,
+                      score_data)
     head = calibration.head(MIN_CALIBRATION_SAMPLES, device)
     _check_runs(work, head, device, config.offload)
     if driver is not None and not driver.replays(work, head, calibration.concrete_args):

@@ -35,10 +35,18 @@ for a CNN usually one or two feature maps per sample, for both streams.
 The graph is replayed node by node on the model being pruned: modules and
 parameters are looked up by name at every call, so the surgery's new modules
 are used. A cut that changes a value the trace baked into the graph as a
-constant (attention heads, split sizes, a LayerNorm's shape, a GroupNorm's
-groups) would make the replay differ from the model: such runs, and models
-whose replayed graph does not reproduce their own output, use the per-site
-driver instead (:func:`staged_statistics` says why).
+constant (attention heads in a ``reshape``, split sizes, a LayerNorm's
+``normalized_shape``, a GroupNorm's groups, a parameter read with fixed sizes:
+ViT, Mixer, ConvNeXt) is followed by a *retrace* of the pruned model on the
+first two calibration samples before the next stage runs
+(:meth:`StagedGraph.adopt`): the new graph must have the same nodes in the same
+order with the same inputs (only constants differ), and its arguments replace
+the old ones for the pruned stream from then on; the dense stream keeps the
+original graph. Caches stay valid, since they are keyed by node position. A
+retrace costs one trace and 2-sample forward (not counted as a pass). Models
+whose replayed graph does not reproduce their own output, and retraces whose
+graph differs in structure, use the per-site driver instead
+(:func:`staged_statistics` says why; :class:`RetraceMismatch` during a run).
 """
 
 from __future__ import annotations
@@ -109,6 +117,10 @@ def _aliases_input(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in _ALIAS_FUNCTIONS
 
 
+class RetraceMismatch(RuntimeError):
+    """A retrace of the pruned model does not match the first trace node for node (the per-site driver is used)."""
+
+
 class StagedGraph:
     """A traced graph in topological order, with the facts the staged runs need.
 
@@ -150,6 +162,48 @@ class StagedGraph:
                         break
                     source = source.args[0]
         self.output = next(i for i, n in enumerate(self.nodes) if n.op == "output")
+        self.pruned_arguments: list[tuple[tuple, dict]] | None = None  # set by adopt(): the pruned stream's args
+        self.retraces = 0
+
+    def arguments(self, i: int, stream: str) -> tuple[tuple, dict]:
+        """(args, kwargs) of node ``i`` for ``stream``: the latest retrace's for "pruned", the trace's otherwise."""
+        if stream == "pruned" and self.pruned_arguments is not None:
+            return self.pruned_arguments[i]
+        node = self.nodes[i]
+        return node.args, node.kwargs
+
+    def adopt(self, graph_module: torch.fx.GraphModule) -> None:
+        """Use the arguments of a retrace of the pruned model for the pruned stream.
+
+        The retraced graph must hold the same nodes in the same order (name, op,
+        target) reading the same nodes; only constants in the arguments (a head
+        count, a normalised shape, split sizes) may differ. Its node references
+        are mapped onto this graph's nodes, so caches and schedules stay valid.
+
+        Raises
+        ------
+        RetraceMismatch
+            If the retraced graph differs in anything but constants.
+        """
+        nodes = list(graph_module.graph.nodes)
+        if len(nodes) != len(self.nodes):
+            raise RetraceMismatch(f"the retraced graph has {len(nodes)} nodes, the first trace {len(self.nodes)}")
+        position = {n: i for i, n in enumerate(nodes)}
+        arguments = []
+        for old, new in zip(self.nodes, nodes, strict=True):
+            if (old.name, old.op, old.target) != (new.name, new.op, new.target):
+                raise RetraceMismatch(f"node '{old.name}' ({old.op} {old.target}) is '{new.name}' ({new.op} "
+                                      f"{new.target}) in the retraced graph")
+            args, kwargs = torch.fx.node.map_arg((new.args, new.kwargs), lambda n: self.nodes[position[n]])
+            reads_old: list[torch.fx.Node] = []
+            reads_new: list[torch.fx.Node] = []
+            torch.fx.node.map_arg((old.args, old.kwargs), reads_old.append)
+            torch.fx.node.map_arg((args, kwargs), reads_new.append)
+            if reads_old != reads_new:
+                raise RetraceMismatch(f"node '{old.name}' reads other values in the retraced graph")
+            arguments.append((args, kwargs))
+        self.pruned_arguments = arguments
+        self.retraces += 1
 
     def live(self, cut: int) -> list[torch.fx.Node]:
         """Values computed before node ``cut`` and read at or after it (parameters excluded: read when used)."""
@@ -168,7 +222,10 @@ class StagedGraph:
         return found
 
     def baked_constant(self, site: PruningSite) -> str | None:
-        """Why cutting ``site`` changes a value the trace baked into the graph, or None when nothing does."""
+        """Why cutting ``site`` changes a value the trace baked into the graph, or None when nothing does.
+
+        Such a cut is followed by a retrace of the pruned model (:meth:`adopt`).
+        """
         if site.heads:
             return f"it cuts attention heads of {site.heads[0]} (the head count is a constant of the graph)"
         if site.sizes:
@@ -252,8 +309,8 @@ class _Replay:
             if i == stop or node.op == "output":
                 break
             if node.op != "placeholder":
-                args = torch.fx.node.map_arg(node.args, value)
-                kwargs = torch.fx.node.map_arg(node.kwargs, value)
+                args, kwargs = graph.arguments(i, stream)
+                args, kwargs = torch.fx.node.map_arg(args, value), torch.fx.node.map_arg(kwargs, value)
                 env[node] = _execute(model, node, args, kwargs)
                 if node.op != "get_attr":
                     self.counts.node_samples[stream] += samples
@@ -312,6 +369,14 @@ class StagedStatistics:
     add_batch : callable
         Adds one batch of consumer inputs to the statistics:
         :func:`subprune.pipeline.add_batch_statistics` (passed in, so that both drivers share it).
+    retrace : mapping site name -> str, optional
+        Sites whose cut changes a constant of the graph (with why,
+        :meth:`StagedGraph.baked_constant`): after each of them is cut, the next
+        request retraces ``work`` on ``head`` and adopts the new graph's arguments.
+    head : Batch, optional
+        The first calibration samples for those retraces (required with ``retrace``).
+    leaf_modules : tuple of str
+        As in :func:`subprune.graph.trace`.
 
     Attributes
     ----------
@@ -321,8 +386,14 @@ class StagedStatistics:
     def __init__(self, work: nn.Module, dense: nn.Module | None, sites: list[PruningSite], graph: StagedGraph,
                  calibration: Calibration, layout: ChannelLayout, *, batch_size: int, chunk_bytes: int,
                  device: torch.device, offload: bool = False, precision: str = "float64",
-                 distributed: bool = False, progress: bool = False, add_batch: Callable) -> None:
+                 distributed: bool = False, progress: bool = False, add_batch: Callable,
+                 retrace: Mapping[str, str] | None = None, head: Batch | None = None,
+                 leaf_modules: tuple[str, ...] = ()) -> None:
         self.work, self.dense, self.sites, self.graph = work, dense, list(sites), graph
+        self.retrace, self.head, self.leaf_modules = dict(retrace or {}), head, tuple(leaf_modules)
+        if self.retrace and head is None:
+            raise ValueError("retracing after cuts needs the first calibration samples (head=)")
+        self._stale = False  # a site in ``retrace`` was handed out (and so cut) since the last trace
         self.layout, self.chunk_bytes, self.device = layout, chunk_bytes, device
         self.offload, self.precision, self.distributed = offload, precision, distributed
         self.add_batch = add_batch
@@ -360,6 +431,7 @@ class StagedStatistics:
         list of GramStatistics
             One per consumer of the site, as :func:`subprune.pipeline.collect_site_statistics`.
         """
+        self._refresh()
         k = self._position[site.name]
         capture, stop = self.consumer_calls[k]
         cut = self.cuts[k]
@@ -401,7 +473,24 @@ class StagedStatistics:
         if self.distributed:
             for stat in stats[site.name]:
                 all_reduce_statistics(stat)
+        self._stale = self._stale or site.name in self.retrace
         return stats[site.name]
+
+    def _refresh(self) -> None:
+        """Retrace ``work`` if a cut since the last trace changed a constant of the graph (:meth:`StagedGraph.adopt`).
+
+        Raises
+        ------
+        RetraceMismatch
+            If the retraced graph differs from the first one in more than constants.
+        """
+        if not self._stale:
+            return
+        started = time.perf_counter()
+        with offload_modules([self.work], self.device) if self.offload else contextlib.nullcontext():
+            self.graph.adopt(trace(self.work, self.head, self.leaf_modules))
+        self._stale = False
+        self.counts.seconds["retrace"] = self.counts.seconds.get("retrace", 0.0) + time.perf_counter() - started
 
     def capture(self, consumer: str) -> list[Tensor]:
         """The input of ``consumer`` in ``work`` as it is now, per batch, on the CPU: one run from the current cut.
@@ -411,6 +500,7 @@ class StagedStatistics:
         RuntimeError
             If the consumer lies before the current cut (it cannot be reached from the cache).
         """
+        self._refresh()
         stop = self.graph.calls[consumer][0]
         if stop < self.cache.index:
             raise RuntimeError(f"consumer {consumer} lies before the cached cut")
@@ -430,22 +520,27 @@ class StagedStatistics:
     def replays(self, model: nn.Module, batch: Batch, concrete_args=None) -> bool:
         """True if the graph replayed on ``model`` (pruned now) gives ``model``'s own output on ``batch``."""
         with offload_modules([model], self.device) if self.offload else contextlib.nullcontext(), torch.no_grad():
-            return same_outputs(replay_output(self.graph, model, batch, concrete_args, self.device), batch.run(model))
+            return same_outputs(replay_output(self.graph, model, batch, concrete_args, self.device, "pruned"),
+                                batch.run(model))
 
     def passes(self) -> dict[str, float]:
         """Dense-forward equivalents executed so far, per stream (see :meth:`StagedCounts.passes`)."""
         return self.counts.passes(self.graph.compute_nodes, self.samples)
 
 
-def replay_output(graph: StagedGraph, model: nn.Module, batch: Batch, concrete_args, device: torch.device):
-    """The output of the traced graph replayed on ``model`` (its current modules) for one batch."""
+def replay_output(graph: StagedGraph, model: nn.Module, batch: Batch, concrete_args, device: torch.device,
+                  stream: str = "dense"):
+    """The output of the traced graph replayed on ``model`` (its current modules) for one batch.
+
+    ``stream`` "pruned" replays with the arguments of the latest retrace (:meth:`StagedGraph.adopt`).
+    """
     env = _placeholders(graph, batch, model, concrete_args)
     counts = StagedCounts()
     replay = _Replay(graph, device, counts)
-    out_node = graph.nodes[graph.output]
     with torch.no_grad():
-        _, live = replay.run(model, env, 0, graph.output, graph.output, set(), "dense", len(batch))
-    return torch.fx.node.map_arg(out_node.args[0], lambda n: live[n] if n in live else _attribute(model, n.target))
+        _, live = replay.run(model, env, 0, graph.output, graph.output, set(), stream, len(batch))
+    out_args = graph.arguments(graph.output, stream)[0][0]
+    return torch.fx.node.map_arg(out_args, lambda n: live[n] if n in live else _attribute(model, n.target))
 
 
 def same_outputs(a, b) -> bool:
@@ -484,23 +579,25 @@ def staged_statistics(
     Returns
     -------
     (StagedStatistics or None, str)
-        The driver, or None with why the per-site driver is used instead: a site
-        whose cut changes a constant of the traced graph, or a replayed graph that
-        does not reproduce the model's output on the first calibration samples.
+        The driver, or None with why the per-site driver is used instead: a
+        replayed graph that does not reproduce the model's output on the first
+        calibration samples. Sites whose cut changes a constant of the traced
+        graph are retraced after (:class:`StagedStatistics` ``retrace``); the
+        engine string then says how many ("staged, retraced after N sites").
     """
     head = calibration.head(2, device)
     with offload_modules([work], device) if offload else contextlib.nullcontext():
         graph = StagedGraph(trace(work, head, leaf_modules), work)
-        for site in sites:
-            reason = graph.baked_constant(site)
-            if reason is not None:
-                return None, f"site {site.name}: {reason}"
+        retrace = {s.name: reason for s in sites if (reason := graph.baked_constant(s)) is not None}
         with torch.no_grad():
             expected = head.run(work)
         if not same_outputs(replay_output(graph, work, head, calibration.concrete_args, device), expected):
             return None, "the traced graph replayed node by node does not reproduce the model's output"
+    for name, reason in retrace.items():
+        log.debug("staged engine: retrace after site %s (%s)", name, reason)
+    engine = f"staged, retraced after {len(retrace)} site{'s' if len(retrace) != 1 else ''}" if retrace else "staged"
     return StagedStatistics(work, dense, sites, graph, calibration, layout, device=device, offload=offload,
-                            **kwargs), "staged"
+                            retrace=retrace, head=head, leaf_modules=leaf_modules, **kwargs), engine
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ and three times for AsymInChange (counted with forward pre-hooks).
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_conv_net
 from torch import nn
 
@@ -104,13 +105,136 @@ class Normed(nn.Module):
         return self.fc3(torch.relu(self.fc2(self.norm(self.fc1(x)))))
 
 
-def test_a_cut_that_changes_a_graph_constant_falls_back_to_per_site():
+class _Attention(nn.Module):
+    """timm's Attention: qkv -> (B, N, 3, heads, head_dim) -> softmax(q k^T) v -> proj (the head count is a constant
+    of the traced graph)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, class token, position embedding, then pre-norm blocks (attention heads, LayerNorm'd MLP).
+
+    With ``coupled=True`` the residual stream is a site too: its cut slices every LayerNorm, the class token and
+    the position embedding (constants and sizes of the traced graph).
+    """
+
+    def __init__(self, dim: int = 16, heads: int = 4, hidden: int = 24, depth: int = 2):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 2, 2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, dim) * 0.1)
+        self.norms1 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
+        self.attns = nn.ModuleList([_Attention(dim, heads) for _ in range(depth)])
+        self.norms2 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
+        self.fc1 = nn.ModuleList([nn.Linear(dim, hidden) for _ in range(depth)])
+        self.fc2 = nn.ModuleList([nn.Linear(hidden, dim) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)  # (N, 16, dim)
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), h], dim=1) + self.pos_embed
+        for n1, attn, n2, fc1, fc2 in zip(self.norms1, self.attns, self.norms2, self.fc1, self.fc2, strict=True):
+            h = h + attn(n1(h))
+            h = h + fc2(F.gelu(fc1(n2(h))))
+        return self.head(self.norm(h)[:, 0])
+
+
+def test_a_cut_that_changes_a_graph_constant_is_retraced_not_sent_to_per_site():
     torch.manual_seed(0)
     x = torch.randn(64, 6)
     per_site, staged = _both(Normed().eval(), x, method="seq")
-    assert staged.engine.startswith("per-site (site fc1:") and "norm" in staged.engine
-    assert staged.passes == {}
+    assert staged.engine == "staged, retraced after 1 site"  # fc1's cut slices the norm: (16,) -> (8,)
+    assert staged.passes["pruned"] > 0
     _assert_same(per_site, staged, x)
+
+
+@pytest.mark.parametrize("method", ["seq", "asym"])
+@pytest.mark.parametrize("coupled", [False, True])
+def test_vit_heads_and_layer_norms_stay_staged(method, coupled):
+    """Attention heads (a reshape's constant) and LayerNorm-sliced streams: the staged engine retraces after their
+    cuts, keeps the per-site driver's units and outputs, and stays within its pass bound."""
+    torch.manual_seed(0)
+    model, x = TinyViT().eval(), _images(40, 3, 8)
+    per_site, staged = _both(model, x, method=method, coupled=coupled, batch_size=16)  # 3 batches, the last short
+    sites = {s.name: s for s in staged.sites}
+    assert {"attns.0.qkv", "attns.1.qkv", "fc1.0", "fc1.1"} <= set(sites) and ("patch" in sites) == coupled
+    assert staged.engine == f"staged, retraced after {3 if coupled else 2} sites"  # every heads site (+ the stream)
+    assert per_site.engine == "per-site (engine='per-site')"
+    assert staged.model.attns[0].num_heads == 2 and staged.model.norm.normalized_shape == ((8,) if coupled else (16,))
+    _assert_same(per_site, staged, x)
+    dense, _ = _passes(model, x, method=method, batch_size=16)
+    per_site_passes, _ = _passes(model, x, method=method, batch_size=16, engine="per-site")
+    # A coupled stream whose consumers span the whole network adds one run to its last consumer (module docstring).
+    assert dense <= (2.0 if method == "seq" else 3.0) + coupled
+    assert dense < per_site_passes
+
+
+def test_a_retrace_that_changes_the_structure_is_refused_and_the_run_repeated_per_site(monkeypatch):
+    from subprune.graph import trace
+    from subprune.staged import RetraceMismatch, StagedGraph
+
+    x = torch.randn(4, 6)
+    graph = StagedGraph(trace(Normed().eval(), x), Normed())
+    with pytest.raises(RetraceMismatch, match="nodes"):
+        graph.adopt(trace(nn.Sequential(nn.Linear(6, 2)), x))
+    # In a run: the pipeline repeats the prune with the per-site driver, with the same result.
+    monkeypatch.setattr(StagedGraph, "adopt", lambda self, gm: (_ for _ in ()).throw(RetraceMismatch("test")))
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    per_site, staged = _both(Normed().eval(), x, method="seq")
+    assert staged.engine == per_site.engine == "per-site (engine='per-site')"
+    _assert_same(per_site, staged, x)
+
+
+def _timm_model(name: str):
+    from subprune.models.timm_import import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    if name == "mixer":
+        from timm.models.mlp_mixer import MlpMixer
+
+        return MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=64).eval()
+    kwargs = {"vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2},
+              "convnext_atto": {"depths": (1, 1, 1, 1)}}[name]
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+
+
+def _timm_importable() -> bool:
+    try:
+        _timm_model("convnext_atto")
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _timm_importable(), reason="timm is not installed (make zoo-extras)")
+@pytest.mark.parametrize(("name", "method", "retraced"), [
+    pytest.param("vit_tiny_patch16_224", "seq", 3, marks=pytest.mark.slow),
+    pytest.param("vit_tiny_patch16_224", "asym", 3, marks=pytest.mark.slow), ("mixer", "seq", 1),
+    pytest.param("convnext_atto", "seq", 4, marks=pytest.mark.slow),
+    pytest.param("convnext_atto", "asym", 4, marks=pytest.mark.slow)])
+def test_timm_vit_mixer_convnext_stay_staged(name, method, retraced):
+    """Issue 11: these fell back to the per-site driver (heads, LayerNorm shapes); now the same units, staged.
+
+    (Mixer's coupled Asym is refused by both engines: its token MLP acts across the pruned dimension.)
+    """
+    model, x = _timm_model(name), _images(16, 3, 32)
+    per_site, staged = _both(model, x, method=method, coupled=True, batch_size=8)
+    assert staged.engine == f"staged, retraced after {retraced} site{'s' if retraced > 1 else ''}"
+    _assert_same(per_site, staged, x[:4])
+    dense, _ = _passes(model, x, method=method, batch_size=8)
+    assert dense <= (2.0 if method == "seq" else 3.0) + 1  # + the coupled stream's run to its last consumer
 
 
 def _passes(model: nn.Module, x: torch.Tensor, **config) -> tuple[float, object]:
