@@ -13,8 +13,10 @@ whether both engines kept the same units (and the largest output difference of
 the two pruned models).
 
 Models: timm ``efficientnet_b0`` (random weights, ``--size`` px random images,
-needs ``make zoo-extras``), the registered ``resnet-fmnist`` (CIFAR ResNet-20 trained here) on
-Fashion-MNIST training images and ``lenet`` on MNIST training images. Run on one
+needs ``make zoo-extras``), any timm architecture as ``timm:ARCH`` or
+``timm:ARCH{"img_size": 64}`` (same images), the registered ``resnet-fmnist``
+(CIFAR ResNet-20 trained here) on Fashion-MNIST training images and ``lenet`` on
+MNIST training images. Run on one
 CPU thread unless ``--threads`` says otherwise.
 
     python benchmarks/cnn_engine.py --quick
@@ -61,6 +63,19 @@ def load(name: str, n: int, size: int) -> tuple[torch.nn.Module, torch.Tensor, s
         x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
         mode = "coupled sites" if name.endswith("+coupled") else "block-internal sites"
         return ARCHITECTURES[arch](0), x, f"reference {arch} ({mode}), random weights, {n} random images 3x16x16"
+    if name.startswith("timm:"):  # timm:ARCH or timm:ARCH{json kwargs}, e.g. timm:vit_small_patch16_224{"img_size": 64}
+        import json
+
+        from subprune.models.timm_import import import_timm
+
+        arch, _, extra = name.removeprefix("timm:").partition("{")
+        kwargs = json.loads("{" + extra) if extra else {}
+        torch.manual_seed(0)
+        model = import_timm().create_model(arch, pretrained=False, **kwargs).eval()
+        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+        params = sum(p.numel() for p in model.parameters())
+        return model, x, (f"timm {arch}{' ' + json.dumps(kwargs) if kwargs else ''} ({params / 1e6:.1f}M parameters, "
+                          f"{params * 4 / 2**20:.0f} MiB), random weights, {n} random images 3x{size}x{size}")
     if name == "efficientnet_b0":
         from subprune.models.timm_import import import_timm
 
@@ -138,16 +153,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         dense = dense_calls(model, x, args.batch_size)
         print(f"{what}: one dense forward {dense_wall:.2f} s wall, {dense_cpu:.2f} s CPU", file=sys.stderr)
         for method in args.methods:
-            runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
+            runs: dict[str, list[dict]] = {e: [] for e in args.engines}
             for _ in range(args.repeats):
-                for engine in ENGINES:
+                for engine in args.engines:
                     runs[engine].append(one_run(model, x, method, engine, args.batch_size, args.keep, dense,
                                                name.endswith("+coupled")))
-            last = {e: runs[e][-1]["result"] for e in ENGINES}
-            same = [s.keep for s in last["per-site"].sites] == [s.keep for s in last["staged"].sites]
-            with torch.no_grad():
-                diff = float((last["per-site"].model(x[:16]) - last["staged"].model(x[:16])).abs().max())
-            for engine in ENGINES:
+            last = {e: runs[e][-1]["result"] for e in args.engines}
+            same, diff = None, None
+            if len(last) == 2:
+                same = [s.keep for s in last["per-site"].sites] == [s.keep for s in last["staged"].sites]
+                with torch.no_grad():
+                    diff = float((last["per-site"].model(x[:16]) - last["staged"].model(x[:16])).abs().max())
+            for engine in args.engines:
                 med = {k: statistics.median(r[k] for r in runs[engine]) for k in ("wall", "cpu", "passes", "rss",
                                                                          "selection")}
                 seconds = last[engine].engine_seconds
@@ -196,7 +213,7 @@ def table(rows: list[dict], args: argparse.Namespace, command: str, load_start: 
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         here = [r for r in rows if r["what"] == what]
         for r in here:
-            base = next(b for b in here if b["method"] == r["method"] and b["engine"] == "per-site")
+            base = next((b for b in here if b["method"] == r["method"] and b["engine"] == "per-site"), r)
             split = " + ".join(f"{v:.2f}" for v in r["stream_passes"].values()) if r["stream_passes"] else "-"
             sec = r["seconds"]
             parts = f"{sec['forward']:.1f} / {sec['statistics']:.1f}" if sec else "-"
@@ -206,7 +223,8 @@ def table(rows: list[dict], args: argparse.Namespace, command: str, load_start: 
                 f"| {r['method']} | {engine} | {r['sites']} | {r['wall']:.1f} | {r['cpu']:.1f} | "
                 f"{r['wall_ratio']:.1f} | {r['cpu_ratio']:.1f} | {r['selection']:.1f} | {r['rest_ratio']:.1f} | "
                 f"{r['passes']:.2f} | {split} | {parts} | "
-                f"{r['rss']:.0f} | {'yes' if r['same'] else 'NO'} | {r['diff']:.1e} | {base['cpu'] / r['cpu']:.2f} |")
+                f"{r['rss']:.0f} | {'-' if r['same'] is None else 'yes' if r['same'] else 'NO'} | "
+                f"{'-' if r['diff'] is None else format(r['diff'], '.1e')} | {base['cpu'] / r['cpu']:.2f} |")
         lines.append("")
     lines.append("Joint refits (a consumer that several sites feed: DenseNet concatenations, option-A shortcuts) "
                  "are counted in *passes*; with the staged engine they read their inputs from its caches.")
@@ -225,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                        help="one engine only: no same-units column (e.g. peak RSS of two library versions)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="lenet and efficientnet_b0 at 32 images of 64 px")
     parser.add_argument("--table", type=Path, help="write the markdown table here")

@@ -522,8 +522,14 @@ def prune(
     ----------
     model : nn.Module
         A trained model, traceable by torch.fx. Not modified: pruning works on a
-        deep copy, on ``config.device`` (default: the model's own device) or, with
-        ``config.offload``, in host memory.
+        deep copy (the working copy, returned pruned), on ``config.device``
+        (default: the model's own device) or, with ``config.offload``, in host
+        memory. Where the method needs the dense model (AsymInChange's targets,
+        LayerInChange, the baselines, compression and curve budgets) it reads
+        ``model`` itself, in eval mode for the run (its training flags are
+        restored after) and under ``torch.no_grad``; only when ``model`` is on
+        another device than the statistics is a second, moved copy made. Peak
+        memory: ``model`` + the working copy + the staged caches.
     calibration : Tensor of shape (N, ...), ndarray, Dataset, DataLoader, list of batches, dict, or Calibration
         Inputs preprocessed as the model expects, N >= 2 samples in all (the
         paper uses 512). Batches may be Tensors (``model(x)``), tuples
@@ -612,8 +618,51 @@ def _prune(
     storage = torch.device("cpu") if config.offload else device
     work = copy.deepcopy(model).to(storage).eval()
     needs_dense = method.asymmetric or not method.sequential or config.budget != "uniform" or config.compression
-    dense = copy.deepcopy(model).to(storage).eval() if needs_dense else None
+    if not needs_dense:
+        return _prune_work(model, work, None, calibration, config, device, loss_fn, score_data, start_time)
+    if not _on(model, storage):  # the dense reference must sit where the statistics are computed: a moved copy
+        dense = copy.deepcopy(model).to(storage).eval()
+        return _prune_work(model, work, dense, calibration, config, device, loss_fn, score_data, start_time)
+    with _read_only(model) as dense:
+        return _prune_work(model, work, dense, calibration, config, device, loss_fn, score_data, start_time)
 
+
+def _on(model: nn.Module, device: torch.device) -> bool:
+    """Every parameter and buffer of ``model`` is on ``device`` (an index-less "cuda" matches any CUDA device)."""
+    def same(d: torch.device) -> bool:
+        return d.type == device.type and (device.index is None or d.index in (None, device.index))
+
+    return all(same(t.device) for t in (*model.parameters(), *model.buffers()))
+
+
+@contextlib.contextmanager
+def _read_only(model: nn.Module):
+    """The user's ``model`` itself as the dense reference, in eval mode while the run lasts.
+
+    The dense reference (the targets A of AsymInChange, the statistics of
+    LayerInChange and the baselines, the objective curves, the parameter counts)
+    is only read: every forward pass on it runs under ``torch.no_grad`` (the
+    ActGrad baselines take gradients of activations with ``torch.autograd.grad``,
+    which leaves ``.grad`` alone), hooks are removed after each pass, and
+    nothing is cut or refit in it. So no deep copy is needed; only the training
+    flags change (dropout off, BatchNorm running statistics frozen) and they are
+    restored on exit, also after an error. Peak memory: the user's model, the
+    working copy (which becomes the pruned model) and the caches.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _prune_work(model: nn.Module, work: nn.Module, dense: nn.Module | None, calibration: Calibration,
+                config: PruneConfig, device: torch.device, loss_fn: LossFn | None,
+                score_data: tuple[Tensor, Tensor] | None, start_time: float) -> PruneResult:
+    """:func:`_prune` on the working copy ``work`` with the dense reference ``dense`` (None: none needed)."""
+    method = get_method(config.method)
     with offload_modules([work], device) if config.offload else contextlib.nullcontext():
         all_sites, skipped = find_sites(work, calibration.head(MIN_CALIBRATION_SAMPLES, device),
                                         coupled=config.coupled, leaf_modules=config.leaf_modules)

@@ -97,6 +97,54 @@ def test_prune_shapes_outputs_and_user_model_untouched(method, reweight, conv_ne
             assert site.objective == pytest.approx(site.objective_curve[site.kept - 1], abs=1e-8)
 
 
+class _NormedNet(nn.Module):
+    """Conv-BatchNorm-Dropout-Conv-Linear: a model whose training mode would change its outputs and buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.drop, self.head = nn.Conv2d(8, 6, 3, padding=1), nn.Dropout(0.5), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.conv2(self.drop(torch.relu(self.bn(self.conv1(x)))))
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("method", "budget"), [("asym", "uniform"), ("asym", "curve"), ("layer", "uniform"),
+                                                ("layer-actgrad", "uniform")])
+def test_the_dense_reference_is_the_users_model_read_only(method, budget, images, monkeypatch):
+    """No deep copy for the dense reference: the user's model is read (eval mode, no_grad) and left as it was."""
+    torch.manual_seed(0)
+    model = _NormedNet()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    model.train()
+    model.drop.eval()  # a mixed mode must be restored module by module
+    modes = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = copy.deepcopy(model).eval()
+    labels = torch.arange(len(images)) % 4
+    config = PruneConfig(method=method, budget=budget, keep=None if budget == "curve" else 0.5,
+                         compression=1.5 if budget == "curve" else None, progress=False)
+    copies = []
+    real = copy.deepcopy
+    monkeypatch.setattr("subprune.pipeline.copy.deepcopy",
+                        lambda obj, *a: (copies.append(type(obj).__name__), real(obj, *a))[1])
+    result = prune(model, images, config, labels=labels)
+    assert copies.count("_NormedNet") == 1  # the working copy only
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    monkeypatch.setattr("subprune.pipeline.copy.deepcopy", real)
+    expected = prune(reference, images, config, labels=labels)  # an eval-mode model: the same run as before
+    assert [s.keep for s in result.sites] == [s.keep for s in expected.sites]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(images), expected.model(images), rtol=0, atol=0)
+
+
 def test_reweighting_keeps_more_energy_than_slicing(conv_net, images):
     common = dict(method="layer", keep=0.5, progress=False)
     with_refit = prune(conv_net, images, PruneConfig(reweight=True, **common))
