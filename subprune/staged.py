@@ -518,10 +518,18 @@ class StagedStatistics:
         return self._dense_inputs[consumer]
 
     def replays(self, model: nn.Module, batch: Batch, concrete_args=None) -> bool:
-        """True if the graph replayed on ``model`` (pruned now) gives ``model``'s own output on ``batch``."""
+        """True if the graph replayed on ``model`` (pruned now) gives ``model``'s own output on ``batch``.
+
+        A cut since the last trace that changed a constant of the graph (the last site's) is retraced first.
+        """
+        self._refresh()
         with offload_modules([model], self.device) if self.offload else contextlib.nullcontext(), torch.no_grad():
-            return same_outputs(replay_output(self.graph, model, batch, concrete_args, self.device, "pruned"),
-                                batch.run(model))
+            try:
+                replayed = replay_output(self.graph, model, batch, concrete_args, self.device, "pruned")
+            except Exception as exc:  # a size the graph fixed no longer fits: the caller repeats per site
+                log.info("the replayed graph fails on the pruned model: %s", exc)
+                return False
+            return same_outputs(replayed, batch.run(model))
 
     def passes(self) -> dict[str, float]:
         """Dense-forward equivalents executed so far, per stream (see :meth:`StagedCounts.passes`)."""

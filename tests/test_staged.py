@@ -196,6 +196,18 @@ def test_a_retrace_that_changes_the_structure_is_refused_and_the_run_repeated_pe
     _assert_same(per_site, staged, x)
 
 
+@pytest.mark.parametrize("method", ["seq", "asym"])
+def test_the_last_site_changing_a_graph_constant_is_retraced_before_the_final_check(method):
+    torch.manual_seed(0)
+    model, x = TinyViT().eval(), _images(24, 3, 8)
+    config = {"method": method, "batch_size": 8}
+    runs = [prune(model, x, PruneConfig(keep={"attns.0.qkv": 0.5, "attns.1.qkv": 0.5}, progress=False, engine=e,
+                                        **config)) for e in ("per-site", "staged")]
+    assert [s.name for s in runs[1].sites] == ["attns.0.qkv", "attns.1.qkv"]
+    assert runs[1].engine == "staged, retraced after 2 sites"  # not repeated per site by the final replay check
+    _assert_same(*runs, x)
+
+
 def _timm_model(name: str):
     from subprune.models.timm_import import import_timm
 
