@@ -83,8 +83,9 @@ def excite(model: nn.Module, generator: torch.Generator) -> nn.Module:
     timm initialises the last norm of many residual branches to zero (``zero_init_last``) and layer
     scales to 1e-6: with those weights a branch outputs (almost) nothing, so a random-weight model
     would reproduce its dense output, and the pruned model equal the masked one, whatever was cut
-    inside the branch. Norm scales and layer scales ~ U(0.5, 1.5), norm shifts and running means
-    ~ N(0, 0.1^2), running variances ~ U(0.5, 1.5).
+    inside the branch (and timm's Mixer/ResMLP zero their classifier). Norm scales, layer scales and
+    other vectors of |values| <= 1e-3 ~ U(0.5, 1.5); norm shifts and running means ~ N(0, 0.1^2);
+    running variances ~ U(0.5, 1.5); matrices of |values| <= 1e-3 ~ N(0, 1 / fan_in).
     """
     def uniform(t: torch.Tensor) -> None:
         t.copy_(0.5 + torch.rand(t.shape, generator=generator))
@@ -93,10 +94,14 @@ def excite(model: nn.Module, generator: torch.Generator) -> nn.Module:
         for module in model.modules():
             is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
             for name, param in module.named_parameters(recurse=False):
-                if is_norm and name == "weight" or name in ("gamma", "scale") or "layer_scale" in name:
+                tiny = name != "bias" and bool((param.abs() <= 1e-3).all())  # zero-init heads, 1e-6 layer scales
+                if is_norm and name == "weight" or name in ("gamma", "scale") or "layer_scale" in name or (
+                        tiny and param.dim() <= 1):
                     uniform(param)
                 elif is_norm and name == "bias":
                     param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+                elif tiny:  # e.g. a classifier initialised to zero (Mixer, ResMLP): unit-variance outputs
+                    param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
             if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_var is not None:
                 module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
                 uniform(module.running_var)
