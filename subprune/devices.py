@@ -221,3 +221,20 @@ class MemoryTracker:
 def peak_rss_bytes() -> int:
     """The process's peak resident set size so far, in bytes (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout, BatchNorm running statistics frozen) for the block.
+
+    Every module's own training flag is restored on exit, also after an error.
+    Shared by the fx pipeline (the user's model as the dense reference), the
+    block engine and the evaluation helpers.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.train(training)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from subprune.calibration import Batch, as_calibration, forward
+from subprune.devices import eval_mode
 
 __all__ = ["accuracy", "compare_outputs", "count_flops", "count_parameters", "measure_latency"]
 
@@ -18,14 +19,8 @@ __all__ = ["accuracy", "compare_outputs", "count_flops", "count_parameters", "me
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode and gradient-free; restore its training flags after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    with eval_mode(model), torch.no_grad():
+        yield model
 
 
 def accuracy(

@@ -26,7 +26,7 @@ from subprune.budgets import ParameterCounter, curve_plan, global_plan, keep_rat
 from subprune.calibration import Batch, Calibration, as_calibration, check_module
 from subprune.core.plan import MIN_CALIBRATION_SAMPLES, check_sample_count, objective_curves, plan_units
 from subprune.core.site import SiteOptions, SiteReport, prune_site
-from subprune.devices import MemoryTracker, PeakMemory, offload_modules, resolve_device
+from subprune.devices import MemoryTracker, PeakMemory, eval_mode, offload_modules, resolve_device
 from subprune.distributed import all_reduce_statistics, require_initialized
 from subprune.graph_adapter import GraphSiteAdapter
 from subprune.joint_refit import JointRefit, dense_joint_sites
@@ -649,13 +649,8 @@ def _read_only(model: nn.Module):
     restored on exit, also after an error. Peak memory: the user's model, the
     working copy (which becomes the pruned model) and the caches.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _prune_work(model: nn.Module, work: nn.Module, dense: nn.Module | None, calibration: Calibration,

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from subprune.core.site import SiteReport
-from subprune.devices import to_device
+from subprune.devices import eval_mode, to_device
 from subprune.hf.architectures import FFN, HEADS, TransformerSite, blocks, consumer_weight, ffn_output_norm
 from subprune.hf.residual import ResidualStatistics
 from subprune.solver import group_columns
@@ -197,18 +197,6 @@ def _batches(calibration: Mapping[str, Tensor], batch_size: int, device) -> Iter
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode (no dropout) for the block, every module's own training flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in flags:
-            m.train(training)
 
 
 @torch.no_grad()
