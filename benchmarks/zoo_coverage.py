@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -239,16 +240,80 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LAST_LAYER = "outputs are the model's outputs"
+
+
+def pattern(reason: str) -> str:
+    """A skip reason without the names and sizes of the node or layer it was met at (``'cat_12'`` -> ``'cat'``)."""
+    reason = re.sub(r"'([A-Za-z_]+?)_\d+'", r"'\1'", reason)  # fx node names: getitem_10, layer_norm_3, ...
+    reason = re.sub(r"^(\w+) '[^']+' is a", r"\1 '...' is a", reason)  # ScaledStdConv2d 'stages.0.0.conv1' is a
+    return re.sub(r"with \d+ groups do not divide its \d+ channels", "with G groups do not divide its C channels",
+                  reason)
+
+
+def patterns_section(rows: list[dict]) -> str:
+    """Every skip pattern still reported (but the classifier's), where, and the architectures at most half in sites.
+
+    From the rows' ``skipped_reasons`` (the distinct reasons of each architecture's skipped layers): a
+    pattern's count is the number of distinct graph nodes or layers it names in that architecture (none for a
+    reason that names none: ``--explain`` counts the layers).
+    """
+    ok = [r for r in rows if "fatal" not in r]
+    where: dict[str, dict[str, int]] = {}  # pattern -> architecture -> distinct nodes/layers named (0: none named)
+    for r in ok:
+        for reason in r.get("skipped_reasons", []):
+            if LAST_LAYER not in reason:
+                archs = where.setdefault(pattern(reason), {})  # a reason naming a node or layer quotes it
+                archs[r["arch"]] = archs.get(r["arch"], 0) + ("'" in pattern(reason))
+    low = [r for r in ok if r["share"] <= 0.5]
+    lines = ["## Architectures with at most half of their Linear/Conv layers in sites", "",
+             "| architecture | in sites | what stops the rest (the reasons subprune reports) |", "|---|---|---|"]
+    for r in low:
+        stops = sorted({pattern(x) for x in r.get("skipped_reasons", []) if LAST_LAYER not in x})
+        lines.append(f"| {r['arch']} | {r['in_sites']} of {r['layers']} ({100 * r['share']:.0f}%) | "
+                     + "<br>".join(stops) + " |")
+    lines += ["", "## Every pattern still reported unprunable", "",
+              "Each reason a Linear/Conv layer is in no site (the classifier's, \"its outputs are the model's "
+              "outputs\", left out), with the architectures where it is met (in brackets: at how many distinct nodes "
+              "or layers). Why each is a limit, and what would lift it: docs/zoo.md, \"What is not covered\".", "",
+              "| reason | architectures |", "|---|---|"]
+    for reason, archs in sorted(where.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        lines.append(f"| {reason} | " + ", ".join(f"{a} ({n})" if n else a for a, n in archs.items()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def explain(timm, names: list[str], samples: int) -> None:
+    """Per architecture: how many layers each skip pattern stops, and a few of their names."""
+    for name in names:
+        size = next((a[2] for a in ARCHITECTURES if a[1] == name), 64)
+        model = build(timm, name, size)
+        x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(0))
+        sites, skipped = find_sites(model, x[:2], coupled=True)
+        layers = [n for n, m in model.named_modules() if isinstance(m, LAYERS)]
+        covered = {p.module for s in sites for p in s.producers} | {g for s in sites for g in s.groupwise}
+        print(f"{name}: {len(covered & set(layers))} of {len(layers)} Linear/Conv layers in sites, "
+              f"{len(skipped)} skipped entries (a layer or a part of one)")
+        by: dict[str, list[str]] = {}
+        for entry in skipped:
+            by.setdefault(pattern(entry.reason), []).append(entry.name)
+        for reason, entries in sorted(by.items(), key=lambda kv: -len(kv[1])):
+            print(f"  {len(entries):4d}  {reason}\n        e.g. {', '.join(entries[:3])}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", help="comma-separated timm names (default: the list above)")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--out", help="write OUT.jsonl and OUT.md")
+    parser.add_argument("--explain", help="comma-separated timm names: print how many layers each skip reason stops")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     timm = import_timm()
+    if args.explain:
+        explain(timm, args.explain.split(","), args.samples)
+        return
     chosen = ARCHITECTURES if not args.archs else [
         next((a for a in ARCHITECTURES if a[1] == name), ("-", name, 64)) for name in args.archs.split(",")]
     rows, done = [], {}
@@ -278,22 +343,19 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows)
     ok = [r for r in rows if "fatal" not in r]
     most = sum(r["share"] > 0.5 for r in ok)
+    none = sum(r["in_sites"] == 0 for r in ok)
     summary = (f"\n\n{most} of {len(rows)} architectures have most of their Linear/Conv layers in sites; "
-               f"{sum(r['in_sites'] == 0 for r in ok)} have none; "
+               f"{none} {'has' if none == 1 else 'have'} none; "
                f"subprune's pruned model runs for {sum(bool(r['runs']) for r in ok)}, "
                f"Torch-Pruning's for {sum(r.get('tp_status') == 'runs' for r in ok)}.\n")
     print(text + summary)
     if args.out:
         out = Path(args.out)
         command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_coverage.py " + " ".join(sys.argv[1:])
-        reasons = sorted({reason for r in ok for reason in r.get("skipped_reasons", [])
-                          if "outputs are the model's outputs" not in reason})
-        notes = "\n".join(f"- {reason}" for reason in reasons[:80])
         out.with_suffix(".md").write_text(
             f"# timm zoo coverage: subprune vs Torch-Pruning 1.6.1\n\n`{command}`\n\n"
             f"timm {timm.__version__}, random weights, {args.samples} random inputs per model, coupled sites on, "
-            "keep 0.5 in every site.\n\n" + text + summary + "\n## Reasons layers were skipped (all models)\n\n"
-            + notes + "\n")
+            "keep 0.5 in every site.\n\n" + text + summary + "\n" + patterns_section(rows))
 
 
 if __name__ == "__main__":

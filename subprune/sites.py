@@ -904,6 +904,8 @@ class _Flood:
         split_dim = self._split_dim(split)
         removes = (split.target if isinstance(split.target, str) else split.target.__name__) == "unbind"
         parts = part_shapes(split)
+        if isinstance(i, int):
+            i %= len(parts)  # spx[-1] (Res2Net's pass-through part) is the last part
         sizes = [1] * len(parts) if removes else [p[split_dim] for p in parts]
         start = sum(sizes[:i])
         # Only split(x, size) keeps its earlier parts when the channels shrink (the last takes the rest);

@@ -49,3 +49,31 @@ def test_excite_gives_a_zero_initialised_branch_signal_so_cut_equals_masked_is_n
         change = float((masked - dense).abs().max())
         assert change > 1e-2 if excited else change == 0.0  # zero-init: whatever is cut, nothing changes
         assert torch.allclose(cut, masked, atol=1e-5)
+
+
+def test_skip_patterns_are_grouped_across_nodes_and_low_coverage_architectures_listed():
+    zoo = _load()
+    assert zoo.pattern("its channels reach 'cat_12' (cat) at two different positions") == (
+        "its channels reach 'cat' (cat) at two different positions")
+    assert zoo.pattern("'layer_norm_3' (layer_norm) normalises") == "'layer_norm' (layer_norm) normalises"
+    assert zoo.pattern("ScaledStdConv2d 'stages.0.0.conv1' is a Conv2d subclass") == (
+        "ScaledStdConv2d '...' is a Conv2d subclass")
+    assert zoo.pattern("grouped convolutions or GroupNorms with 120 groups do not divide its 60 channels evenly") == (
+        "grouped convolutions or GroupNorms with G groups do not divide its C channels evenly")
+    rows = [
+        {"arch": "a", "layers": 10, "in_sites": 2, "share": 0.2, "skipped_reasons": [
+            "its channels reach 'cat' (cat) at two different positions",
+            "its channels reach 'cat_1' (cat) at two different positions",
+            "grouped or depthwise convolution whose channels no site carries",
+            "its outputs are the model's outputs (last layer)"]},
+        {"arch": "b", "layers": 4, "in_sites": 3, "share": 0.75, "skipped_reasons": [
+            "its channels reach 'cat_7' (cat) at two different positions"]},
+        {"arch": "c", "fatal": "RuntimeError: x"},
+    ]
+    text = zoo.patterns_section(rows)
+    assert "| a | 2 of 10 (20%) | grouped or depthwise convolution whose channels no site carries<br>its channels " \
+        "reach 'cat' (cat) at two different positions |" in text
+    assert "| b |" not in text.split("## Every pattern")[0]
+    assert "| its channels reach 'cat' (cat) at two different positions | a (2), b (1) |" in text
+    assert "| grouped or depthwise convolution whose channels no site carries | a |" in text
+    assert "last layer" not in text

@@ -135,6 +135,40 @@ def test_channel_split_and_slices():
     assert reasons["wide[0:2]"] == "its channels reach no Linear/Conv2d that could be refit"
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_res2net_pass_through_part_read_as_spx_minus_one(first):
+    class Bottle2neck(nn.Module):  # timm's Res2Net block: split(x, width), hierarchical adds, spx[-1] passed through
+        def __init__(self, width=4, scale=4):
+            super().__init__()
+            self.width = width
+            self.conv1 = nn.Conv2d(3, width * scale, 1)
+            self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(scale - 1))
+            self.pool = nn.AvgPool2d(3, stride=1, padding=1) if first else None
+            self.conv3, self.head = nn.Conv2d(width * scale, 5, 1), nn.Linear(5, 2)
+
+        def forward(self, x):
+            spx = torch.split(torch.relu(self.conv1(x)), self.width, 1)
+            spo, sp = [], spx[0]
+            for i, conv in enumerate(self.convs):
+                sp = spx[i] if i == 0 or first else sp + spx[i]
+                sp = torch.relu(conv(sp))
+                spo.append(sp)
+            spo.append(self.pool(spx[-1]) if first else spx[-1])
+            return self.head(torch.relu(self.conv3(torch.cat(spo, 1))).mean((2, 3)))
+
+    # the last part (read as spx[-1]) runs to the last channel: split(x, width) keeps the earlier bounds
+    expect = ["conv1[12:16]", "convs.2", "conv3"] + (["convs.0", "convs.1"] if first else [])
+    sites, skipped = check(Bottle2neck(), torch.randn(16, 3, 6, 6), expect=expect)
+    reasons = {s.name: s.reason for s in skipped}
+    assert all("fixed in forward()" in reasons[f"conv1[{a}:{a + 4}]"] for a in (0, 4, 8))
+    if not first:  # convs.0's output is added to spx[1], a part of fixed size
+        assert "fixed in forward()" in reasons["convs.0"] and "fixed in forward()" in reasons["convs.1"]
+    part = next(s for s in sites if s.name == "conv1[12:16]")
+    assert [(c.module, c.start, c.span) for c in part.consumers] == [("conv3", 12, 4)]
+    cut = prune_model(Bottle2neck(), sites, {"conv1[12:16]": torch.tensor([1, 3])})
+    assert cut.conv1.out_channels == 14 and cut.conv3.in_channels == 14
+
+
 @pytest.mark.parametrize("resize", ["upsample-nearest", "upsample-bilinear", "interpolate", "zeropad", "constpad"])
 def test_spatial_resizing_and_padding_modules(resize):
     layer = {
