@@ -23,7 +23,9 @@ at 32, Asym at 32 with ``--old-asym``), ``depth`` (random LLaMA at SmolLM2 width
 with 8/16/32 blocks, 32 passages, Asym/Layer/Seq), ``grid`` (SmolLM2, 128
 passages, Layer/Seq/Asym/Wanda/Wanda-sp/FLAP at 20% and 50% of the prunable
 parameters removed; old: Layer at 128, Seq and Wanda at 32), ``engine512`` (512
-passages). Rows go to a JSON-lines file (resumable); the tables to markdown
+passages), ``mixed`` (SmolLM2 at 32/128 passages: one dense forward, Asym with the default float64
+statistics and Asym with ``precision="mixed"``, float32 Gram products summed in float64). Rows go to a
+JSON-lines file (resumable); the tables to markdown
 (``--table``: cost; ``--grid-table``: old vs new perplexities and kept units).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 \
@@ -139,8 +141,9 @@ def worker(spec: dict) -> dict:
     if spec.get("keep"):  # the old engine: the new engine's plan at this target, as per-site keep ratios
         config = prune_module.TransformerPruneConfig(method=spec["method"], keep=spec["keep"], batch_size=BATCH)
     else:
+        extra = {"precision": spec["precision"]} if "precision" in spec else {}  # the old tree has no option
         config = prune_module.TransformerPruneConfig(method=spec["method"], heads=0.5, ffn=0.5,
-                                                     params=spec["params"], batch_size=BATCH)
+                                                     params=spec["params"], batch_size=BATCH, **extra)
     start, cpu = time.perf_counter(), _cpu()
     result = prune_module.prune_transformer(model, calibration, config)
     row["prune_s"] = time.perf_counter() - start
@@ -205,6 +208,10 @@ def runs(groups: list[str], old_asym: bool) -> list[dict]:
         out += [_smol(128, "layer", "old", 0.8), _smol(32, "wanda", "new"), _smol(32, "wanda", "old")]
         out += [_smol(32, method, "new", 0.8) for method in ("seq", "asym")]
         out += [_smol(32, method, "old", 0.8) for method in ("seq",)]
+    if "mixed" in groups:  # float32 Gram products (summed in float64) against the float64 rows of "engine"
+        for n in (32, 128):  # side by side in one run (its own --out file): dense forward, float64, mixed
+            out += [_smol(n, "dense", "new", evaluate=False), _smol(n, "asym", "new"),
+                    _smol(n, "asym", "new", precision="mixed")]
     if "engine512" in groups:
         out += [_smol(512, "dense", "new", evaluate=False), _smol(512, "layer", "new"), _smol(512, "layer", "old"),
                 _smol(512, "asym", "new"), _smol(512, "seq", "new")]
@@ -212,7 +219,8 @@ def runs(groups: list[str], old_asym: bool) -> list[dict]:
 
 
 def key(row: dict) -> tuple:
-    return (row["model"], row["layers"], row["passages"], row["method"], row["engine"], row.get("params"))
+    return (row["model"], row["layers"], row["passages"], row["method"], row["engine"], row.get("params"),
+            row.get("precision", "float64"))
 
 
 def old_tree() -> Path:
@@ -260,6 +268,12 @@ def launch(spec: dict, threads: int, directory: Path) -> dict:
         return json.loads(out_file.read_text())
 
 
+def _method(row: dict) -> str:
+    """The method, with the Gram precision where it is not the default float64."""
+    precision = row.get("precision", "float64")
+    return row["method"] if precision == "float64" else f"{row['method']} ({precision})"
+
+
 def _fmt(value, digits=1):
     return "" if value is None else f"{value:,.{digits}f}"
 
@@ -290,7 +304,8 @@ def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -
              "seconds are the steadier measure. Executions = block forward calls counted with hooks (partial calls "
              "included); per block-batch = executions / (blocks x batches). Peak RSS: during the prune, the loaded "
              f"model included. Perplexities on the last {HELDOUT} Wikipedia passages and the first {HELDOUT} Lee news "
-             "articles; 'same units' = the old engine kept exactly the units the new one kept.", "",
+             "articles; 'same units' = the old engine kept exactly the units the new one kept (for a "
+             "(mixed) row: the same run with float64 statistics).", "",
              "| model | blocks | passages | method | engine | load | prune s | solver s | fwd s "
              "| (prune - solver) / fwd | prune CPU s | solver CPU s | fwd CPU s | (prune - solver) / fwd, CPU "
              "| peak RSS MB | RSS loaded MB | executions | per block-batch | wiki ppl | lee ppl | same units "
@@ -302,14 +317,15 @@ def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -
         fwd, fwd_cpu = d.get("dense_forward_s"), d.get("dense_forward_cpu_s")
         rest = r["prune_s"] - r["solver_s"]
         rest_cpu = r["prune_cpu_s"] - r["solver_cpu_s"] if "prune_cpu_s" in r else None
-        counterpart = new.get(key(dict(r, engine="new")))
-        same = "" if r["engine"] == "new" or counterpart is None else ("yes" if counterpart["keep"] == r["keep"]
-                                                                       else "no")
+        mixed = r.get("precision", "float64") != "float64"  # compared with the float64 run instead of the old engine
+        counterpart = new.get(key(dict(r, engine="new", precision="float64")))
+        same = ("" if (r["engine"] == "new" and not mixed) or counterpart is None
+                else "yes" if counterpart["keep"] == r["keep"] else "no")
         then = earlier.get(key(r)) if r["engine"] == "new" else None
         then_ratio = None if then is None else _ratio_cpu(then, dense_before)
         then_same = "" if then is None else ("yes" if then.get("keep") == r.get("keep") else "no")
         lines.append(
-            f"| {r['model']} | {r['layers']} | {r['passages']} | {r['method']} | {r['engine']} "
+            f"| {r['model']} | {r['layers']} | {r['passages']} | {_method(r)} | {r['engine']} "
             f"| {_fmt(r.get('load_average'))} | {_fmt(r['prune_s'])} | {_fmt(r['solver_s'])} | {_fmt(fwd)} "
             f"| {_fmt(fwd and rest / fwd, 2)} | {_fmt(r.get('prune_cpu_s'))} | {_fmt(r.get('solver_cpu_s'))} "
             f"| {_fmt(fwd_cpu)} | {_fmt(fwd_cpu and rest_cpu is not None and rest_cpu / fwd_cpu, 2)} "
@@ -334,7 +350,7 @@ def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -
         for r in dense_ppl[:1]:
             lines.append(f"| dense | 0 | {r['params_kept']:,} | {r['wiki_ppl']:.2f} | {r['lee_ppl']:.2f} | |")
         for r in sorted(grid, key=lambda r: (-r["params"], r["method"])):
-            lines.append(f"| {r['method']} | {1 - r['params']:.0%} | {r['params_kept']:,} | {r['wiki_ppl']:.2f} "
+            lines.append(f"| {_method(r)} | {1 - r['params']:.0%} | {r['params_kept']:,} | {r['wiki_ppl']:.2f} "
                          f"| {r['lee_ppl']:.2f} | {r['prune_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -344,7 +360,8 @@ GRID_COMMAND = COMMAND
 
 def grid_table(rows: list[dict]) -> str:
     """Old vs new engine where the maths is the same: perplexities and kept units by method and fraction removed."""
-    smol = [r for r in rows if r["model"] == "smollm2" and r["method"] != "dense" and "wiki_ppl" in r]
+    smol = [r for r in rows if r["model"] == "smollm2" and r["method"] != "dense" and "wiki_ppl" in r
+            and r.get("precision", "float64") == "float64"]
     at = {(r["method"], r["params"], r["passages"], r["engine"]): r for r in smol}
     dense = next((r for r in rows if r["model"] == "smollm2" and r["method"] == "dense" and "wiki_ppl" in r), None)
     lines = [f"`{GRID_COMMAND}`", "",
@@ -391,7 +408,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--groups", nargs="+", default=["engine", "depth", "grid", "engine512"],
-                        choices=["engine", "depth", "grid", "engine512", "smoke"])
+                        choices=["engine", "depth", "grid", "engine512", "mixed", "smoke"])
     parser.add_argument("--old-asym", action="store_true", help="also run the old engine's Asym at 32 passages")
     parser.add_argument("--engine", choices=["new", "old"], default=None,
                         help="only the runs of this engine (dense forwards count as new); for parallel parents")
