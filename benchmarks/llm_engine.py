@@ -23,8 +23,9 @@ at 32, Asym at 32 with ``--old-asym``), ``depth`` (random LLaMA at SmolLM2 width
 with 8/16/32 blocks, 32 passages, Asym/Layer/Seq), ``grid`` (SmolLM2, 128
 passages, Layer/Seq/Asym/Wanda/Wanda-sp/FLAP at 20% and 50% of the prunable
 parameters removed; old: Layer at 128, Seq and Wanda at 32), ``engine512`` (512
-passages), ``mixed`` (SmolLM2 at 32/128 passages: one dense forward, Asym with the default float64
-statistics and Asym with ``precision="mixed"``, float32 Gram products summed in float64). Rows go to a
+passages), ``mixed`` (SmolLM2 at 32/128 passages: Asym with the default float64 statistics and Asym
+with ``precision="mixed"``, float32 Gram products summed in float64; each run also times one dense
+forward in its own process just before the prune, and its ratio is taken against that). Rows go to a
 JSON-lines file (resumable); the tables to markdown
 (``--table``: cost; ``--grid-table``: old vs new perplexities and kept units).
 
@@ -109,17 +110,22 @@ def worker(spec: dict) -> dict:
     calibration = tokenize(tokenizer, passages[: spec["passages"]])
     row = dict(spec, tokens=int(calibration["attention_mask"].sum()), seq_len=int(calibration["input_ids"].shape[1]),
                load_average=os.getloadavg()[0])  # the machine is shared: its 1-minute load when the run started
-    if spec["method"] == "dense":
+
+    def dense_forward() -> tuple[float, float]:
         start, cpu = time.perf_counter(), _cpu()
         with torch.no_grad():
             for i in range(0, spec["passages"], BATCH):
                 model(**{k: v[i : i + BATCH] for k, v in calibration.items()})
-        row["dense_forward_s"] = time.perf_counter() - start
-        row["dense_forward_cpu_s"] = _cpu() - cpu
+        return time.perf_counter() - start, _cpu() - cpu
+
+    if spec["method"] == "dense":
+        row["dense_forward_s"], row["dense_forward_cpu_s"] = dense_forward()
         if spec.get("evaluate", True):
             row.update(_quality(model, tokenizer, passages))
         return row
 
+    if spec.get("time_dense"):  # the dense forward in this process, just before the prune: the same machine load
+        row["own_forward_s"], row["own_forward_cpu_s"] = dense_forward()
     _, layers = blocks(model)
     executions = []
     for block in layers:
@@ -208,10 +214,10 @@ def runs(groups: list[str], old_asym: bool) -> list[dict]:
         out += [_smol(128, "layer", "old", 0.8), _smol(32, "wanda", "new"), _smol(32, "wanda", "old")]
         out += [_smol(32, method, "new", 0.8) for method in ("seq", "asym")]
         out += [_smol(32, method, "old", 0.8) for method in ("seq",)]
-    if "mixed" in groups:  # float32 Gram products (summed in float64) against the float64 rows of "engine"
-        for n in (32, 128):  # side by side in one run (its own --out file): dense forward, float64, mixed
-            out += [_smol(n, "dense", "new", evaluate=False), _smol(n, "asym", "new"),
-                    _smol(n, "asym", "new", precision="mixed")]
+    if "mixed" in groups:  # float32 Gram products (summed in float64) beside float64, in one run (its own --out
+        for n in (32, 128):  # file); each times a dense forward in its own process for its ratio
+            out += [_smol(n, "asym", "new", time_dense=True),
+                    _smol(n, "asym", "new", precision="mixed", time_dense=True)]
     if "engine512" in groups:
         out += [_smol(512, "dense", "new", evaluate=False), _smol(512, "layer", "new"), _smol(512, "layer", "old"),
                 _smol(512, "asym", "new"), _smol(512, "seq", "new")]
@@ -278,9 +284,17 @@ def _fmt(value, digits=1):
     return "" if value is None else f"{value:,.{digits}f}"
 
 
+def _forward(row: dict, dense: dict) -> dict:
+    """The dense forward a row's ratio is taken against: its own (``time_dense``: timed in the same process just
+    before the prune, under the same load) or else the dense row of its model and passages."""
+    if "own_forward_cpu_s" in row:
+        return {"dense_forward_s": row["own_forward_s"], "dense_forward_cpu_s": row["own_forward_cpu_s"]}
+    return dense.get((row["model"], row["layers"], row["passages"]), {})
+
+
 def _ratio_cpu(row: dict, dense: dict) -> float | None:
     """(prune - solver) / one dense forward, CPU seconds; None without the dense row or CPU times."""
-    d = dense.get((row["model"], row["layers"], row["passages"]), {})
+    d = _forward(row, dense)
     if "prune_cpu_s" not in row or not d.get("dense_forward_cpu_s"):
         return None
     return (row["prune_cpu_s"] - row["solver_cpu_s"]) / d["dense_forward_cpu_s"]
@@ -313,7 +327,7 @@ def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -
              "|" + "---|" * 24]
     for r in sorted((r for r in rows if r["method"] != "dense" and r.get("params") == 0.5),
                     key=lambda r: (r["model"], r["layers"], r["passages"], r["method"], r["engine"])):
-        d = dense.get((r["model"], r["layers"], r["passages"]), {})
+        d = _forward(r, dense)
         fwd, fwd_cpu = d.get("dense_forward_s"), d.get("dense_forward_cpu_s")
         rest = r["prune_s"] - r["solver_s"]
         rest_cpu = r["prune_cpu_s"] - r["solver_cpu_s"] if "prune_cpu_s" in r else None
