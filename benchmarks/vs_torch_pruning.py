@@ -62,8 +62,8 @@ RUNS = [  # in the order they ran; each resumes (skips the rows it has), so reru
     f"{_CMD} --models advertorch-lenet5 ccexam-mnistnet vgg11-bn-fmnist resnet-fmnist --seed-values 0 {_REST}",
     f"{_CMD} --models ccexam-mnistnet {_IR} --seed-values 0 1 2 {_REST}",
     f"{_CMD} --models ccexam-mnistnet --seed-values 1 2 {_REST}",
-    f"{_CMD} --models advertorch-lenet5 vgg11-bn-fmnist {_IR} --seed-values 0 {_REST}",
     f"{_CMD} --models vgg11-bn-fmnist advertorch-lenet5 resnet-fmnist --seed-values 1 2 {_REST}",
+    f"{_CMD} --models advertorch-lenet5 vgg11-bn-fmnist {_IR} --seed-values 0 1 2 {_REST}",
 ]
 NOTES = """512 calibration images per seed (the seed draws them; they are also the fine-tuning set). LeNet on all
 10,000 MNIST test images; the other models on the first 2,000 test images of their data set (MNIST or
@@ -75,8 +75,7 @@ paper's limited-data schedule on the 512 calibration images, the same for every 
 (`subprune.finetune.paper_schedule`: Adam lr 1e-3, 10 epochs for LeNet; 20 with weight decay 5e-4 and the
 rate x0.1 at epochs 10 and 15 otherwise). `-ir`: the same subprune method with `PruneConfig(interpolation_ridge=0.1)`
 (a ridge only at the sites whose refit has fewer rows than twice its columns; docs/zoo.md). resnet-fmnist is pruned
-with `coupled=True` (its residual streams). n < 3: the runs above were stopped when the session's time ran out; the
-rows of each cell are the first n seeds."""
+with `coupled=True` (its residual streams)."""
 
 
 def _importance(tp, name: str):
@@ -247,6 +246,53 @@ def table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def best_worst(rows: list[dict], metric: str) -> str:
+    """Per model and side (subprune, subprune ``-ir``, Torch-Pruning): the best method's mean and the worst's."""
+    targets = sorted({r["compression_target"] for r in rows})
+    sides = [("subprune", lambda m: m in SUBPRUNE and not m.endswith("-ir")),
+             ("subprune -ir", lambda m: m.endswith("-ir")), ("Torch-Pruning", lambda m: m in TP_METHODS)]
+    lines = ["| model | side | " + " | ".join(f"x{t:g}" for t in targets) + " |", "|---|---|" + "---|" * len(targets)]
+    for model in sorted({r["model"] for r in rows}):
+        for side, member in sides:
+            cells = []
+            for t in targets:
+                means = {}
+                for method in {r["method"] for r in rows if r["model"] == model and member(r["method"])}:
+                    acc = [100 * r[metric] for r in rows if (r["model"], r["method"], r["compression_target"])
+                           == (model, method, t) and r.get(metric) is not None]
+                    if acc:
+                        means[method] = (statistics.mean(acc), len(acc))
+                if not means:
+                    cells.append("")
+                    continue
+                best = max(means, key=lambda m: means[m][0])
+                cells.append(f"{means[best][0]:.1f} ({best.removeprefix('tp-')}, n={means[best][1]}); "
+                             f"worst {min(v for v, _ in means.values()):.1f}")
+            if any(cells):
+                lines.append(f"| {model} | {side} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ridge_table(rows: list[dict], metric: str) -> str:
+    """Each subprune method without and with the ``-ir`` ridge, per model that has ``-ir`` rows: mean over seeds."""
+    targets = sorted({r["compression_target"] for r in rows})
+    lines = ["| model | method | " + " | ".join(f"x{t:g}" for t in targets) + " |", "|---|---|" + "---|" * len(targets)]
+
+    def mean(model, method, t):
+        acc = [100 * r[metric] for r in rows if (r["model"], r["method"], r["compression_target"]) == (model, method, t)
+               and r.get(metric) is not None]
+        return (statistics.mean(acc), len(acc)) if acc else None
+
+    for model in sorted({r["model"] for r in rows if r["method"].endswith("-ir")}):
+        for method in [m for m in SUBPRUNE if not m.endswith("-ir")]:
+            cells = []
+            for t in targets:
+                plain, ridge = mean(model, method, t), mean(model, f"{method}-ir", t)
+                cells.append(f"{plain[0]:.2f} -> {ridge[0]:.2f} (n={plain[1]}, {ridge[1]})" if plain and ridge else "")
+            lines.append(f"| {model} | {method} -> {method}-ir | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def seed_free_note(rows: list[dict]) -> str:
     """What the rows show about the seed-free Torch-Pruning methods: the same pruned model for every seed.
 
@@ -368,6 +414,17 @@ def main() -> None:
     if any(r.get("finetuned_accuracy") is not None for r in rows):
         text += "\n\n### After limited-data fine-tuning (the calibration images, paper schedule)\n\n" + table(
             rows, "finetuned_accuracy")
+    text += ("\n\n### Best (and worst) method of each side, no fine-tuning (mean over seeds; n = seeds of the best)\n\n"
+             + best_worst(rows, "pruned_accuracy"))
+    if any(r.get("finetuned_accuracy") is not None for r in rows):
+        text += ("\n\n### Best (and worst) method of each side, after limited-data fine-tuning\n\n"
+                 + best_worst(rows, "finetuned_accuracy"))
+    if any(r["method"].endswith("-ir") for r in rows):
+        text += ("\n\n### The plain refit against `-ir` (the ridge at interpolating sites), no fine-tuning\n\n"
+                 + ridge_table(rows, "pruned_accuracy"))
+        if any(r.get("finetuned_accuracy") is not None for r in rows):
+            text += "\n\n### The plain refit against `-ir`, after limited-data fine-tuning\n\n" + ridge_table(
+                rows, "finetuned_accuracy")
     print(text)
     if args.table:
         command = shlex.join(["OMP_NUM_THREADS=1", ".venv/bin/python", "benchmarks/vs_torch_pruning.py",
