@@ -50,12 +50,18 @@ OLD_COMMIT = "c4a0384"
 HELDOUT = 32
 BATCH = 16
 BEFORE = "results/llm_engine_4f9c309.jsonl"
-COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py --groups engine depth grid engine512 "
-           f"--out results/llm_engine.jsonl --before {BEFORE} --notes results/llm_engine_notes.md "
-           "--table results/llm_engine.md --grid-table results/llm_engine_grid.md")
-NOTE = ("This table: the runs of that command one at a time (one process, one thread each; selected with "
-        "--methods/--passages/--layers/--params/--engine), the most needed first, until the session's time ran "
-        "out; a run that is not in the table did not fit (see the notes below the table). 'before' = the same "
+SESSION = time.strftime("%Y-%m-%d", time.gmtime())  # a row's session: ratios only against a dense forward of the same
+OLD_ROWS = "results/llm_engine_old.jsonl"
+RUNS = "--groups engine depth grid engine512 --old-asym"
+COMMAND = ("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/llm_engine.py "
+           f"{RUNS} --engine new --out results/llm_engine.jsonl; the same with --engine old --out {OLD_ROWS}; "
+           f"then the tables: --table-only --out results/llm_engine.jsonl --inputs {OLD_ROWS} --before {BEFORE} "
+           "--notes results/llm_engine_notes.md --table results/llm_engine.md --grid-table results/llm_engine_grid.md")
+NOTE = ("This table: the runs of those two queues (each its runs one at a time, one process with one thread a run; "
+        "the two queues side by side, so at most two of this benchmark's processes at once; selected with "
+        "--methods/--passages/--layers/--params), the most needed first, until the session's time ran out; the "
+        "old engine's rows in their own file so that the queues never write the same file; a run that is not in "
+        "the table did not fit (see the notes below the table). 'before' = the same "
         f"run with the block engine as of commit 4f9c309 (rows in {BEFORE}), before its statistics were made "
         "cheaper (G on its upper block triangle, the dense consumers' outputs reused for the target energies "
         "and for the FFN swap, non-finite checks on the diagonals).")
@@ -109,7 +115,8 @@ def worker(spec: dict) -> dict:
     passages = wikipedia_passages()
     calibration = tokenize(tokenizer, passages[: spec["passages"]])
     row = dict(spec, tokens=int(calibration["attention_mask"].sum()), seq_len=int(calibration["input_ids"].shape[1]),
-               load_average=os.getloadavg()[0])  # the machine is shared: its 1-minute load when the run started
+               load_average=os.getloadavg()[0],  # the machine is shared: its 1-minute load when the run started
+               session=spec.get("session") or SESSION)
 
     def dense_forward() -> tuple[float, float]:
         start, cpu = time.perf_counter(), _cpu()
@@ -229,6 +236,17 @@ def key(row: dict) -> tuple:
             row.get("precision", "float64"))
 
 
+def dense_key(row: dict) -> tuple:
+    """The dense forward a row's ratio is taken against: same model and passages, same session (the shared machine's
+    speed per CPU second differs between sessions by up to 3x; rows without a session are the earlier ones)."""
+    return (row["model"], row["layers"], row["passages"], row.get("session"))
+
+
+def done_key(row: dict, session: str | None) -> tuple:
+    """Resume key: a pruning run once; a dense forward once per session."""
+    return key(row) + ((session,) if row["method"] == "dense" else ())
+
+
 def old_tree() -> Path:
     """The commit before the block engine, extracted once into a temporary directory."""
     target = Path(tempfile.gettempdir()) / f"subprune-{OLD_COMMIT}"
@@ -286,10 +304,10 @@ def _fmt(value, digits=1):
 
 def _forward(row: dict, dense: dict) -> dict:
     """The dense forward a row's ratio is taken against: its own (``time_dense``: timed in the same process just
-    before the prune, under the same load) or else the dense row of its model and passages."""
+    before the prune, under the same load) or else the dense row of its model and passages in its session."""
     if "own_forward_cpu_s" in row:
         return {"dense_forward_s": row["own_forward_s"], "dense_forward_cpu_s": row["own_forward_cpu_s"]}
-    return dense.get((row["model"], row["layers"], row["passages"]), {})
+    return dense.get(dense_key(row), {})
 
 
 def _ratio_cpu(row: dict, dense: dict) -> float | None:
@@ -301,18 +319,20 @@ def _ratio_cpu(row: dict, dense: dict) -> float | None:
 
 
 def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -> str:
-    dense = {(r["model"], r["layers"], r["passages"]): r for r in rows if r["method"] == "dense"}
+    dense = {dense_key(r): r for r in rows if r["method"] == "dense"}
     new = {key(r): r for r in rows if r["engine"] == "new" and r["method"] != "dense"}
     before = before or []
-    dense_before = {(r["model"], r["layers"], r["passages"]): r for r in before if r["method"] == "dense"}
+    dense_before = {dense_key(r): r for r in before if r["method"] == "dense"}
     earlier = {key(r): r for r in before if r["method"] != "dense"}
     lines = [f"`{COMMAND}`", "", NOTE, "",
              "Pruning SmolLM2-135M-Instruct and LLaMA-shaped random models (SmolLM2 width) with `prune_transformer`, "
-             f"50% of the prunable parameters kept (`params=0.5`), batches of {BATCH} passages of at most 128 tokens; "
+             "20% or 50% of the prunable parameters removed (column 'removed': `params=0.8` or `0.5`), "
+             f"batches of {BATCH} passages of at most 128 tokens; "
              "each row a fresh process with one thread; old = commit c4a0384 (per-site engine), given the new "
              "engine's plan as per-site keep ratios; new = block engine with the one per-site step. "
              "Solver = selection + refit + surgery of all sites (`_prune_site`, the same code in both engines). "
-             "fwd = one dense forward of the whole model (head included) over the same calibration set. "
+             "fwd = one dense forward of the whole model (head included) over the same calibration set, measured in "
+             "the same session as the row (blank: none in that session). "
              "CPU = user + system seconds of the process: the machine (2 cores) was shared with other jobs "
              "(load = its 1-minute load average when the run started), which inflates wall-clock unevenly; CPU "
              "seconds are the steadier measure. Executions = block forward calls counted with hooks (partial calls "
@@ -320,13 +340,14 @@ def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -
              f"model included. Perplexities on the last {HELDOUT} Wikipedia passages and the first {HELDOUT} Lee news "
              "articles; 'same units' = the old engine kept exactly the units the new one kept (for a "
              "(mixed) row: the same run with float64 statistics).", "",
-             "| model | blocks | passages | method | engine | load | prune s | solver s | fwd s "
+             "| model | blocks | passages | removed | method | engine | load | prune s | solver s | fwd s "
              "| (prune - solver) / fwd | prune CPU s | solver CPU s | fwd CPU s | (prune - solver) / fwd, CPU "
              "| peak RSS MB | RSS loaded MB | executions | per block-batch | wiki ppl | lee ppl | same units "
              "| before: prune CPU s | before: (prune - solver) / fwd, CPU | same units as before |",
-             "|" + "---|" * 24]
-    for r in sorted((r for r in rows if r["method"] != "dense" and r.get("params") == 0.5),
-                    key=lambda r: (r["model"], r["layers"], r["passages"], r["method"], r["engine"])):
+             "|" + "---|" * 25]
+    for r in sorted((r for r in rows if r["method"] != "dense"),
+                    key=lambda r: (r["model"], r["layers"], r["passages"], -r["params"], r["method"], r["engine"],
+                                   r.get("precision", "float64"))):
         d = _forward(r, dense)
         fwd, fwd_cpu = d.get("dense_forward_s"), d.get("dense_forward_cpu_s")
         rest = r["prune_s"] - r["solver_s"]
@@ -339,7 +360,8 @@ def table(rows: list[dict], before: list[dict] | None = None, notes: str = "") -
         then_ratio = None if then is None else _ratio_cpu(then, dense_before)
         then_same = "" if then is None else ("yes" if then.get("keep") == r.get("keep") else "no")
         lines.append(
-            f"| {r['model']} | {r['layers']} | {r['passages']} | {_method(r)} | {r['engine']} "
+            f"| {r['model']} | {r['layers']} | {r['passages']} | {1 - r['params']:.0%} | {_method(r)} "
+            f"| {r['engine']} "
             f"| {_fmt(r.get('load_average'))} | {_fmt(r['prune_s'])} | {_fmt(r['solver_s'])} | {_fmt(fwd)} "
             f"| {_fmt(fwd and rest / fwd, 2)} | {_fmt(r.get('prune_cpu_s'))} | {_fmt(r.get('solver_cpu_s'))} "
             f"| {_fmt(fwd_cpu)} | {_fmt(fwd_cpu and rest_cpu is not None and rest_cpu / fwd_cpu, 2)} "
@@ -390,7 +412,7 @@ def grid_table(rows: list[dict]) -> str:
              "those at 32 passages only, beside the new engine at 32; Layer (one pass) at 128. Wanda-sp and FLAP's "
              "adaptive structure do not exist in c4a0384 (its FLAP was sequential with a uniform structure: other "
              "maths), so they have no old column. A blank cell, or a method or fraction without a row: not run "
-             "in this session (it ran Layer/Seq/Asym at 50% only; the 3-seed sweep of every method with the new "
+             "(results/llm_engine_notes.md lists what was not; the 3-seed sweep of every method with the new "
              "engine is results/llm_sweep.md).", "",
              "| method | removed | new 128: wiki | lee | new 32: wiki | lee | old: passages | wiki | lee "
              "| same units |", "|" + "---|" * 10]
@@ -452,7 +474,7 @@ def main() -> None:
         from subprune.hf.smollm2 import smollm2_directory
 
         directory = smollm2_directory()
-        done = {key(r) for r in rows}
+        done = {done_key(r, r.get("session")) for r in rows}
         specs = [spec for group in args.groups for spec in runs([group], args.old_asym)
                  if (args.engine is None or spec["engine"] == args.engine)
                  and (args.methods is None or spec["method"] in args.methods)
@@ -460,7 +482,7 @@ def main() -> None:
                  and (args.layers is None or spec["layers"] in args.layers)
                  and (args.params is None or spec["method"] == "dense" or spec.get("params") in args.params)]
         for spec in specs:
-            if key(spec) in done:
+            if done_key(spec, SESSION) in done:
                 continue
             print("running", spec, flush=True)
             row = launch(spec, args.threads, directory)
